@@ -1,0 +1,85 @@
+"""The replay buffer: trajectories waiting to be trained on, and the batch composer.
+
+    loop:
+        pull trajectory groups from generators
+        hold the learner's batch request until enough whole groups are ready
+        compose: drop groups older than η_max (counted), freshest first, reply with a Batch
+        report depth and drops to the controller
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import zmq
+
+from flux import protocol as P
+from flux.composer import Composer
+from flux.runtime import Rate, RunSpec, actor_main
+
+
+def body(spec: RunSpec, name: str, stop, log) -> int:
+    cfg = spec.config
+    drops = P.DropCounter("buffer")
+    ctx = zmq.Context()
+    pull, router = ctx.socket(zmq.PULL), ctx.socket(zmq.ROUTER)
+    ctl, sub = ctx.socket(zmq.DEALER), ctx.socket(zmq.SUB)
+    for s in (pull, router, ctl, sub):
+        s.setsockopt(zmq.LINGER, 0)
+    pull.bind(spec.buffer_pull)
+    router.bind(spec.buffer_router)
+    ctl.connect(spec.controller_router)
+    sub.connect(spec.controller_pub)
+    sub.subscribe(b"Stop")
+    P.send(ctl, P.Register("buffer", "buffer", os.getpid(), socket.gethostname()))
+
+    composer = Composer(eta_max=cfg.adaptive_async.eta_max, skip_zero_variance=cfg.dynamic_sampling)
+    waiting: tuple | None = None  # (identity, BatchRequest) held until it can be served
+    report = Rate(cfg.net.heartbeat_s)
+    poller = zmq.Poller()
+    for s in (pull, router, ctl, sub):
+        poller.register(s, zmq.POLLIN)
+    while not stop.is_set():
+        ready = dict(poller.poll(50))
+        if pull in ready:
+            while True:
+                try:
+                    _, msg = P.recv(pull, drops, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if isinstance(msg, P.TrajectoryGroup):
+                    composer.add(msg)
+        if router in ready:
+            ident, msg = P.recv(router, drops)
+            if isinstance(msg, P.BatchRequest):
+                waiting = (ident, msg)
+        if ctl in ready:
+            P.recv(ctl, drops)  # the Welcome; nothing else is addressed to the buffer
+        if sub in ready:
+            _, msg = P.recv(sub, drops)
+            if isinstance(msg, P.Stop):
+                stop.set(msg.reason)
+        if waiting is not None:
+            ident, req = waiting
+            groups = composer.take(req.groups, req.version)
+            dropped = composer.pop_dropped()
+            if dropped:  # at once: the controller gives their credit back, so the learner is not starved
+                P.send(ctl, P.BufferReport(composer.depth, composer.dropped_stale,
+                                           {"dropped_ids": dropped, **composer.stats()}))
+            if groups is not None:
+                P.send(router, P.Batch.from_groups(req.step, groups, len(dropped), dropped), identity=ident)
+                waiting = None
+        if report.due():
+            P.send(ctl, P.Heartbeat("buffer", "buffer", 0.0, {**composer.stats(), "drops": drops.counts}))
+    log.info("buffer stopping (%s): %d groups left unserved, %d dropped stale",
+             stop.reason, composer.depth, composer.dropped_stale)
+    P.send(ctl, P.Goodbye("buffer", "buffer", stop.reason or "stopped", True))
+    for s in (pull, router, ctl, sub):
+        s.close()
+    ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    actor_main("buffer", body)

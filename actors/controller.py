@@ -1,0 +1,218 @@
+"""The controller: the run's clock. Policy version, PID loop, admission credits, membership, stop.
+
+    loop:
+        serve requests on ROUTER (register, admit, heartbeats, group done, published, step reports)
+        declare silent actors dead; re-queue a dead generator's unfinished groups
+        on every learner step: update the async ratio, write one metrics.jsonl line
+        when the learner says it is done (or a signal arrives): broadcast Stop, exit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from flux import protocol as P
+from flux.admission import Admission, PromptCursor
+from flux.pid import PID
+from flux.runtime import Rate, RunSpec, actor_main
+
+
+@dataclass
+class Member:
+    role: str
+    name: str
+    pid: int
+    last_seen: float
+    busy_frac: float = 0.0
+    stats: dict = field(default_factory=dict)
+    outstanding: dict = field(default_factory=dict)  # group_id -> (prompt_index, n_samples)
+
+
+class Controller:
+    def __init__(self, spec: RunSpec, log):
+        cfg = spec.config
+        self.spec, self.cfg, self.log = spec, cfg, log
+        aa = cfg.adaptive_async
+        ratio = {"sync": 0.0, "async": aa.max_async_ratio, "adaptive": aa.initial_async_ratio}[aa.mode]
+        self.admission = Admission(cfg.batch_samples, aa.eta_max, ratio)
+        self.pid = PID(aa.target_staleness, aa.kp, aa.ki, aa.kd, aa.min_async_ratio, aa.max_async_ratio,
+                       bias=aa.initial_async_ratio, ema_horizon=aa.ema_horizon)
+        self.cursor = PromptCursor(spec.num_prompts, cfg.seed)
+        self.members: dict[str, Member] = {}
+        self.weights: dict | None = None
+        self.next_group_id = 0
+        self.counts = {"admitted": 0, "produced": 0, "trained": 0, "dropped": 0, "requeued": 0}
+        self.group_fate: dict[int, str] = {}
+        self.trained_samples = self.trained_tokens = 0
+        self.dropped_stale = 0
+        self.t_start = time.time()
+        self.t_first_admit: float | None = None
+        self.done: str | None = None
+        self.failed: str | None = None
+        self.drops = P.DropCounter("controller")
+        self.metrics = open(os.path.join(spec.run_dir, "metrics.jsonl"), "a", buffering=1)
+
+    # ---- requests -------------------------------------------------------------------------------
+    def handle(self, ident, msg) -> P.Message | None:
+        """One request → an optional reply."""
+        now = time.monotonic()
+        name = getattr(msg, "name", None)
+        if name in self.members:
+            self.members[name].last_seen = now
+        if isinstance(msg, P.Register):
+            self.members[msg.name] = Member(msg.role, msg.name, msg.pid, now)
+            self.log.info("%s %s registered (pid %d)", msg.role, msg.name, msg.pid)
+            return P.Welcome(self.spec.run_id, self.admission.version, self.weights)
+        if isinstance(msg, P.Heartbeat):
+            m = self.members.get(msg.name)
+            if m:
+                m.busy_frac, m.stats = msg.busy_frac, msg.stats
+        elif isinstance(msg, P.AdmitRequest):
+            return self.admit(msg)
+        elif isinstance(msg, P.GroupDone):
+            m = self.members.get(msg.name)
+            if m and m.outstanding.pop(msg.group_id, None) is not None:
+                self.counts["produced"] += 1
+        elif isinstance(msg, P.Published):
+            self.admission.version = msg.version
+            self.weights = msg.weights
+            return P.NewVersion(msg.version, msg.weights)  # broadcast, not a reply (see loop)
+        elif isinstance(msg, P.StepReport):
+            self.on_step(msg)
+        elif isinstance(msg, P.BufferReport):
+            self.on_dropped(msg.stats.get("dropped_ids", []), "stale")
+            self.dropped_stale = msg.dropped_stale
+        elif isinstance(msg, P.Goodbye):
+            self.on_goodbye(msg)
+        return None
+
+    def admit(self, req: P.AdmitRequest) -> P.Admit:
+        member = self.members.get(req.name)
+        grants = []
+        if member is not None and self.done is None:
+            n = self.cfg.rollout.group_size
+            while len(grants) < req.max_groups and self.admission.try_admit(n):
+                gid, idx = self.next_group_id, self.cursor.next()
+                self.next_group_id += 1
+                member.outstanding[gid] = (idx, n)
+                self.group_fate[gid] = "admitted"
+                grants.append({"group_id": gid, "prompt_index": idx})
+            if grants:
+                self.counts["admitted"] += len(grants)
+                self.t_first_admit = self.t_first_admit or time.time()
+        return P.Admit(grants, self.admission.version)
+
+    def on_dropped(self, group_ids, reason: str) -> None:
+        n = self.cfg.rollout.group_size
+        for gid in group_ids:
+            if self.group_fate.get(gid) not in ("trained", "dropped"):
+                self.group_fate[gid] = "dropped"
+                self.counts["dropped"] += 1
+                self.admission.give_back(n)
+
+    def on_step(self, rep: P.StepReport) -> None:
+        m = rep.metrics
+        for gid in m.pop("group_ids", []):
+            self.group_fate[gid] = "trained"
+            self.counts["trained"] += 1
+        self.on_dropped(m.pop("dropped_ids", []), "stale")
+        self.trained_samples += int(m.get("samples", 0))
+        self.trained_tokens += int(m.get("tokens", 0))
+        if self.cfg.adaptive_async.mode == "adaptive" and "staleness_mean" in m:
+            self.admission.async_ratio = self.pid.update(float(m["staleness_mean"]))
+        gens = [g for g in self.members.values() if g.role == "generator"]
+        elapsed = max(1e-6, time.time() - (self.t_first_admit or self.t_start))
+        line = {
+            "step": rep.step, "version": rep.version, **m,
+            "async_ratio": self.admission.async_ratio,
+            "staleness_ema": self.pid.ema,
+            "samples_per_s": self.trained_samples / elapsed,
+            "tokens_per_s": self.trained_tokens / elapsed,
+            "generator_busy_frac": sum(g.busy_frac for g in gens) / max(1, len(gens)),
+            "dropped_stale": self.dropped_stale,
+            "started_samples": self.admission.started,
+            "groups": dict(self.counts),
+            "wall_s": time.time() - self.t_start,
+            "controller": {"pid": self.pid.state(), "cursor": self.cursor.state()},
+        }
+        self.metrics.write(json.dumps(line) + "\n")
+
+    def on_goodbye(self, msg: P.Goodbye) -> None:
+        self.log.info("%s %s says goodbye (%s, ok=%s)", msg.role, msg.name, msg.reason, msg.ok)
+        member = self.members.pop(msg.name, None)
+        if member:
+            self.reclaim(member)
+        if msg.role == "learner" and msg.ok:
+            self.done = msg.reason
+        elif not msg.ok and msg.role != "generator":
+            self.failed = f"{msg.role} {msg.name} died: {msg.reason}"
+
+    # ---- liveness -------------------------------------------------------------------------------
+    def reclaim(self, member: Member) -> None:
+        """A generator is gone: its unfinished groups go back to the front of the queue."""
+        for gid, (idx, n) in member.outstanding.items():
+            self.group_fate[gid] = "requeued"
+            self.counts["requeued"] += 1
+            self.admission.give_back(n)
+            self.cursor.requeue(idx)
+        if member.outstanding:
+            self.log.warning("re-queued %d groups of %s", len(member.outstanding), member.name)
+        member.outstanding.clear()
+
+    def check_liveness(self) -> None:
+        deadline = time.monotonic() - self.cfg.net.heartbeat_timeout_s
+        for name, m in list(self.members.items()):
+            if m.last_seen < deadline:
+                self.log.warning("%s %s silent for %.1fs: declared dead", m.role, name,
+                                 self.cfg.net.heartbeat_timeout_s)
+                del self.members[name]
+                self.reclaim(m)
+                if m.role != "generator":
+                    self.failed = f"{m.role} {name} stopped answering"
+
+
+def body(spec: RunSpec, name: str, stop, log) -> int:
+    ctx = zmq.Context()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    for s in (router, pub):
+        s.setsockopt(zmq.LINGER, 1000)
+    router.bind(spec.controller_router)
+    pub.bind(spec.controller_pub)
+    ctl = Controller(spec, log)
+    liveness = Rate(0.5)
+    log.info("controller up: ROUTER %s, PUB %s", spec.controller_router, spec.controller_pub)
+    while not (stop.is_set() or ctl.done or ctl.failed):
+        if router.poll(50):
+            while True:
+                try:
+                    ident, msg = P.recv(router, ctl.drops, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if msg is None:
+                    continue
+                out = ctl.handle(ident, msg)
+                if isinstance(out, P.NewVersion):
+                    P.send(pub, out)
+                elif out is not None:
+                    P.send(router, out, identity=ident)
+        if liveness.due():
+            ctl.check_liveness()
+    reason = ctl.done or ctl.failed or f"signal {stop.reason}"
+    log.info("stopping: %s; groups %s", reason, ctl.counts)
+    for _ in range(3):  # PUB may drop the first send to a slow joiner; Stop is idempotent
+        P.send(pub, P.Stop(reason))
+        time.sleep(0.05)
+    ctl.metrics.close()
+    router.close()
+    pub.close()
+    ctx.term()
+    return 1 if ctl.failed else 0
+
+
+if __name__ == "__main__":
+    actor_main("controller", body)

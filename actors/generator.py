@@ -1,0 +1,181 @@
+"""A generator: a rollout engine plus a reward function, fed by admission credits.
+
+    loop:
+        ask the controller for credits (whole prompt groups)
+        make sure the engine holds weights at least as new as the controller's version
+        generate n samples per prompt (tokens, behaviour log-probs, per-token versions)
+        score them, push each group to the buffer, tell the controller it is done
+
+An I/O thread owns the SUB socket and the heartbeat: new weights are queued on the engine the moment
+they are announced (the engine swaps them in between decode steps), and Stop ends the loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import zmq
+
+from flux import protocol as P
+from flux.runtime import RunSpec, StopFlag, actor_main, set_threads
+
+
+class ControllerLink:
+    """The generator's side of the controller: requests on a DEALER, broadcasts and heartbeats on a thread."""
+
+    def __init__(self, ctx, spec: RunSpec, name: str, engine, stop: StopFlag, log):
+        self.spec, self.name, self.engine, self.stop, self.log = spec, name, engine, stop, log
+        self.drops = P.DropCounter(name)
+        self.req = ctx.socket(zmq.DEALER)
+        self.req.setsockopt(zmq.LINGER, 0)
+        self.req.connect(spec.controller_router)
+        self.newest = 0  # newest version announced (engine.version lags until it swaps)
+        self.version_arrived = threading.Event()
+        self._ctx = ctx
+        self._io = threading.Thread(target=self._io_loop, name="gen-io", daemon=True)
+
+    def request(self, msg, timeout_s: float = 10.0):
+        P.send(self.req, msg)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not self.stop.is_set():
+            if self.req.poll(100):
+                _, reply = P.recv(self.req, self.drops)
+                if reply is not None:
+                    return reply
+        if not self.stop.is_set():
+            self.stop.set("controller did not answer")
+        return None
+
+    def start(self) -> int:
+        welcome = self.request(P.Register("generator", self.name, os.getpid(), socket.gethostname()))
+        if welcome is None:
+            return 0
+        if welcome.weights:
+            self.queue_weights(welcome.version, welcome.weights)
+        self._io.start()
+        return welcome.version
+
+    def queue_weights(self, version: int, handle: dict) -> None:
+        from flux.weights import StaleWeights, load_weights
+
+        def source():
+            try:
+                return load_weights(handle)
+            except StaleWeights:  # overwritten by a newer version, which is announced right after
+                return None
+
+        self.newest = max(self.newest, version)
+        self.engine.load_weights(version, source)
+        self.version_arrived.set()
+
+    def _io_loop(self) -> None:
+        sub, hb = self._ctx.socket(zmq.SUB), self._ctx.socket(zmq.DEALER)
+        for s in (sub, hb):
+            s.setsockopt(zmq.LINGER, 0)
+        sub.connect(self.spec.controller_pub)
+        sub.subscribe(b"NewVersion")
+        sub.subscribe(b"Stop")
+        hb.connect(self.spec.controller_router)
+        period = self.spec.config.net.heartbeat_s
+        t0, last = time.monotonic(), 0.0
+        while not self.stop.is_set():
+            if sub.poll(int(period * 250)):
+                _, msg = P.recv(sub, self.drops)
+                if isinstance(msg, P.NewVersion):
+                    self.queue_weights(msg.version, msg.weights)
+                elif isinstance(msg, P.Stop):
+                    self.stop.set(msg.reason)
+                    self.version_arrived.set()
+            if time.monotonic() - last >= period:
+                last = time.monotonic()
+                busy = min(1.0, self.engine.busy_seconds / max(1e-6, last - t0))
+                P.send(hb, P.Heartbeat("generator", self.name, busy,
+                                       {"version": self.engine.version, "tokens": self.engine.tokens_generated,
+                                        "drops": self.drops.counts}))
+        sub.close()
+        hb.close()
+
+    def wait_for_version(self, version: int) -> bool:
+        """Block until the engine runs weights ≥ version (sync mode needs the newest weights)."""
+        while self.engine.version < version and not self.stop.is_set():
+            self.engine.apply_pending()
+            if self.engine.version >= version:
+                break
+            self.version_arrived.wait(0.05)
+            self.version_arrived.clear()
+        return self.engine.version >= version
+
+
+def body(spec: RunSpec, name: str, stop, log) -> int:
+    cfg = spec.config
+    set_threads(cfg.rollout.threads)
+
+    from transformers import AutoTokenizer
+
+    from flux.data import load_prompts, render_prompt
+    from flux.engine.base import SamplingParams
+    from flux.engine.torch_engine import TorchEngine
+    from flux.rewards import load_function
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
+    records = load_prompts(cfg.prompts)
+    reward_fn = load_function(cfg.reward)
+    seed = cfg.seed * 7919 + int.from_bytes(name.encode()[-4:], "little")
+    engine = TorchEngine.from_pretrained(spec.model_path, update_mode=cfg.rollout.update_mode, seed=seed)
+    r = cfg.rollout
+    stops = tuple(t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+                  if isinstance(t, int) and t >= 0)
+    sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stops)
+
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.connect(spec.buffer_pull)
+    link = ControllerLink(ctx, spec, name, engine, stop, log)
+    link.start()
+    log.info("%s up: %d prompts, engine %s", name, len(records), r.engine)
+    while not stop.is_set():
+        admit = link.request(P.AdmitRequest(name, r.groups_per_call))
+        if admit is None or not admit.groups:
+            link.version_arrived.wait(0.02)  # no credit: wait for a new version (or retry shortly)
+            link.version_arrived.clear()
+            continue
+        if not link.wait_for_version(admit.version):
+            break
+        groups = [(g["group_id"], g["prompt_index"], render_prompt(records[g["prompt_index"]], tokenizer))
+                  for g in admit.groups]
+        t0 = time.monotonic()
+        outs = engine.generate([ids for _, _, ids in groups for _ in range(r.group_size)], sampling)
+        if r.slowdown:
+            time.sleep(r.slowdown * sum(len(c.token_ids) for c in outs))
+        gen_s = time.monotonic() - t0
+        for k, (gid, idx, prompt_ids) in enumerate(groups):
+            comps = outs[k * r.group_size:(k + 1) * r.group_size]
+            texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
+            rewards = [float(reward_fn(t, records[idx])) for t in texts]
+            P.send(push, P.TrajectoryGroup(
+                group_id=gid, prompt_index=idx, generator=name, sample_count=len(comps),
+                prompt_ids=np.asarray(prompt_ids, np.int32),
+                response_ids=np.concatenate([c.token_ids for c in comps]),
+                response_lens=np.array([len(c.token_ids) for c in comps], np.int32),
+                logprobs=np.concatenate([c.logprobs for c in comps]),
+                versions=np.concatenate([c.versions for c in comps]),
+                rewards=np.array(rewards, np.float32), finish=np.array([c.finished for c in comps], np.uint8),
+                gen_seconds=gen_s / len(groups), meta={"sample": texts[0][:64]}))
+            P.send(link.req, P.GroupDone(name, gid, len(comps)))
+    log.info("%s stopping (%s)", name, stop.reason)
+    P.send(link.req, P.Goodbye("generator", name, stop.reason or "stopped", True))
+    engine.close()
+    link._io.join(2)
+    push.close()
+    link.req.close()
+    ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    actor_main("generator", body)

@@ -1,0 +1,80 @@
+"""Admission credits: the actuator of adaptive asynchrony (DESIGN.md section 3), and the data cursor.
+
+A generator must hold a credit to start a prompt group. With B samples per optimizer step, policy
+version v, async ratio a and largest lead η_max (steps), a group of n samples is admitted only while
+
+    started + n ≤ (v + 1 + a · η_max) · B
+
+where `started` counts every sample admitted so far that was not given back: samples that end dropped
+(too stale, zero-variance) or re-queued (their generator died) return their credit, so the learner
+can always get a full batch. a = 0 is strictly synchronous: the batch for step v+1 is admitted only
+after version v+1 exists. Fractional a gives a fractional lead: the spectrum is continuous.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Admission:
+    batch_samples: int
+    eta_max: int
+    async_ratio: float = 0.0
+    version: int = 0
+    started: int = 0
+
+    def bound(self) -> float:
+        """Most samples that may have been started at the current version and ratio."""
+        return (self.version + 1 + self.async_ratio * self.eta_max) * self.batch_samples
+
+    def try_admit(self, n: int) -> bool:
+        # The small tolerance keeps a = 0.9999... from rounding a whole group away.
+        if self.started + n <= math.floor(self.bound() + 1e-9):
+            self.started += n
+            return True
+        return False
+
+    def give_back(self, n: int) -> None:
+        """Credit returned: the samples were dropped or will be re-queued."""
+        self.started -= n
+        assert self.started >= 0, "gave back more credit than was admitted"
+
+
+@dataclass
+class PromptCursor:
+    """Which prompt comes next: an epoch-wise seeded shuffle, with re-queued prompts served first."""
+
+    num_prompts: int
+    seed: int
+    epoch: int = 0
+    position: int = 0
+    requeued: deque = field(default_factory=deque)
+
+    def __post_init__(self):
+        self.requeued = deque(self.requeued)
+        self._order = self._shuffle(self.epoch)
+
+    def _shuffle(self, epoch: int) -> list[int]:
+        order = list(range(self.num_prompts))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next(self) -> int:
+        if self.requeued:
+            return self.requeued.popleft()
+        if self.position == self.num_prompts:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._shuffle(self.epoch)
+        self.position += 1
+        return self._order[self.position - 1]
+
+    def requeue(self, prompt_index: int) -> None:
+        self.requeued.append(prompt_index)
+
+    def state(self) -> dict:
+        return {"num_prompts": self.num_prompts, "seed": self.seed, "epoch": self.epoch,
+                "position": self.position, "requeued": list(self.requeued)}

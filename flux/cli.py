@@ -1,0 +1,51 @@
+"""`flux` command line: `flux train [CONFIG.yaml] [--set key=value ...] [--max-steps N] [--out DIR]`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from flux.config import ConfigError, load_config
+
+
+def fail(message: str, code: int = 2):
+    click.echo(f"flux: error: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+@click.version_option(package_name="flux-rlhf")
+def main():
+    """Flux: RL post-training with adaptive asynchrony."""
+
+
+@main.command()
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set rollout.group_size=8 (repeatable).")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps to run.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory.")
+def train(config, overrides, max_steps, out):
+    """Run a job; with no CONFIG, the built-in example on the embedded tiny model."""
+    from flux.launcher import SetupError, run
+
+    try:
+        cfg = load_config(config, list(overrides), max_steps=max_steps, out=out)
+        code, _ = run(cfg)
+    except (ConfigError, SetupError) as e:
+        fail(str(e))
+    sys.exit(code)
+
+
+@main.command("config")
+def show_config():
+    """Print every config key with its default and meaning."""
+    from flux.config import config_fields
+
+    for key, typ, default, doc in config_fields():
+        click.echo(f"{key} ({typ}, default {default!r}): {doc}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""The smart batch composer (DESIGN.md section 4): whole groups, freshest first, stale ones dropped.
+
+Pure bookkeeping over `TrajectoryGroup`s, no sockets: the buffer actor feeds it and serves batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+
+class Composer:
+    """Holds whole prompt groups and composes batches of them.
+
+    - A group whose oldest token is more than `eta_max` versions behind the version it would be
+      trained at is dropped and counted (`dropped_stale`): the off-policy correction is only trusted
+      up to that lag.
+    - With `skip_zero_variance` (DAPO dynamic sampling), a group whose rewards are all equal carries no
+      GRPO/RLOO signal: it is dropped on arrival and counted (`dropped_zero_variance`); giving its
+      credit back makes the controller admit a replacement.
+    - Batches take the freshest groups first (highest mean token version, then arrival order).
+    """
+
+    def __init__(self, eta_max: int, skip_zero_variance: bool = False):
+        self.eta_max = eta_max
+        self.skip_zero_variance = skip_zero_variance
+        self.groups: list[tuple[float, int, object]] = []
+        self._arrival = itertools.count()
+        self._dropped: list[int] = []
+        self.dropped_stale = 0
+        self.dropped_zero_variance = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self.groups)
+
+    def add(self, group) -> None:
+        if self.skip_zero_variance and group.sample_count > 1 and np.ptp(group.rewards) == 0:
+            self.dropped_zero_variance += 1
+            self._dropped.append(group.group_id)
+            return
+        self.groups.append((float(group.versions.mean()), next(self._arrival), group))
+
+    def take(self, k: int, version: int):
+        """k whole groups for training at `version`, or None if fewer than k usable groups are held."""
+        fresh = []
+        for item in self.groups:
+            if version - int(item[2].versions.min()) > self.eta_max:
+                self.dropped_stale += 1
+                self._dropped.append(item[2].group_id)
+            else:
+                fresh.append(item)
+        self.groups = fresh
+        if len(fresh) < k:
+            return None
+        fresh.sort(key=lambda it: (-it[0], it[1]))
+        chosen, self.groups = fresh[:k], fresh[k:]
+        return [it[2] for it in chosen]
+
+    def pop_dropped(self) -> list[int]:
+        """Ids of the groups dropped since the last call (each reported exactly once)."""
+        out, self._dropped = self._dropped, []
+        return out
+
+    def stats(self) -> dict:
+        return {"depth": self.depth, "dropped_stale": self.dropped_stale,
+                "dropped_zero_variance": self.dropped_zero_variance}
+
+
+def balance(lengths, parts: int) -> list[list[int]]:
+    """Split sample indices into `parts` lists of near-equal total token count (longest first, greedy).
+
+    Used for micro-batches and learner ranks, so they finish together. Shape: lengths (N,).
+    """
+    bins: list[list[int]] = [[] for _ in range(max(1, parts))]
+    load = [0] * len(bins)
+    for i in sorted(range(len(lengths)), key=lambda i: -int(lengths[i])):
+        j = load.index(min(load))
+        bins[j].append(i)
+        load[j] += int(lengths[i])
+    return [sorted(b) for b in bins if b]

@@ -1,0 +1,303 @@
+"""One config tree of dataclasses: a docstring per field, one `validate()`.
+
+`FluxConfig` is what `flux train CONFIG.yaml --set key=value` and `FluxTrainer(FluxConfig(...))` build.
+Nested sections accept plain dicts (`FluxConfig(adaptive_async={"target_staleness": 0.1})`), so the
+Python API, YAML and `--set rollout.group_size=8` all go through the same typed conversion. Any bad
+key or value raises `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the field (and file)."""
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    """A dataclass field whose docstring lives in its metadata (the docs page is generated from it)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class RolloutConfig:
+    """Generators: how many, which engine, how they sample."""
+
+    engine: str = _doc("Rollout engine: `torch` (built-in, CPU or GPU) or `sglang` (GPU).", "torch")
+    num_generators: int = _doc("Generator processes started on this machine.", 1)
+    group_size: int = _doc("Samples per prompt (n); GRPO/RLOO advantages are computed within a group.", 8)
+    groups_per_call: int = _doc("Prompt groups a generator batches into one `generate` call.", 4)
+    max_new_tokens: int = _doc("Completion length cap in tokens.", 8)
+    temperature: float = _doc("Sampling temperature (the learner scores log-probs at the same one).", 1.0)
+    top_p: float = _doc("Nucleus sampling threshold (1.0 = off).", 1.0)
+    top_k: int = _doc("Top-k sampling (0 = off).", 0)
+    update_mode: str = _doc("When new weights reach a busy engine: `inflight` (between decode steps, a "
+                            "sequence may span versions) or `between_sequences`.", "inflight")
+    threads: int = _doc("torch intra-op threads per generator process.", 1)
+    slowdown: float = _doc("Extra seconds of sleep per generated token (a simulated slower generator, "
+                           "used by benchmarks to change the generation/training balance).", 0.0)
+
+
+@dataclass
+class LearnerConfig:
+    """The learner: optimisation and checkpoints."""
+
+    backend: str = _doc("Training backend: `torch` (plain PyTorch) or `megatron`.", "torch")
+    groups_per_step: int = _doc("Prompt groups per optimizer step; B = groups_per_step * group_size.", 4)
+    lr: float = _doc("AdamW learning rate.", 2e-3)
+    weight_decay: float = _doc("AdamW weight decay.", 0.0)
+    max_grad_norm: float = _doc("Gradient clipping norm.", 1.0)
+    micro_batch_size: int = _doc("Samples per forward/backward (0 = whole batch at once).", 0)
+    threads: int = _doc("torch intra-op threads in the learner process.", 1)
+    checkpoint_every: int = _doc("Save an HF checkpoint every N steps (0 = only at the end).", 0)
+    ranks: int = _doc("Learner processes (data parallel). Only 1 is supported so far.", 1)
+
+
+@dataclass
+class AdaptiveAsyncConfig:
+    """How far generation may run ahead of training (DESIGN.md section 3)."""
+
+    mode: str = _doc("`sync` (a = 0), `async` (a = max_async_ratio) or `adaptive` (PID on staleness).",
+                     "adaptive")
+    target_staleness: float = _doc("Staleness S the adaptive controller holds (0..1).", 0.1)
+    min_async_ratio: float = _doc("Lower clamp of the async ratio a.", 0.0)
+    max_async_ratio: float = _doc("Upper clamp of the async ratio a.", 1.0)
+    initial_async_ratio: float = _doc("a at the start of an adaptive run.", 0.5)
+    eta_max: int = _doc("Largest allowed lead in optimizer steps; older samples are dropped.", 2)
+    kp: float = _doc("PID proportional gain (per unit of staleness error).", 1.0)
+    ki: float = _doc("PID integral gain (per step).", 0.2)
+    kd: float = _doc("PID derivative gain (on the measurement).", 0.0)
+    ema_horizon: float = _doc("EMA horizon in steps for the measured staleness.", 5.0)
+
+
+@dataclass
+class StalenessConfig:
+    """Combined staleness S = w_lag*min(1, lag/eta_max) + (1-w_lag)*min(1, D/d_ref)."""
+
+    w_lag: float = _doc("Weight of the version-lag term in S (the divergence term gets 1 - w_lag).", 0.5)
+    d_ref: float = _doc("Divergence at which the divergence term saturates.", 0.1)
+    metric: str = _doc("Divergence D: `k3` (KL estimate) or `abs_log_ratio`.", "k3")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation by the learner."""
+
+    prompts: str = _doc("Held-out prompts JSONL (`builtin:<task>` = the task's own held-out split; "
+                        "empty = no evaluation).", "builtin:reverse")
+    every: int = _doc("Evaluate every N steps (0 = only before the first and after the last step).", 0)
+    num_prompts: int = _doc("Held-out prompts per evaluation.", 200)
+    temperature: float = _doc("Sampling temperature for evaluation (0 = greedy).", 0.0)
+
+
+@dataclass
+class NetConfig:
+    """Sockets and liveness."""
+
+    host: str = _doc("Address every socket binds to (127.0.0.1 unless you ask for another).", "127.0.0.1")
+    heartbeat_s: float = _doc("Seconds between heartbeats.", 0.5)
+    heartbeat_timeout_s: float = _doc("An actor silent this long is declared dead.", 5.0)
+
+
+@dataclass
+class FluxConfig:
+    """A whole Flux job."""
+
+    model_path: str = _doc("HF model directory, or `builtin:tiny` for the embedded default.", "builtin:tiny")
+    prompts: str = _doc("Training prompts JSONL, or `builtin:<task>` (built-in task `reverse`).",
+                        "builtin:reverse")
+    reward: str = _doc("Reward function `module:function`, called as fn(completion, record) -> float.",
+                       "flux.rewards:char_match")
+    algorithm: str = _doc("Algorithm name (`grpo`, ...) or dotted path to a registered Algorithm.", "grpo")
+    algo: dict = _doc("Algorithm hyper-parameters overriding its defaults, e.g. {kl_coef: 0.01}.",
+                      factory=dict)
+    dynamic_sampling: bool = _doc("DAPO dynamic sampling: drop zero-reward-variance groups (counted) and "
+                                  "admit replacements.", False)
+    seed: int = _doc("Seed for data order, sampling and initialisation.", 0)
+    max_steps: int = _doc("Optimizer steps to run.", 150)
+    out: str = _doc("Run directory (created); empty = runs/<timestamp>.", "")
+    rollout: RolloutConfig = _doc("Generators.", factory=RolloutConfig)
+    learner: LearnerConfig = _doc("Learner.", factory=LearnerConfig)
+    adaptive_async: AdaptiveAsyncConfig = _doc("Async ratio control.", factory=AdaptiveAsyncConfig)
+    staleness: StalenessConfig = _doc("Staleness definition.", factory=StalenessConfig)
+    eval: EvalConfig = _doc("Held-out evaluation.", factory=EvalConfig)
+    net: NetConfig = _doc("Sockets.", factory=NetConfig)
+
+    def __post_init__(self):
+        # Sections given as dicts (the Python API) go through the same typed conversion as YAML.
+        for name, hint in _hints(type(self)).items():
+            value = getattr(self, name)
+            if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+                setattr(self, name, _build(hint, value, name))
+
+    @property
+    def batch_samples(self) -> int:
+        """B: samples per optimizer step."""
+        return self.learner.groups_per_step * self.rollout.group_size
+
+    def validate(self) -> "FluxConfig":
+        """Check ranges and names; raise ConfigError naming the first bad field."""
+        r, lr, a, s = self.rollout, self.learner, self.adaptive_async, self.staleness
+        checks = [
+            ("rollout.engine", r.engine in ("torch", "sglang"), "must be `torch` or `sglang`"),
+            ("rollout.num_generators", r.num_generators >= 1, "must be >= 1"),
+            ("rollout.group_size", r.group_size >= 1, "must be >= 1"),
+            ("rollout.groups_per_call", r.groups_per_call >= 1, "must be >= 1"),
+            ("rollout.max_new_tokens", r.max_new_tokens >= 1, "must be >= 1"),
+            ("rollout.temperature", r.temperature > 0, "must be > 0"),
+            ("rollout.top_p", 0 < r.top_p <= 1, "must be in (0, 1]"),
+            ("rollout.top_k", r.top_k >= 0, "must be >= 0"),
+            ("rollout.update_mode", r.update_mode in ("inflight", "between_sequences"),
+             "must be `inflight` or `between_sequences`"),
+            ("rollout.threads", r.threads >= 1, "must be >= 1"),
+            ("rollout.slowdown", r.slowdown >= 0, "must be >= 0"),
+            ("learner.backend", lr.backend in ("torch", "megatron"), "must be `torch` or `megatron`"),
+            ("learner.groups_per_step", lr.groups_per_step >= 1, "must be >= 1"),
+            ("learner.lr", lr.lr > 0, "must be > 0"),
+            ("learner.micro_batch_size", lr.micro_batch_size >= 0, "must be >= 0"),
+            ("learner.threads", lr.threads >= 1, "must be >= 1"),
+            ("learner.checkpoint_every", lr.checkpoint_every >= 0, "must be >= 0"),
+            ("learner.ranks", lr.ranks == 1, "only 1 learner rank is supported so far"),
+            ("adaptive_async.mode", a.mode in ("sync", "async", "adaptive"),
+             "must be `sync`, `async` or `adaptive`"),
+            ("adaptive_async.min_async_ratio", 0 <= a.min_async_ratio <= a.max_async_ratio <= 1,
+             "need 0 <= min_async_ratio <= max_async_ratio <= 1"),
+            ("adaptive_async.initial_async_ratio",
+             a.min_async_ratio <= a.initial_async_ratio <= a.max_async_ratio, "must lie in [min, max]"),
+            ("adaptive_async.target_staleness", 0 <= a.target_staleness <= 1, "must be in [0, 1]"),
+            ("adaptive_async.eta_max", a.eta_max >= 0, "must be >= 0"),
+            ("adaptive_async.ema_horizon", a.ema_horizon >= 1, "must be >= 1"),
+            ("staleness.w_lag", 0 <= s.w_lag <= 1, "must be in [0, 1]"),
+            ("staleness.d_ref", s.d_ref > 0, "must be > 0"),
+            ("staleness.metric", s.metric in ("k3", "abs_log_ratio"), "must be `k3` or `abs_log_ratio`"),
+            ("eval.num_prompts", self.eval.num_prompts >= 1, "must be >= 1"),
+            ("eval.every", self.eval.every >= 0, "must be >= 0"),
+            ("net.heartbeat_timeout_s", self.net.heartbeat_timeout_s > self.net.heartbeat_s > 0,
+             "need heartbeat_timeout_s > heartbeat_s > 0"),
+            ("max_steps", self.max_steps >= 1, "must be >= 1"),
+            ("reward", ":" in self.reward, "must be a dotted path `module:function`"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"{name}: {why} (got {_get(self, name)!r})")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **kwargs) -> FluxConfig:
+    """YAML file (optional) + `key=value` overrides (+ keyword overrides) → a validated FluxConfig."""
+    data: dict = {}
+    where = "config"
+    if path:
+        where = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    for key, value in kwargs.items():
+        if value is not None:
+            data[key] = value
+    try:
+        return _build(FluxConfig, data, "").validate()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def dump_config(cfg: FluxConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_fields(cls=FluxConfig, prefix: str = ""):
+    """Yield (dotted key, type name, default, doc) for every leaf field: the configuration reference."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from config_fields(hint, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield f"{prefix}{f.name}", getattr(hint, "__name__", str(hint)), default, f.metadata.get("doc", "")
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _build(cls, data: dict, path: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"{dotted}: unknown key (known: {', '.join(sorted(names))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = value if isinstance(value, hint) else _build(hint, value, dotted)
+        else:
+            kwargs[key] = _coerce(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, dotted: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(hint):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, arm, dotted)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{dotted}: {value!r} does not fit {hint}")
+    target = origin or hint
+    if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if target is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if target is int and isinstance(value, bool):
+        raise ConfigError(f"{dotted}: expected int, got {value!r}")
+    if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, target):
+        return value
+    raise ConfigError(f"{dotted}: expected {getattr(target, '__name__', target)}, got {value!r}")
+
+
+def _get(cfg: FluxConfig, dotted: str):
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node

@@ -1,0 +1,73 @@
+"""Prompt records: JSONL files (or a built-in task), validated line by line, rendered to token ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A prompts file is missing or malformed; the message names the file and line."""
+
+
+def load_prompts(source: str) -> list[dict]:
+    """Records from `builtin:<task>[:split]` or a JSONL file of {"prompt"|"messages", "answer"?, ...}.
+
+    Every line must be a JSON object with a `prompt` string or a `messages` list of {role, content};
+    other keys are free metadata handed to the reward function.
+    """
+    if source.startswith("builtin:"):
+        from flux import tasks
+
+        return tasks.builtin_records(source.removeprefix("builtin:"))
+    path = Path(source)
+    if not path.is_file():
+        raise DataError(f"{source}: no such prompts file")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{source}:{lineno}: not valid JSON ({e.msg})") from None
+            _check_record(rec, f"{source}:{lineno}")
+            records.append(rec)
+    if not records:
+        raise DataError(f"{source}: no prompts in file")
+    return records
+
+
+def _check_record(rec, where: str) -> None:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    if "prompt" in rec:
+        if not isinstance(rec["prompt"], str):
+            raise DataError(f"{where}: `prompt` must be a string")
+    elif "messages" in rec:
+        msgs = rec["messages"]
+        if not (isinstance(msgs, list) and msgs and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs)):
+            raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
+    else:
+        raise DataError(f"{where}: needs a `prompt` string or a `messages` list")
+
+
+def render_prompt(record: dict, tokenizer) -> list[int]:
+    """Token ids of a record's prompt: `messages` through the tokenizer's chat template when it has one."""
+    if "messages" in record:
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in record["messages"]) + "\nassistant: "
+        return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer(record["prompt"], add_special_tokens=False).input_ids
+
+
+def write_jsonl(records: list[dict], path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec) + "\n")

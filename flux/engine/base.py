@@ -1,0 +1,73 @@
+"""The rollout-engine interface: what a generator actor needs from any backend (DESIGN.md section 5)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol, Union
+
+import numpy as np
+
+# A state dict, or a zero-arg callable returning one (so the copy out of shared memory happens lazily).
+WeightSource = Union[Mapping[str, Any], Callable[[], Mapping[str, Any]]]
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one completion per prompt."""
+
+    max_new_tokens: int = 16
+    """Hard cap on completion length; a completion that reaches it has `finished=False`."""
+    temperature: float = 1.0
+    """Logits are divided by this before softmax; 0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample only from the smallest token set whose probability reaches top_p."""
+    top_k: int = 0
+    """Sample only from the k most likely tokens; 0 disables."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Sampling one of these ends the completion; the stop token is kept as its last token."""
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if any(not isinstance(t, (int, np.integer)) or t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be non-negative ints, got {self.stop_token_ids}")
+
+
+@dataclass
+class Completion:
+    """One sampled completion. All arrays have shape (L,), L = number of generated tokens >= 1."""
+
+    token_ids: np.ndarray
+    """int32 token ids; ends with the stop token when `finished`."""
+    logprobs: np.ndarray
+    """float32 behaviour log-probs, log_softmax(logits / T)[token] of the full tempered distribution."""
+    versions: np.ndarray
+    """int32 policy version of the weights that sampled each token (may change mid-sequence)."""
+    finished: bool
+    """True: ended on a stop token. False: hit max_new_tokens."""
+
+
+class RolloutEngine(Protocol):
+    """A backend that samples completions and takes new weights while it runs."""
+
+    version: int
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        """One completion per prompt, in order."""
+        ...
+
+    def load_weights(self, version: int, source: WeightSource) -> None:
+        """Queue new weights (thread-safe, returns at once); the engine applies them at a safe point."""
+        ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def close(self) -> None: ...

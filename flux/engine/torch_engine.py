@@ -1,0 +1,308 @@
+"""The built-in rollout engine: batched KV-cache sampling on any HF causal LM, in plain PyTorch.
+
+Runs on CPU (and CUDA when the model is there). New weights can arrive from another thread while
+`generate` runs; they are swapped in between decode steps (in-flight updating, as in PipelineRL
+[Piche et al., 2025] and AReaL [Fu et al., 2025]) or only between `generate` calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from flux.engine.base import Completion, SamplingParams, WeightSource
+
+UPDATE_MODES = ("inflight", "between_sequences")
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p, Holtzman et al., 2020) set to -inf.
+
+    Shape: logits (b, V) -> (b, V). At least the most likely token always survives.
+    """
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token once the mass strictly before it already reaches top_p (keeps the top-1).
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+def sample_tokens(
+    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row and return its behaviour log-prob.
+
+    Shape: logits (b, V) -> tokens (b,) int64, logprobs (b,) float32.
+    The recorded log-prob is log_softmax(logits / T)[token] over the FULL tempered distribution:
+    that is what the learner recomputes with teacher forcing, so the importance ratio pi/mu compares
+    like with like. top-k / top-p only narrow which token may be drawn; they are not renormalised
+    into the recorded log-prob. Temperature 0 is greedy, and its log-prob is taken at T = 1.
+    """
+    logits = logits.float()
+    if sampling.temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        logp = logits.log_softmax(dim=-1)
+    else:
+        scaled = logits / sampling.temperature
+        logp = scaled.log_softmax(dim=-1)
+        probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def _left_pad(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts into (b, t) input ids and a (b, t) 0/1 attention mask."""
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _forward_kwarg_names(model: torch.nn.Module) -> tuple[str, str | None]:
+    """The KV-cache and last-logits-only kwarg names this transformers version accepts.
+
+    transformers 5.x renamed `past_key_values` to `cache` (the old name warns); 4.45-4.49 spell
+    `logits_to_keep` as `num_logits_to_keep`.
+    """
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+    return cache_kw, keep_kw
+
+
+class TorchEngine:
+    """Plain-PyTorch rollout engine over a HF causal LM (`AutoModelForCausalLM`).
+
+    `generate` is not re-entrant: one call at a time. `load_weights`, `pause`, `resume` and
+    `apply_pending` are safe to call from other threads while it runs.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        version: int = 0,
+        update_mode: str = "inflight",
+        device: torch.device | str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if update_mode not in UPDATE_MODES:
+            raise ValueError(f"update_mode must be one of {UPDATE_MODES}, got {update_mode!r}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model: torch.nn.Module | None = model.to(self.device).eval()
+        self.version = version
+        self.update_mode = update_mode
+        self.generator = torch.Generator(device=self.device)
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
+        self.tokens_generated = 0
+        self.busy_seconds = 0.0
+        self._cache_kw, self._keep_kw = _forward_kwarg_names(model)
+        self._pending: tuple[int, WeightSource] | None = None
+        self._pending_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # held around each forward pass and each weight swap
+        self._running = threading.Event()
+        self._running.set()
+        self._closed = False
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, **kw: Any
+    ) -> "TorchEngine":
+        """Load a HF checkpoint; dtype defaults to float32 on CPU and bfloat16 on CUDA."""
+        import transformers
+
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # torch_dtype warns from 4.56
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **{dtype_kw: dtype})
+        model.requires_grad_(False)
+        return cls(model, device=device, **kw)
+
+    # ---- weights -------------------------------------------------------------------------------
+
+    def load_weights(self, version: int, source: WeightSource) -> None:
+        """Queue weights `version` (a state dict or a zero-arg callable returning one); returns at once.
+
+        Only the newest queued version is kept; it is applied at the next safe point (see update_mode).
+        """
+        with self._pending_lock:
+            if self._pending is None or version > self._pending[0]:
+                self._pending = (version, source)
+
+    def apply_pending(self) -> bool:
+        """Swap the queued weights in now; True if the model changed. Never goes back to an older version."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, None
+        if pending is None or pending[0] <= self.version or self.model is None:
+            return False
+        version, source = pending
+        state = source() if callable(source) else source
+        if state is None:  # the source gave up on this version (overwritten); a newer one is on its way
+            return False
+        with self._model_lock, torch.no_grad():
+            # Copies in place: parameter storage (and so the KV cache layout) is unchanged.
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            # Tied weights (lm_head = embed_tokens) are exported once; anything else missing is an error.
+            untied = set(missing) - _tied_names(self.model)
+            if untied or unexpected:
+                raise RuntimeError(f"weights v{version} do not fit the model: missing {sorted(untied)}, "
+                                   f"unexpected {sorted(unexpected)}")
+            self.version = version
+        return True
+
+    # ---- flow control --------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Make `generate` wait at its next step boundary until `resume()`."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def close(self) -> None:
+        """Release the model; a `generate` that is running (or paused) raises at its next boundary."""
+        self._closed = True
+        self._running.set()
+        with self._model_lock:
+            self.model = None
+        with self._pending_lock:
+            self._pending = None
+
+    def _wait_if_paused(self) -> float:
+        """Block while paused; return the seconds spent waiting."""
+        start = time.perf_counter()
+        self._running.wait()
+        if self._closed:
+            raise RuntimeError("TorchEngine was closed during generate")
+        return time.perf_counter() - start
+
+    # ---- sampling ------------------------------------------------------------------------------
+
+    def _forward(
+        self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
+    ) -> tuple[torch.Tensor, Any, int]:
+        """One forward pass. Returns last-position logits (b, V), the KV cache, and the weights' version."""
+        kwargs = {self._cache_kw: cache, "use_cache": True}
+        if self._keep_kw is not None:
+            kwargs[self._keep_kw] = 1
+        with self._model_lock:
+            if self.model is None:
+                raise RuntimeError("TorchEngine was closed during generate")
+            version = self.version
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **kwargs)
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            cache = out.past_key_values
+        if isinstance(cache, tuple):  # transformers 4.x may hand back the legacy tuple format
+            from transformers import DynamicCache
+
+            cache = DynamicCache.from_legacy_cache(cache)
+        return out.logits[:, -1, :], cache, version
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        """Sample one completion per prompt (batched, KV-cached); returns them in prompt order."""
+        sampling.validate()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs at least one prompt, and no empty prompt")
+        if self._closed:
+            raise RuntimeError("TorchEngine is closed")
+        start = time.perf_counter()
+        paused = self._wait_if_paused()
+        self.apply_pending()  # both modes take new weights before a call starts
+
+        ids, mask = _left_pad(prompts, self.device)
+        # Left padding: HF derives positions from a plain arange, which would count the pads; the
+        # positions must restart at 0 on each row's first real token, as in an unpadded forward.
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        logits, cache, logits_version = self._forward(ids, mask, positions, cache=None)
+        next_pos = mask.sum(dim=-1)  # (b,) position of the first generated token
+
+        b, n = len(prompts), sampling.max_new_tokens
+        out_tokens = torch.zeros(b, n, dtype=torch.long, device=self.device)
+        out_logp = torch.zeros(b, n, dtype=torch.float32, device=self.device)
+        out_ver = torch.zeros(b, n, dtype=torch.int32, device=self.device)
+        lengths = torch.zeros(b, dtype=torch.long, device=self.device)
+        finished = torch.zeros(b, dtype=torch.bool, device=self.device)
+        stop = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.long, device=self.device)
+
+        for step in range(n):
+            tokens, logp = sample_tokens(logits, sampling, self.generator)
+            live = ~finished
+            out_tokens[:, step] = torch.where(live, tokens, 0)
+            out_logp[:, step] = logp
+            out_ver[:, step] = logits_version
+            lengths += live.long()
+            self.tokens_generated += int(live.sum())
+            finished |= live & torch.isin(tokens, stop)
+            if step == n - 1 or bool(finished.all()):
+                break
+            # Step boundary: the only place weights may change inside a call.
+            paused += self._wait_if_paused()
+            if self.update_mode == "inflight":
+                # The KV cache of earlier tokens (computed by the old weights) is kept, as in
+                # PipelineRL / AReaL: recomputing it would cost a prefill per update, and the learner
+                # corrects the drift through the per-token versions and behaviour log-probs.
+                self.apply_pending()
+            # Finished rows still ride along (one batch, one cache), but their new key is masked
+            # out and their samples are discarded above.
+            mask = torch.cat([mask, live.long()[:, None]], dim=-1)
+            step_ids = torch.where(live, tokens, 0)[:, None]
+            logits, cache, logits_version = self._forward(step_ids, mask, next_pos[:, None], cache)
+            next_pos = next_pos + 1
+
+        self.busy_seconds += time.perf_counter() - start - paused
+        return _to_completions(out_tokens, out_logp, out_ver, lengths, finished)
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """State-dict names whose tensor shares storage with an earlier name (e.g. a tied lm_head)."""
+    seen, tied = set(), set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.data_ptr(), t.shape)
+        if key in seen:
+            tied.add(name)
+        seen.add(key)
+    return tied
+
+
+def _to_completions(
+    tokens: torch.Tensor,
+    logp: torch.Tensor,
+    versions: torch.Tensor,
+    lengths: torch.Tensor,
+    finished: torch.Tensor,
+) -> list[Completion]:
+    """Cut the padded (b, n) outputs into per-row Completions (one device-to-host copy)."""
+    tokens_np = tokens.cpu().numpy().astype(np.int32)
+    logp_np = logp.cpu().numpy()
+    versions_np = versions.cpu().numpy()
+    lengths_np, finished_np = lengths.cpu().numpy(), finished.cpu().numpy()
+    return [
+        Completion(
+            token_ids=tokens_np[row, :length].copy(),
+            logprobs=logp_np[row, :length].copy(),
+            versions=versions_np[row, :length].copy(),
+            finished=bool(finished_np[row]),
+        )
+        for row, length in enumerate(lengths_np)
+    ]

@@ -1,0 +1,222 @@
+"""Starts a run's actors as OS processes, shows progress, and stops every one of them, always.
+
+Shutdown is predictable: the learner finishes → the controller broadcasts Stop → actors drain and
+exit. On Ctrl-C, or when any actor dies, the launcher sends SIGTERM to the rest, joins them with a
+deadline, then kills what is left, and removes the run's shared-memory segments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from flux.config import ConfigError, FluxConfig, dump_config
+from flux.runtime import RunSpec, die_with_parent, free_port
+
+STOP_DEADLINE_S = 10.0
+
+
+class SetupError(ValueError):
+    """Bad input found before any actor starts (prompts, reward, algorithm, model); exit code 2."""
+
+
+@dataclass
+class Actor:
+    name: str
+    role: str
+    proc: subprocess.Popen
+    stderr_path: Path
+
+
+def prepare(cfg: FluxConfig) -> RunSpec:
+    """Check everything an actor would trip over, make the run directory, write config + spec."""
+    from flux.algorithms import get_algorithm
+    from flux.data import DataError, load_prompts
+    from flux.evaluation import eval_records
+    from flux.rewards import load_function
+    from flux.tiny import resolve_model_path
+
+    try:
+        records = load_prompts(cfg.prompts)
+        eval_records(cfg.eval.prompts, 1)
+    except (DataError, ValueError) as e:
+        raise SetupError(str(e)) from None
+    try:
+        load_function(cfg.reward)
+    except ValueError as e:
+        raise SetupError(f"reward: {e}") from None
+    try:
+        get_algorithm(cfg.algorithm).params(cfg.algo)
+    except (KeyError, ValueError) as e:
+        raise SetupError(f"algorithm: {e.args[0] if e.args else e}") from None
+    if cfg.rollout.engine != "torch" or cfg.learner.backend != "torch":
+        raise SetupError("only rollout.engine=torch and learner.backend=torch are available in this build")
+    model_path = resolve_model_path(cfg.model_path)
+    if not (Path(model_path) / "config.json").is_file():
+        raise SetupError(f"model_path: {model_path} is not an HF model directory (no config.json)")
+
+    run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    host = cfg.net.host
+
+    def addr() -> str:
+        return f"tcp://{host}:{free_port(host)}"
+
+    spec = RunSpec(run_id=uuid.uuid4().hex[:8], run_dir=str(run_dir), model_path=str(model_path),
+                   controller_router=addr(), controller_pub=addr(), buffer_pull=addr(), buffer_router=addr(),
+                   num_prompts=len(records), config=cfg)
+    (run_dir / "spec.json").write_text(spec.to_json())
+    return spec
+
+
+def start(spec: RunSpec) -> list[Actor]:
+    """Controller first (everyone connects to it), then buffer, learner and the generators."""
+    roles = [("controller", "controller"), ("buffer", "buffer"), ("learner", "learner")]
+    roles += [("generator", f"gen{i}") for i in range(spec.config.rollout.num_generators)]
+    logs = Path(spec.run_dir) / "logs"
+    logs.mkdir(exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    actors = []
+    for role, name in roles:
+        err = logs / f"{name}.stderr"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", f"actors.{role}", "--spec", str(Path(spec.run_dir) / "spec.json"),
+             "--name", name],
+            stdout=subprocess.DEVNULL, stderr=open(err, "wb"), env=env, preexec_fn=die_with_parent,
+            start_new_session=True)  # Ctrl-C reaches the launcher only; it stops the actors in order
+        actors.append(Actor(name, role, proc, err))
+    return actors
+
+
+def stop_all(actors: list[Actor], spec: RunSpec, deadline_s: float = STOP_DEADLINE_S) -> None:
+    """SIGTERM → join with a deadline → SIGKILL; then remove leftover shared memory."""
+    from flux.weights import cleanup_prefix
+
+    for a in actors:
+        if a.proc.poll() is None:
+            a.proc.send_signal(signal.SIGTERM)
+    end = time.monotonic() + deadline_s
+    for a in actors:
+        try:
+            a.proc.wait(timeout=max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            a.proc.kill()
+            a.proc.wait()
+    cleanup_prefix(spec.shm_prefix)
+
+
+def last_words(actor: Actor) -> str:
+    """The most telling line an actor left: its crash line, else the last non-empty stderr line."""
+    try:
+        lines = [ln for ln in actor.stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    crash = [ln for ln in lines if " crashed: " in ln]
+    return (crash or lines or [""])[-1].strip()
+
+
+class Progress:
+    """Follows metrics.jsonl and prints one status line per learner step (in place on a terminal)."""
+
+    def __init__(self, run_dir: str, max_steps: int, stream=sys.stdout):
+        self.path, self.max_steps, self.stream = Path(run_dir) / "metrics.jsonl", max_steps, stream
+        self.tty = stream.isatty()
+        self.offset = 0
+        self.rows: list[dict] = []
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open() as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]
+        self.offset += len(complete.encode())
+        for line in complete.splitlines():
+            row = json.loads(line)
+            self.rows.append(row)
+            self.show(row)
+
+    def show(self, m: dict) -> None:
+        text = (f"step {m['step'] + 1}/{self.max_steps}  reward {m['reward_mean']:.3f}  "
+                f"staleness {m['staleness_mean']:.3f}  async {m['async_ratio']:.2f}  "
+                f"lag {m.get('lag_mean', 0):.2f}  {m['samples_per_s']:.1f} samples/s  "
+                + (f"eval {m['eval_score']:.3f}  " if "eval_score" in m else "") + f"{m['wall_s']:.0f}s")
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+        elif m["step"] % 10 == 0 or m["step"] + 1 == self.max_steps:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+def run(cfg: FluxConfig, stream=sys.stdout) -> tuple[int, RunSpec]:
+    """Run a whole job. Returns (exit code, spec): 0 done, 1 an actor failed, 130 interrupted."""
+    spec = prepare(cfg)
+    stream.write(f"flux: run {spec.run_id} in {spec.run_dir}\n")
+    stream.flush()
+    actors = start(spec)
+    progress = Progress(spec.run_dir, cfg.max_steps, stream)
+    code = 0
+    try:
+        while True:
+            time.sleep(0.2)
+            progress.poll()
+            exited = [a for a in actors if a.proc.poll() is not None]
+            failed = [a for a in exited if a.proc.returncode != 0]
+            if failed:
+                a = failed[0]
+                progress.close()
+                stream.write(f"flux: {a.role} {a.name} died (exit code {a.proc.returncode}): "
+                             f"{last_words(a) or 'no message'}; stopping the run\n")
+                code = 1
+                break
+            if any(a.role in ("learner", "controller") for a in exited):
+                # Normal end: the learner finished, the controller broadcast Stop; let the rest drain.
+                end = time.monotonic() + STOP_DEADLINE_S
+                while time.monotonic() < end and any(a.proc.poll() is None for a in actors):
+                    time.sleep(0.1)
+                progress.poll()
+                progress.close()
+                code = 0 if all(a.proc.returncode == 0 for a in actors if a.proc.poll() is not None) else 1
+                break
+    except KeyboardInterrupt:
+        progress.close()
+        stream.write("flux: interrupted; stopping actors\n")
+        code = 130
+    finally:
+        stop_all(actors, spec)
+    if code == 0:
+        summarize(progress.rows, spec, stream)
+    return code, spec
+
+
+def summarize(rows: list[dict], spec: RunSpec, stream) -> None:
+    if not rows:
+        stream.write("flux: no steps were recorded\n")
+        return
+    first, last = rows[0], rows[-1]
+    k = max(1, len(rows) // 10)
+    head = sum(r["reward_mean"] for r in rows[:k]) / k
+    tail = sum(r["reward_mean"] for r in rows[-k:]) / k
+    stream.write(f"flux: {len(rows)} steps in {last['wall_s']:.0f}s; reward {head:.3f} → {tail:.3f} "
+                 f"(mean of first/last {k} steps)")
+    if "eval_score" in first:
+        stream.write(f"; held-out eval {first['eval_score']:.3f} → {last['eval_score']:.3f}")
+    stream.write(f"\nflux: metrics {spec.run_dir}/metrics.jsonl; checkpoint "
+                 f"{spec.run_dir}/checkpoints/step_{last['step'] + 1}\n")
+
+
+__all__ = ["run", "prepare", "start", "stop_all", "SetupError", "ConfigError"]

@@ -1,0 +1,304 @@
+"""The plain-PyTorch training backend: an HF causal LM, AdamW, micro-batched gradient accumulation.
+
+One process, one device. `logprobs`, `step`, `export_weights`, `save`/`load` are the whole surface the
+learner actor uses; a distributed variant wraps the same calls.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Files a tokenizer may consist of; copied next to a checkpoint so it is self-contained.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+LossFn = Callable[..., tuple[Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainBatch:
+    """A padded batch of prompt+response sequences. All (b, L) fields are aligned to token positions.
+
+    input_ids (b, L) long; attention_mask (b, L) long; response_mask (b, L) float, 1 on generated tokens;
+    behaviour_logprobs (b, L) float32, the sampler's log-prob of each token (0 outside the response);
+    advantages (b,) or (b, L) float32; versions (b, L) long, the policy version that sampled each token
+    (-1 outside the response); ref_logprobs / proximal_logprobs (b, L) float32 or None.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    response_mask: Tensor
+    behaviour_logprobs: Tensor
+    advantages: Tensor
+    versions: Tensor
+    ref_logprobs: Tensor | None = None
+    proximal_logprobs: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of response tokens (the ones the loss counts)."""
+        return int(self.response_mask.sum().item())
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[tuple[Any, Any, Any, Any, Any]], pad_id: int) -> "TrainBatch":
+        """Right-pad `(prompt_ids, response_ids, behaviour_logprobs, versions, advantage)` tuples.
+
+        behaviour_logprobs and versions have one entry per response token; advantage is a float (one per
+        sequence → advantages (b,)) or one value per response token (→ advantages (b, L)).
+        """
+        rows = [[torch.as_tensor(x) for x in s[:4]] + [torch.as_tensor(s[4], dtype=torch.float32)]
+                for s in samples]
+        b, width = len(rows), max(len(p) + len(r) for p, r, *_ in rows)
+        per_token_adv = any(a.dim() > 0 for *_, a in rows)
+        ids = torch.full((b, width), pad_id, dtype=torch.long)
+        attn = torch.zeros((b, width), dtype=torch.long)
+        resp = torch.zeros((b, width), dtype=torch.float32)
+        blp = torch.zeros((b, width), dtype=torch.float32)
+        ver = torch.full((b, width), -1, dtype=torch.long)
+        adv = torch.zeros((b, width) if per_token_adv else (b,), dtype=torch.float32)
+        for i, (p, r, lp, v, a) in enumerate(rows):
+            n_p, n = len(p), len(p) + len(r)
+            if len(lp) != len(r) or len(v) != len(r):
+                raise ValueError(f"sample {i}: {len(r)} response tokens, "
+                                 f"{len(lp)} logprobs, {len(v)} versions")
+            ids[i, :n_p], ids[i, n_p:n] = p, r
+            attn[i, :n] = 1
+            resp[i, n_p:n] = 1.0
+            blp[i, n_p:n] = lp.float()
+            ver[i, n_p:n] = v.long()
+            if per_token_adv:
+                adv[i, n_p:n] = a
+            else:
+                adv[i] = a
+        return cls(ids, attn, resp, blp, adv, ver)
+
+    def select(self, rows: slice | Tensor, cols: slice = slice(None)) -> "TrainBatch":
+        """The sub-batch of `rows`, keeping the (b, L) fields' columns `cols`."""
+        def take(x: Tensor | None, per_token: bool = True) -> Tensor | None:
+            if x is None:
+                return None
+            x = x[rows]
+            return x[:, cols] if per_token and x.dim() == 2 else x
+        return replace(self, **{f.name: take(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: (None if v is None else v.to(device)) for k, v in moved.items()})
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,
+                   temperature: float = 1.0) -> Tensor:
+    """log p(input_ids[:, t] | input_ids[:, <t]) at position t; 0 at position 0 and outside the response.
+
+    The logits are divided by the sampling temperature so the value matches what the sampler computed.
+    Positions come from the attention mask, so left padding gives the same values as right padding.
+
+    Shape: input_ids, attention_mask, response_mask (b, L) → (b, L) float32.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    logits = logits[:, :-1].float() / temperature
+    targets = input_ids[:, 1:, None]
+    # gather − logsumexp instead of log_softmax: no second (b, L, V) tensor kept for backward.
+    lp = logits.gather(-1, targets).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lp = F.pad(lp, (1, 0))
+    return torch.where(response_mask > 0, lp, torch.zeros_like(lp))
+
+
+def _from_pretrained(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    import transformers
+
+    # transformers ≥ 4.56 renamed torch_dtype to dtype; an unknown kwarg would silently land in the config.
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **{key: dtype})
+
+
+class TorchLearner:
+    """An HF causal LM trained with AdamW on one device.
+
+    Micro-batches (for `logprobs` and the default of `step`) hold at most `micro_batch_size` sequences,
+    or, with `micro_batch_tokens`, at most that many padded tokens (rows × longest row), packed
+    longest-first so similar lengths share a micro-batch. Neither: the whole batch at once.
+    """
+
+    def __init__(self, model_path: str, *, lr: float = 1e-4, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.99), max_grad_norm: float | None = 1.0,
+                 micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
+                 temperature: float = 1.0, reference: bool = False, seed: int = 0,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 gradient_checkpointing: bool = False):
+        torch.manual_seed(seed)
+        self.model_path = str(model_path)
+        self.device = torch.device(device)
+        self.max_grad_norm = max_grad_norm
+        self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
+        self.temperature = temperature
+        self.seed = seed
+        self.step_count = 0
+        self.model = _from_pretrained(self.model_path, dtype).to(self.device)
+        self.model.train()  # RL fine-tuning configs keep dropout at 0, so train mode is deterministic
+        if gradient_checkpointing:  # renamed in transformers 5
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            (enable or self.model.gradient_checkpointing_enable)()
+        self.ref_model = None
+        if reference:
+            self.ref_model = _from_pretrained(self.model_path, dtype).to(self.device).eval()
+            self.ref_model.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
+                                           betas=betas, weight_decay=weight_decay)
+
+    # ---- micro-batches ----------------------------------------------------------------------------
+    def micro_batches(self, batch: TrainBatch) -> list[Tensor]:
+        """Row-index tensors that partition the batch according to the micro-batch setting."""
+        b = len(batch)
+        if self.micro_batch_tokens:
+            lengths = batch.attention_mask.sum(-1)
+            order = torch.argsort(lengths, descending=True, stable=True).tolist()
+            groups: list[list[int]] = [[]]
+            for i in order:
+                longest = int(lengths[groups[-1][0]]) if groups[-1] else int(lengths[i])
+                if groups[-1] and longest * (len(groups[-1]) + 1) > self.micro_batch_tokens:
+                    groups.append([])
+                groups[-1].append(i)
+            return [torch.tensor(g) for g in groups]
+        size = self.micro_batch_size or b
+        return [torch.arange(i, min(i + size, b)) for i in range(0, b, size)]
+
+    @staticmethod
+    def _trimmed(batch: TrainBatch, rows: slice | Tensor) -> tuple[TrainBatch, slice]:
+        """Rows `rows` without the columns that are padding in all of them, and the kept column range."""
+        mb = batch.select(rows)
+        used = mb.attention_mask.any(0).nonzero()
+        cols = slice(int(used[0]), int(used[-1]) + 1) if used.numel() else slice(0, 0)
+        return mb.select(slice(None), cols), cols
+
+    def _forward(self, model: torch.nn.Module, mb: TrainBatch) -> Tensor:
+        return token_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask, self.temperature)
+
+    def _logprobs_with(self, model: torch.nn.Module, batch: TrainBatch) -> Tensor:
+        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        with torch.no_grad():
+            for rows in self.micro_batches(batch):
+                mb, cols = self._trimmed(batch, rows)
+                if mb.input_ids.shape[1] == 0:
+                    continue
+                mb = mb.to(self.device)
+                lp = self._forward(model, mb)
+                out[rows, cols] = lp.cpu()
+        return out.to(batch.input_ids.device)
+
+    def logprobs(self, batch: TrainBatch) -> Tensor:
+        """Current policy's per-token log-probs, no grad. Shape: (b, L) float32, 0 outside the response."""
+        return self._logprobs_with(self.model, batch)
+
+    def ref_logprobs(self, batch: TrainBatch) -> Tensor:
+        """Reference policy's per-token log-probs. Shape: (b, L) float32. Needs `reference=True`."""
+        if self.ref_model is None:
+            raise RuntimeError("TorchLearner was built with reference=False")
+        return self._logprobs_with(self.ref_model, batch)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def step(self, loss_fn: LossFn, batch: TrainBatch, micro_batches: list[slice | Tensor] | None = None
+             ) -> dict[str, float]:
+        """One optimizer step over `batch`, accumulating gradients over micro-batches.
+
+        For each micro-batch `loss, stats = loss_fn(logprobs=..., mask=..., batch=mb)`, where logprobs
+        (with grad) and mask are (b_mb, L_mb) and mb is the micro-batch's `TrainBatch`. Each micro-batch
+        loss is weighted by its share of the batch's response tokens before backward: for a token-mean
+        loss the accumulated gradient then equals the gradient of one full-batch pass, whatever the
+        split. (Sequence-level aggregations are weighted the same way, which is close but not exact.)
+
+        Returns the stats averaged with the same weights (keys ending in "_max": the max), plus loss,
+        grad_norm (before clipping), lr and step_skipped (1.0 when the gradient was not finite and the
+        update was dropped).
+        """
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = micro_batches if micro_batches is not None else self.micro_batches(batch)
+        total = float(batch.response_mask.sum())
+        acc: dict[str, float] = {}
+        loss_sum = 0.0
+        for rows in parts:
+            mb = self._trimmed(batch, rows)[0]
+            n_tok = float(mb.response_mask.sum())
+            if n_tok == 0:
+                continue
+            mb = mb.to(self.device)
+            share = n_tok / total
+            lp = self._forward(self.model, mb)
+            loss, stats = loss_fn(logprobs=lp, mask=mb.response_mask, batch=mb)
+            (loss * share).backward()
+            loss_sum += float(loss.detach()) * share
+            for k, v in stats.items():
+                acc[k] = max(acc.get(k, v), v) if k.endswith("_max") else acc.get(k, 0.0) + v * share
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.max_grad_norm if self.max_grad_norm and self.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+        skipped = not torch.isfinite(torch.tensor(grad_norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+            self.step_count += 1
+        return {**acc, "loss": loss_sum, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
+                "step_skipped": float(skipped)}
+
+    # ---- weights and checkpoints ------------------------------------------------------------------
+    def export_weights(self, device: str | torch.device | None = None) -> dict[str, Tensor]:
+        """The model's weights under their HF names, detached, contiguous, on `device` (default: the model's).
+
+        Tied tensors (e.g. lm_head.weight = model.embed_tokens.weight) appear once, under the first key
+        of `state_dict()`, which is the key `save_pretrained` writes.
+        """
+        out: dict[str, Tensor] = {}
+        seen: set[tuple[int, int]] = set()
+        for name, t in self.model.state_dict().items():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset())
+            if key in seen:
+                continue
+            seen.add(key)
+            t = t.detach()
+            out[name] = (t.to(device) if device is not None else t).contiguous()
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """HF checkpoint (+ tokenizer files found at model_path) + optimizer.pt + trainer_state.json."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, safe_serialization=True)
+        src = Path(self.model_path)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file() and not (path / name).exists():
+                shutil.copy2(src / name, path / name)
+        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        state = {"step": self.step_count, "model_path": self.model_path, "seed": self.seed,
+                 "lr": self.optimizer.param_groups[0]["lr"], "temperature": self.temperature}
+        (path / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        return path
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Restore weights, optimizer state and step count from a `save` directory; returns its state."""
+        path = Path(path)
+        loaded = _from_pretrained(str(path), next(self.model.parameters()).dtype)
+        self.model.load_state_dict(loaded.state_dict())
+        del loaded
+        if (path / "optimizer.pt").exists():
+            self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device))
+        state_file = path / "trainer_state.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        self.step_count = int(state.get("step", 0))
+        return state

@@ -1,0 +1,651 @@
+"""Every message that travels between Flux actors, and the one validating decoder.
+
+The conversation (socket types in capitals):
+
+    any actor  DEALER -> controller ROUTER   Register -> Welcome, Heartbeat, AdmitRequest -> Admit,
+                                             GroupDone, Published, StepReport, BufferReport, Goodbye
+    controller PUB    -> every SUB           NewVersion, Control, Stop
+    generator  PUSH   -> buffer PULL         TrajectoryGroup
+    learner    DEALER -> buffer ROUTER       BatchRequest -> Batch
+
+Wire format (ZeroMQ multipart): ``[envelope | topic] header array_0 array_1 ...``
+
+- ``header`` is a MessagePack map ``{"v": PROTOCOL_VERSION, "type": TYPE, "fields": {scalar fields},
+  "arrays": [[name, dtype, [length]], ...]}``.
+- ``array_i`` are the raw little-endian bytes of the class's 1-D ``ARRAYS``, in declaration order. They
+  are sent zero-copy and decoded with ``np.frombuffer``: decoded arrays are views of the frames.
+- Envelopes follow the REQ/REP convention: a DEALER sends ``["", header, ...]``, so a ROUTER receives
+  ``[identity, "", header, ...]`` and replies with the same envelope (``split_envelope``).
+- A PUB sends the message TYPE as a topic frame first (``b"NewVersion"``), so a SUB can filter with
+  ``sock.subscribe(b"Stop")``; ``decode`` recognises and skips it.
+
+``encode`` normalises (numpy scalars -> Python, int -> float where a float is declared, arrays cast to
+their wire dtype) and validates, so a bad message fails at its sender. ``decode`` trusts nothing: on any
+malformed input it raises ``ProtocolError`` and nothing else. Wire-wide rules: every int is >= 0 (ids,
+counts, versions, steps), every float is finite, every array is 1-D.
+"""
+import dataclasses
+import logging
+import math
+import time
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Sequence
+
+import msgpack
+import numpy as np
+import zmq
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_FRAME_BYTES = 2**30
+ROLES = ("controller", "generator", "buffer", "learner")
+
+log = logging.getLogger("flux.protocol")
+
+
+class ProtocolError(ValueError):
+    """A malformed message. ``reason`` is a short stable label (for counting), ``detail`` says more."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class Message:
+    """Base of every wire message. Subclasses are ``@message @dataclass(slots=True)`` classes."""
+
+    __slots__ = ()
+    TYPE: ClassVar[str] = ""
+    ARRAYS: ClassVar[dict[str, str]] = {}  # array field -> wire dtype; every array is 1-D
+
+    def validate(self) -> None:
+        """Consistency checks beyond field types; raise ProtocolError."""
+
+
+MESSAGES: dict[str, type[Message]] = {}
+_TOPICS: set[bytes] = set()
+_FIELDS: dict[type, dict[str, tuple[Any, Callable[[Any], bool]]]] = {}
+
+
+def message(cls: type) -> type:
+    """Register a message class: its TYPE is its name; scalar fields get a wire checker from their type."""
+    cls.TYPE = cls.__name__
+    cls.ARRAYS = {name: np.dtype(dt).str for name, dt in cls.ARRAYS.items()}
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    assert all(fields.get(name) is np.ndarray for name in cls.ARRAYS), cls
+    _FIELDS[cls] = {n: (tp, _checker(tp)) for n, tp in fields.items() if n not in cls.ARRAYS}
+    MESSAGES[cls.TYPE] = cls
+    _TOPICS.add(cls.TYPE.encode())
+    return cls
+
+
+def _checker(tp: Any) -> Callable[[Any], bool]:
+    # `type(v) is int` on purpose: bool is an int subclass and must not pass for one.
+    simple = {int: lambda v: type(v) is int and v >= 0,
+              float: lambda v: type(v) is float and math.isfinite(v),
+              str: lambda v: type(v) is str, bool: lambda v: type(v) is bool, dict: lambda v: type(v) is dict}
+    if tp in simple:
+        return simple[tp]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is list:
+        item = _checker(args[0])
+        return lambda v: type(v) is list and all(item(x) for x in v)
+    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
+        inner = _checker(args[0] if args[1] is type(None) else args[1])
+        return lambda v: v is None or inner(v)
+    raise TypeError(f"unsupported wire type {tp!r}")
+
+
+def _normalize(tp: Any, v: Any) -> Any:
+    if tp is float and isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
+        return float(v)
+    if tp is int and isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        return int(v)
+    if typing.get_origin(tp) is list and isinstance(v, (list, tuple)):
+        return [_normalize(typing.get_args(tp)[0], x) for x in v]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and v is not None:
+        return _normalize(next(a for a in typing.get_args(tp) if a is not type(None)), v)
+    return v
+
+
+# ---------------------------------------------------------------- any actor DEALER -> controller ROUTER
+@message
+@dataclass(slots=True)
+class Register(Message):
+    """Any actor -> controller, first message after connecting. Reply: Welcome."""
+    role: str
+    name: str
+    pid: int
+    host: str
+
+    def validate(self) -> None:
+        _check_role(self.role)
+
+
+@message
+@dataclass(slots=True)
+class Welcome(Message):
+    """Controller -> a registering actor. ``weights`` is the newest weights handle (weights.py), or None."""
+    run_id: str
+    version: int
+    weights: dict | None
+
+    def validate(self) -> None:
+        if self.weights is not None:
+            _check_handle(self.weights, None)
+
+
+@message
+@dataclass(slots=True)
+class Heartbeat(Message):
+    """Any actor -> controller, periodically (no reply). ``busy_frac`` in [0, 1]."""
+    role: str
+    name: str
+    busy_frac: float
+    stats: dict
+
+    def validate(self) -> None:
+        _check_role(self.role)
+        _require(0.0 <= self.busy_frac <= 1.0, "busy_frac must be in [0, 1]")
+
+
+@message
+@dataclass(slots=True)
+class AdmitRequest(Message):
+    """Generator -> controller: may I start up to ``max_groups`` prompt groups? Reply: Admit."""
+    name: str
+    max_groups: int
+
+    def validate(self) -> None:
+        _require(self.max_groups >= 1, "max_groups must be >= 1")
+
+
+@message
+@dataclass(slots=True)
+class Admit(Message):
+    """Controller -> generator: credits, each ``{"group_id": int, "prompt_index": int}``; [] = retry later.
+
+    ``version`` is the controller's policy version: the generator must run these groups on weights at
+    least that new (in sync mode this is what makes every trained token lag 0).
+    """
+    groups: list[dict]
+    version: int = 0
+
+    def validate(self) -> None:
+        for g in self.groups:
+            _require(set(g) == {"group_id", "prompt_index"}
+                     and all(type(v) is int and v >= 0 for v in g.values()),
+                     "each admitted group is {group_id: int >= 0, prompt_index: int >= 0}")
+        _require(len({g["group_id"] for g in self.groups}) == len(self.groups), "duplicate group_id")
+
+
+@message
+@dataclass(slots=True)
+class GroupDone(Message):
+    """Generator -> controller: group ``group_id`` (``n_samples`` samples) was pushed to the buffer."""
+    name: str
+    group_id: int
+    n_samples: int
+
+    def validate(self) -> None:
+        _require(self.n_samples >= 1, "n_samples must be >= 1")
+
+
+@message
+@dataclass(slots=True)
+class Published(Message):
+    """Learner -> controller: version ``version`` is complete at ``weights`` (a handle); announce it."""
+    version: int
+    weights: dict
+
+    def validate(self) -> None:
+        _check_handle(self.weights, self.version)
+
+
+@message
+@dataclass(slots=True)
+class StepReport(Message):
+    """Learner -> controller after each optimizer step (staleness, reward, trained/dropped group ids...)."""
+    step: int
+    version: int
+    metrics: dict
+
+
+@message
+@dataclass(slots=True)
+class BufferReport(Message):
+    """Buffer -> controller, periodically: queue depth and groups dropped as too stale (cumulative)."""
+    depth: int
+    dropped_stale: int
+    stats: dict
+
+
+@message
+@dataclass(slots=True)
+class Goodbye(Message):
+    """Any actor -> controller: I am exiting (``ok``) or dying (``not ok``, ``reason`` says why)."""
+    role: str
+    name: str
+    reason: str
+    ok: bool
+
+    def validate(self) -> None:
+        _check_role(self.role)
+
+
+# ---------------------------------------------------------------- controller PUB -> every SUB
+@message
+@dataclass(slots=True)
+class NewVersion(Message):
+    """Controller -> all: weights ``version`` is complete and loadable from ``weights`` (a handle)."""
+    version: int
+    weights: dict
+
+    def validate(self) -> None:
+        _check_handle(self.weights, self.version)
+
+
+@message
+@dataclass(slots=True)
+class Control(Message):
+    """Controller -> all: the current async ratio in [0, 1] and other live knobs."""
+    async_ratio: float
+    knobs: dict
+
+    def validate(self) -> None:
+        _require(0.0 <= self.async_ratio <= 1.0, "async_ratio must be in [0, 1]")
+
+
+@message
+@dataclass(slots=True)
+class Stop(Message):
+    """Controller -> all: drain and exit."""
+    reason: str
+
+
+# ---------------------------------------------------------------- generator PUSH -> buffer PULL
+@message
+@dataclass(slots=True)
+class TrajectoryGroup(Message):
+    """Generator -> buffer: all n samples of one prompt. Token arrays are the n responses concatenated.
+
+    Shapes: prompt_ids (p,); response_lens, rewards, finish (n,); response_ids, logprobs, versions
+    (sum(response_lens),). ``versions`` is the policy version that sampled each token; ``logprobs``
+    are the behaviour log-probs; ``finish`` is 1 when a sample stopped at EOS, 0 when truncated.
+    """
+    ARRAYS: ClassVar[dict[str, str]] = {
+        "prompt_ids": "<i4", "response_ids": "<i4", "response_lens": "<i4", "logprobs": "<f4",
+        "versions": "<i4", "rewards": "<f4", "finish": "<u1"}
+    group_id: int
+    prompt_index: int
+    generator: str
+    sample_count: int
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    response_lens: np.ndarray
+    logprobs: np.ndarray
+    versions: np.ndarray
+    rewards: np.ndarray
+    finish: np.ndarray
+    gen_seconds: float
+    meta: dict
+
+    def validate(self) -> None:
+        _require(self.sample_count >= 1, "sample_count must be >= 1")
+        _require(len(self.response_lens) == self.sample_count, "len(response_lens) != sample_count")
+        _require(len(self.prompt_ids) >= 1 and _nonneg(self.prompt_ids), "the prompt needs token ids >= 0")
+        _require(self.gen_seconds >= 0, "negative gen_seconds")
+        _check_samples(self)
+
+
+# ---------------------------------------------------------------- learner DEALER <-> buffer ROUTER
+@message
+@dataclass(slots=True)
+class BatchRequest(Message):
+    """Learner -> buffer: ``groups`` whole groups for optimizer step ``step`` at policy ``version``."""
+    step: int
+    version: int
+    groups: int
+
+    def validate(self) -> None:
+        _require(self.groups >= 1, "groups must be >= 1")
+
+
+@message
+@dataclass(slots=True)
+class Batch(Message):
+    """Buffer -> learner: g whole groups, flattened; zero groups means nothing is ready yet.
+
+    Shapes: group_ids, prompt_indices, group_sizes (samples per group), prompt_lens (g,); prompt_ids
+    (sum(prompt_lens),); response_lens, rewards, finish (N,) with N = sum(group_sizes), samples in
+    group order; response_ids, logprobs, versions (sum(response_lens),). ``generators``,
+    ``gen_seconds`` and ``metas`` are per group. ``dropped_stale`` counts the groups dropped as too
+    stale since the previous batch, ``dropped_ids`` are their ids.
+    """
+    ARRAYS: ClassVar[dict[str, str]] = {
+        "group_ids": "<i8", "prompt_indices": "<i8", "group_sizes": "<i4", "prompt_lens": "<i4",
+        "prompt_ids": "<i4", "response_lens": "<i4", "response_ids": "<i4", "logprobs": "<f4",
+        "versions": "<i4", "rewards": "<f4", "finish": "<u1"}
+    step: int
+    group_ids: np.ndarray
+    prompt_indices: np.ndarray
+    group_sizes: np.ndarray
+    prompt_lens: np.ndarray
+    prompt_ids: np.ndarray
+    response_lens: np.ndarray
+    response_ids: np.ndarray
+    logprobs: np.ndarray
+    versions: np.ndarray
+    rewards: np.ndarray
+    finish: np.ndarray
+    generators: list[str]
+    gen_seconds: list[float]
+    metas: list[dict]
+    dropped_stale: int
+    dropped_ids: list[int]
+
+    def validate(self) -> None:
+        g = len(self.group_ids)
+        _require(len(self.prompt_indices) == len(self.group_sizes) == len(self.prompt_lens) == g
+                 and len(self.generators) == len(self.gen_seconds) == len(self.metas) == g,
+                 "per-group fields disagree on the number of groups")
+        _require(_nonneg(self.group_ids) and _nonneg(self.prompt_indices), "negative group id/index")
+        _require(len(np.unique(self.group_ids)) == g, "duplicate group id")
+        _require(all(s >= 0 for s in self.gen_seconds), "negative gen_seconds")
+        _check_runs("prompt", len(self.prompt_ids), self.prompt_lens)
+        _require(_nonneg(self.prompt_ids), "negative token id")
+        _check_runs("group", len(self.response_lens), self.group_sizes)
+        _check_samples(self)
+
+    @classmethod
+    def from_groups(cls, step: int, groups: Sequence[TrajectoryGroup], dropped_stale: int = 0,
+                    dropped_ids: Sequence[int] = ()) -> "Batch":
+        """Concatenate whole groups into one Batch (one copy of the token arrays)."""
+        def cat(name: str) -> np.ndarray:
+            parts = [getattr(g, name) for g in groups]
+            return np.concatenate(parts) if parts else np.zeros(0, TrajectoryGroup.ARRAYS[name])
+        return cls(
+            step=step, group_ids=np.array([g.group_id for g in groups], "<i8"),
+            prompt_indices=np.array([g.prompt_index for g in groups], "<i8"),
+            group_sizes=np.array([g.sample_count for g in groups], "<i4"),
+            prompt_lens=np.array([len(g.prompt_ids) for g in groups], "<i4"),
+            prompt_ids=cat("prompt_ids"), response_lens=cat("response_lens"),
+            response_ids=cat("response_ids"), logprobs=cat("logprobs"), versions=cat("versions"),
+            rewards=cat("rewards"), finish=cat("finish"),
+            generators=[g.generator for g in groups], gen_seconds=[g.gen_seconds for g in groups],
+            metas=[g.meta for g in groups], dropped_stale=dropped_stale, dropped_ids=list(dropped_ids))
+
+    def sample_groups(self) -> np.ndarray:
+        """Index (into the g groups) of each sample. Shape: (N,)."""
+        return np.repeat(np.arange(len(self.group_ids)), self.group_sizes)
+
+    def to_groups(self) -> list[TrajectoryGroup]:
+        """Split back into TrajectoryGroups whose arrays are views of this batch's arrays."""
+        p_off, s_off = _offsets(self.prompt_lens), _offsets(self.group_sizes)
+        t_off = _offsets(self.response_lens)
+        out = []
+        for i in range(len(self.group_ids)):
+            s0, s1 = s_off[i], s_off[i + 1]
+            t0, t1 = t_off[s0], t_off[s1]
+            out.append(TrajectoryGroup(
+                group_id=int(self.group_ids[i]), prompt_index=int(self.prompt_indices[i]),
+                generator=self.generators[i], sample_count=int(s1 - s0),
+                prompt_ids=self.prompt_ids[p_off[i]:p_off[i + 1]], response_ids=self.response_ids[t0:t1],
+                response_lens=self.response_lens[s0:s1], logprobs=self.logprobs[t0:t1],
+                versions=self.versions[t0:t1], rewards=self.rewards[s0:s1], finish=self.finish[s0:s1],
+                gen_seconds=self.gen_seconds[i], meta=self.metas[i]))
+        return out
+
+
+# ---------------------------------------------------------------- consistency checks
+def _require(ok: bool, detail: str) -> None:
+    if not ok:
+        raise ProtocolError("inconsistent", detail)
+
+
+def _check_role(role: str) -> None:
+    _require(role in ROLES, f"role must be one of {ROLES}")
+
+
+def _check_handle(weights: dict, version: int | None) -> None:
+    _require(type(weights.get("kind")) is str and type(weights.get("version")) is int
+             and weights["version"] >= 0, "a weights handle needs kind: str and version: int >= 0")
+    _require(version is None or weights["version"] == version, "weights handle version != message version")
+
+
+def _offsets(lens: np.ndarray) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
+
+
+def _nonneg(a: np.ndarray) -> bool:
+    return len(a) == 0 or a.min() >= 0
+
+
+def _check_runs(what: str, total: int, lens: np.ndarray) -> None:
+    """An array of length ``total`` is the concatenation of non-empty runs of lengths ``lens``."""
+    _require(len(lens) == 0 or lens.min() >= 1, f"every {what} needs at least one element")
+    _require(int(lens.sum(dtype=np.int64)) == total, f"{what} lengths do not sum to the array length")
+
+
+def _check_samples(m: TrajectoryGroup | Batch) -> None:
+    n = len(m.response_lens)
+    _require(len(m.rewards) == len(m.finish) == n, "rewards/finish must have one entry per sample")
+    _check_runs("response", len(m.response_ids), m.response_lens)
+    _require(len(m.logprobs) == len(m.versions) == len(m.response_ids),
+             "logprobs/versions must match response_ids")
+    _require(_nonneg(m.response_ids) and _nonneg(m.versions), "negative token id or version")
+    _require(n == 0 or m.finish.max() <= 1, "finish must be 0 or 1")
+    # A NaN/inf reward or behaviour log-prob would poison every loss it touches: drop at the door.
+    _require(bool(np.isfinite(m.logprobs).all() and np.isfinite(m.rewards).all()),
+             "non-finite logprob/reward")
+
+
+def _check(msg: Message) -> None:
+    for name, (tp, ok) in _FIELDS[type(msg)].items():
+        value = getattr(msg, name)
+        if not ok(value):
+            hint = " >= 0" if tp is int else " (finite)" if tp is float else ""
+            raise ProtocolError("bad_value",
+                                f"{msg.TYPE}.{name}: expected {tp}{hint}, got {type(value).__name__}")
+    msg.validate()
+
+
+# ---------------------------------------------------------------- encode / decode
+def _wire_array(owner: str, name: str, value: Any, dtype: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.ndim != 1:
+        raise ProtocolError("bad_array", f"{owner}.{name}: expected a 1-D np.ndarray")
+    src, dst = value.dtype, np.dtype(dtype)
+    if not (np.can_cast(src, dst, "same_kind") or (src.kind in "biu" and dst.kind in "iu")):
+        raise ProtocolError("bad_array", f"{owner}.{name}: cannot send {src} as {dst}")
+    return np.ascontiguousarray(value, dtype=dst)
+
+
+def _msgpack_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot send a {type(obj).__name__} in a header")
+
+
+def encode(msg: Message) -> list[bytes | memoryview]:
+    """Header frame + one zero-copy frame per array. Raises ProtocolError if ``msg`` is invalid.
+
+    The array frames alias the message's arrays when they already have their wire dtype: do not
+    mutate them until the send has completed.
+    """
+    cls = type(msg)
+    if cls not in _FIELDS:
+        raise ProtocolError("unknown_type", f"{cls.__name__} is not a registered message")
+    fields = {n: _normalize(tp, getattr(msg, n)) for n, (tp, _) in _FIELDS[cls].items()}
+    arrays = {n: _wire_array(cls.TYPE, n, getattr(msg, n), dt) for n, dt in cls.ARRAYS.items()}
+    _check(cls(**fields, **arrays))
+    header = {"v": PROTOCOL_VERSION, "type": cls.TYPE, "fields": fields,
+              "arrays": [[n, a.dtype.str, [len(a)]] for n, a in arrays.items()]}
+    try:
+        head = msgpack.packb(header, use_bin_type=True, default=_msgpack_default)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ProtocolError("bad_value", f"{cls.TYPE}: {e}") from e
+    if len(head) > MAX_HEADER_BYTES or any(a.nbytes > MAX_FRAME_BYTES for a in arrays.values()):
+        raise ProtocolError("too_large", f"{cls.TYPE}: header or array over the size cap")
+    return [head, *(memoryview(a.view(np.uint8)) for a in arrays.values())]
+
+
+def _buffer(frame: Any) -> memoryview:
+    view = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+    return view if view.ndim == 1 and view.itemsize == 1 else view.cast("B")
+
+
+def decode(frames: Sequence[bytes | memoryview | zmq.Frame]) -> Message:
+    """The validating decoder: a Message, or ProtocolError whatever the input (never another exception)."""
+    try:
+        return _decode(frames)
+    except ProtocolError:
+        raise
+    except Exception as e:  # untrusted bytes: any surprise is a malformed message, never a crash
+        raise ProtocolError("malformed", f"{type(e).__name__}: {e}") from e
+
+
+def _decode(frames: Sequence[Any]) -> Message:
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise ProtocolError("bad_frames", "no frames")
+    bufs = [_buffer(f) for f in frames]
+    topic = bufs[0].tobytes() if len(bufs[0]) < 32 and bufs[0].tobytes() in _TOPICS else None
+    if topic is not None:
+        bufs = bufs[1:]
+        if not bufs:
+            raise ProtocolError("bad_frames", "topic without a header")
+    if len(bufs[0]) > MAX_HEADER_BYTES:
+        raise ProtocolError("too_large", f"header of {len(bufs[0])} bytes")
+    try:
+        header = msgpack.unpackb(bufs[0], raw=False, strict_map_key=True)
+    except Exception as e:
+        raise ProtocolError("not_msgpack", f"{type(e).__name__}") from e
+    if type(header) is not dict or set(header) != {"v", "type", "fields", "arrays"}:
+        raise ProtocolError("bad_header", "expected a map with keys v, type, fields, arrays")
+    if type(header["v"]) is not int or header["v"] != PROTOCOL_VERSION:
+        raise ProtocolError("bad_header", f"protocol version {header['v']!r:.20} != {PROTOCOL_VERSION}")
+    cls = MESSAGES.get(header["type"]) if type(header["type"]) is str else None
+    if cls is None:
+        raise ProtocolError("unknown_type", f"{header['type']!r:.40}")
+    if topic is not None and topic != cls.TYPE.encode():
+        raise ProtocolError("bad_header", f"topic {topic!r} carries a {cls.TYPE}")
+    fields, meta = header["fields"], header["arrays"]
+    if type(fields) is not dict or set(fields) != set(_FIELDS[cls]):
+        expected = set(_FIELDS[cls])
+        got = set(fields) if type(fields) is dict else set()
+        raise ProtocolError("bad_fields", f"{cls.TYPE}: missing {sorted(expected - got)}, "
+                                          f"unexpected {sorted(map(str, got - expected))[:5]}")
+    if type(meta) is not list or len(meta) != len(cls.ARRAYS) or len(bufs) != 1 + len(cls.ARRAYS):
+        raise ProtocolError("bad_frames", f"{cls.TYPE} takes {len(cls.ARRAYS)} arrays, got {len(bufs) - 1}")
+    arrays = {name: _read_array(cls.TYPE, name, dtype, entry, buf)
+              for (name, dtype), entry, buf in zip(cls.ARRAYS.items(), meta, bufs[1:])}
+    msg = cls(**fields, **arrays)
+    _check(msg)
+    return msg
+
+
+def _read_array(owner: str, name: str, dtype: str, entry: Any, buf: memoryview) -> np.ndarray:
+    if type(entry) is not list or len(entry) != 3 or entry[0] != name or entry[1] != dtype:
+        raise ProtocolError("bad_array", f"{owner}.{name}: header entry is not [{name!r}, {dtype!r}, [n]]")
+    shape = entry[2]
+    if type(shape) is not list or len(shape) != 1 or type(shape[0]) is not int or shape[0] < 0:
+        raise ProtocolError("bad_array", f"{owner}.{name}: shape must be [length >= 0]")
+    if len(buf) > MAX_FRAME_BYTES:
+        raise ProtocolError("too_large", f"{owner}.{name}: {len(buf)} bytes")
+    if shape[0] * np.dtype(dtype).itemsize != len(buf):
+        raise ProtocolError("bad_array", f"{owner}.{name}: {len(buf)} bytes for {shape[0]} x {dtype}")
+    return np.frombuffer(buf, dtype=dtype)
+
+
+# ---------------------------------------------------------------- dropping, envelopes, sockets
+class DropCounter:
+    """Counts malformed messages per reason and logs them: one line per reason per ``interval_s`` at most."""
+
+    def __init__(self, owner: str = "", interval_s: float = 5.0):
+        self.owner = owner
+        self.interval_s = interval_s
+        self._counts: dict[str, int] = {}
+        self._last_log: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+
+    def drop(self, reason: str, frames: Sequence[Any] = (), detail: str = "") -> None:
+        self._counts[reason] = self._counts.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._last_log.get(reason, -math.inf) < self.interval_s:
+            self._unlogged[reason] = self._unlogged.get(reason, 0) + 1
+            return
+        self._last_log[reason] = now
+        size = sum(_nbytes(f) for f in frames) if isinstance(frames, (list, tuple)) else -1
+        log.warning("%sdropped a message (%s%s): %d frames, %d bytes; %d dropped for this reason, "
+                    "%d not logged",
+                    f"{self.owner}: " if self.owner else "", reason, f": {detail}" if detail else "",
+                    len(frames) if isinstance(frames, (list, tuple)) else -1, size, self._counts[reason],
+                    self._unlogged.pop(reason, 0))
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    @property
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+
+def _nbytes(frame: Any) -> int:
+    try:
+        return len(_buffer(frame))
+    except Exception:
+        return -1
+
+
+def try_decode(frames: Sequence[Any], counter: DropCounter) -> Message | None:
+    """``decode``, but a malformed message is counted and logged by ``counter`` and None returned."""
+    try:
+        return decode(frames)
+    except ProtocolError as e:
+        counter.drop(e.reason, frames, e.detail)
+        return None
+
+
+def split_envelope(frames: Sequence[Any]) -> tuple[tuple[bytes, ...], list[Any]]:
+    """Split ``[identity..., b"", payload...]`` at the first empty frame. Raises ProtocolError if none."""
+    for i, frame in enumerate(frames):
+        if _nbytes(frame) == 0:
+            return tuple(_buffer(f).tobytes() for f in frames[:i]), list(frames[i + 1:])
+    raise ProtocolError("bad_envelope", "no empty delimiter frame")
+
+
+def send(sock: zmq.Socket, msg: Message, identity: bytes | Sequence[bytes] | None = None,
+         flags: int = 0) -> None:
+    """Encode and send ``msg`` with the framing the type of ``sock`` needs; a ROUTER needs ``identity``."""
+    frames: list[Any] = encode(msg)
+    kind = sock.type
+    if kind == zmq.ROUTER:
+        if identity is None:
+            raise ValueError("a ROUTER socket needs the identity of the peer to send to")
+        frames = [*([identity] if isinstance(identity, bytes) else identity), b"", *frames]
+    elif kind == zmq.DEALER:
+        frames = [b"", *frames]
+    elif kind == zmq.PUB:
+        frames = [msg.TYPE.encode(), *frames]
+    sock.send_multipart(frames, flags=flags, copy=False)
+
+
+def recv(sock: zmq.Socket, counter: DropCounter,
+         flags: int = 0) -> tuple[tuple[bytes, ...] | None, Message | None]:
+    """Receive one message: (identity for a ROUTER else None, message or None if it was dropped).
+
+    Raises ``zmq.Again`` with ``flags=zmq.NOBLOCK`` when nothing is waiting, like ``sock.recv``.
+    """
+    frames = sock.recv_multipart(flags=flags, copy=False)
+    identity = None
+    if sock.type in (zmq.ROUTER, zmq.DEALER):
+        try:
+            envelope, frames = split_envelope(frames)
+        except ProtocolError as e:
+            counter.drop(e.reason, frames, e.detail)
+            return None, None
+        identity = envelope if sock.type == zmq.ROUTER else None
+    return identity, try_decode(frames, counter)

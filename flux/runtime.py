@@ -1,0 +1,223 @@
+"""What every actor process shares: the run spec, logging, signals, parent watch, thread count.
+
+An actor is started by the launcher as `python -m actors.<role> --spec RUN_DIR/spec.json [--name N]`.
+The spec holds the socket addresses and the resolved config, so every actor sees the same run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flux.config import FluxConfig, _build
+
+LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
+
+
+@dataclass
+class RunSpec:
+    """Where a run's sockets live and what it runs; written once by the launcher as spec.json."""
+
+    run_id: str
+    run_dir: str
+    model_path: str
+    controller_router: str
+    controller_pub: str
+    buffer_pull: str
+    buffer_router: str
+    num_prompts: int
+    config: FluxConfig
+
+    def to_json(self) -> str:
+        d = dict(self.__dict__)
+        d["config"] = self.config.to_dict()
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunSpec":
+        d = json.loads(Path(path).read_text())
+        d["config"] = _build(FluxConfig, d["config"], "")
+        return cls(**d)
+
+    @property
+    def shm_prefix(self) -> str:
+        return f"flux-{self.run_id}-"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def setup_logging(run_dir: str | Path | None, name: str) -> logging.Logger:
+    """One format everywhere; each actor also writes RUN_DIR/logs/<name>.log."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter(LOG_FORMAT)
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(fmt)
+    err.setLevel(logging.WARNING)
+    root.addHandler(err)
+    if run_dir:
+        logs = Path(run_dir) / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(logs / f"{name}.log")
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+    quiet_libraries()
+    return logging.getLogger(f"flux.{name}")
+
+
+def quiet_libraries() -> None:
+    """transformers' progress bars and advice belong in no actor's stderr."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def set_threads(n: int) -> None:
+    """An explicit, small intra-op thread count: two actors on two cores must not oversubscribe."""
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (it can be set once per process)
+        pass
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT or by the parent's death; actor loops check `.is_set()`."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+            self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+
+def install_stop_handlers(stop: StopFlag, watch_parent: bool = True) -> None:
+    """SIGTERM/SIGINT set the flag (drain, then exit); if the launcher dies, the actor stops too."""
+
+    def on_signal(signum, _frame):
+        stop.set(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if watch_parent:
+        parent = os.getppid()
+
+        def watch():
+            while not stop.wait(1.0):
+                if os.getppid() != parent:
+                    stop.set("launcher died")
+
+        threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def die_with_parent() -> None:
+    """preexec_fn for actor processes: Linux sends SIGTERM to the child when the launcher dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the parent-watch thread covers it
+
+
+class Rate:
+    """Run something at most every `period` seconds: `if rate.due(): ...`."""
+
+    def __init__(self, period: float):
+        self.period = period
+        self._last = 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last >= self.period:
+            self._last = now
+            return True
+        return False
+
+
+class Heartbeater(threading.Thread):
+    """Sends Heartbeat(role, name, busy_frac(), stats()) to the controller on its own DEALER socket.
+
+    A thread of its own so that a long step (a big batch, a checkpoint) never looks like a death.
+    """
+
+    def __init__(self, ctx, spec: RunSpec, role: str, name: str, busy_frac, stats=dict):
+        super().__init__(name=f"{name}-heartbeat", daemon=True)
+        self.ctx, self.spec, self.role, self.actor = ctx, spec, role, name
+        self.busy_frac, self.stats = busy_frac, stats
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        from flux import protocol as P
+        import zmq
+
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.spec.controller_router)
+        while not self.halt.wait(self.spec.config.net.heartbeat_s):
+            P.send(sock, P.Heartbeat(self.role, self.actor, min(1.0, max(0.0, self.busy_frac())), self.stats()))
+        sock.close()
+
+
+def actor_main(role: str, body) -> None:
+    """Run an actor's main; on a crash log the traceback, tell the controller, exit non-zero."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=f"actors.{role}")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--name", default=role)
+    args = ap.parse_args()
+    spec = RunSpec.load(args.spec)
+    log = setup_logging(spec.run_dir, args.name)
+    stop = StopFlag()
+    install_stop_handlers(stop)
+    try:
+        code = body(spec, args.name, stop, log)
+    except Exception as e:  # the launcher reports this line; the log file has the traceback
+        log.exception("%s %s crashed", role, args.name)
+        _say_dying(spec, role, args.name, f"{type(e).__name__}: {e}")
+        print(f"{args.name} crashed: {type(e).__name__}: {e}", file=sys.stderr)
+        code = 1
+    sys.exit(code)
+
+
+def _say_dying(spec: RunSpec, role: str, name: str, reason: str) -> None:
+    from flux import protocol as P
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 500)
+    sock.connect(spec.controller_router)
+    P.send(sock, P.Goodbye(role, name, reason[:500], False))
+    sock.close()
+    ctx.term()

@@ -1,0 +1,106 @@
+"""The built-in task: reverse a string of digits (`rev 381=` → `183`).
+
+Why this task: its answer is checked exactly, it needs a real algorithm (position-dependent copying),
+and held-out prompts test generalisation rather than memorisation (20% of all digit strings never
+appear in training). Reward is `flux.rewards:char_match`, the fraction of digits right in place, so a
+random digit string scores 0.1 on average.
+
+The embedded model gets a short supervised warm-start on the training split (`warm_start`), stopped as
+soon as its *sampled* mean reward reaches 0.2: the model knows the format and has a weak start on the
+skill, and RL has to take it the rest of the way (≥ 0.8), which plain SFT-style format learning cannot
+fake.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import zlib
+
+DIGITS = "0123456789"
+LENGTH = 3
+WARM_TARGET_REWARD = 0.2
+
+
+def _is_held_out(digits: str) -> bool:
+    # A stable hash split (not Python's salted hash()): the same 20% are held out on every machine.
+    return zlib.crc32(digits.encode()) % 5 == 0
+
+
+def reverse_records(split: str = "train") -> list[dict]:
+    """All `rev <d>=` prompts of the split (`train` or `eval`), with `answer` = the reversed digits."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"builtin:reverse:{split}: split must be `train` or `eval`")
+    out = []
+    for tup in itertools.product(DIGITS, repeat=LENGTH):
+        d = "".join(tup)
+        if _is_held_out(d) == (split == "eval"):
+            out.append({"prompt": f"rev {d}=", "answer": d[::-1], "task": "reverse"})
+    return out
+
+
+def builtin_records(name: str) -> list[dict]:
+    """`reverse` / `reverse:train` (training split) and `reverse:eval` (held-out split)."""
+    task, _, split = name.partition(":")
+    if task != "reverse":
+        raise ValueError(f"builtin:{name}: unknown built-in task (known: reverse)")
+    return reverse_records(split or "train")
+
+
+def eval_records(source: str) -> list[dict]:
+    """The held-out split for a `builtin:<task>` source; other sources are files, loaded by the caller."""
+    task = source.removeprefix("builtin:").partition(":")[0]
+    return builtin_records(f"{task}:eval")
+
+
+def warm_start(model, tokenizer, seed: int = 0, max_steps: int = 200, batch: int = 64, lr: float = 1e-3) -> int:
+    """Supervised warm-start on the training split until the sampled mean reward reaches 0.2.
+
+    Returns the number of SFT steps taken. Checked every 2 steps on 64 fixed prompts × 4 samples at
+    temperature 1, the same way RL will sample.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from flux.rewards import char_match
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    records = reverse_records("train")
+    probe = rng.sample(records, 64)
+    eos = tokenizer.eos_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for step in range(max_steps):
+        if step % 2 == 0 and _sampled_reward(model, tokenizer, probe, gen, char_match) >= WARM_TARGET_REWARD:
+            return step
+        rows = rng.sample(records, batch)
+        prompt_len = len(tokenizer(rows[0]["prompt"]).input_ids)  # all built-in prompts have one length
+        x = torch.tensor([tokenizer(r["prompt"] + r["answer"]).input_ids + [eos] for r in rows])
+        logits = model(x[:, :-1]).logits[:, prompt_len - 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, prompt_len:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return max_steps
+
+
+def _sampled_reward(model, tokenizer, records, gen, reward_fn, samples: int = 4) -> float:
+    import torch
+
+    eos = tokenizer.eos_token_id
+    x = torch.tensor([tokenizer(r["prompt"]).input_ids for r in records for _ in range(samples)])
+    done = torch.zeros(len(x), dtype=torch.bool)
+    out = []
+    with torch.no_grad():
+        for _ in range(LENGTH + 2):
+            probs = model(x).logits[:, -1].softmax(-1)
+            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+            out.append(torch.where(done, eos, nxt))
+            done |= nxt == eos
+            x = torch.cat([x, nxt[:, None]], 1)
+    toks = torch.stack(out, 1).tolist()
+    total = 0.0
+    for i, row in enumerate(toks):
+        text = tokenizer.decode(row[: row.index(eos)] if eos in row else row)
+        total += reward_fn(text, records[i // samples])
+    return total / len(toks)

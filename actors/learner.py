@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -65,6 +66,14 @@ def to_train_batch(batch: P.Batch, algorithm, params: dict, pad_id: int):
             samples.append((g.prompt_ids, g.response_ids[a:b], g.logprobs[a:b], g.versions[a:b], adv[k]))
             k += 1
     return TrainBatch.from_samples(samples, pad_id), rewards
+
+
+def lr_at(step: int, total: int, lr: float, schedule: str, min_ratio: float) -> float:
+    """Cosine decay from lr to min_ratio·lr over the run (late RL steps are where policies wobble)."""
+    if schedule == "constant" or total <= 1:
+        return lr
+    progress = step / (total - 1)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def body(spec: RunSpec, name: str, stop, log) -> int:
@@ -128,6 +137,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         stale = batch_staleness(tb.proximal_logprobs, tb.behaviour_logprobs, tb.response_mask, tb.versions,
                                 version, eta_max=max(1, aa.eta_max), d_ref=sc.d_ref, w_lag=sc.w_lag,
                                 metric=sc.metric)
+        for group in learner.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.max_steps, lc.lr, lc.lr_schedule, lc.min_lr_ratio)
         stats = learner.step(loss_fn, tb)
         if not stats.get("step_skipped"):
             version += 1

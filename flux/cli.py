@@ -35,6 +35,8 @@ def train(config, overrides, max_steps, out):
         code, _ = run(cfg)
     except (ConfigError, SetupError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # before the actors exist (e.g. while the default model is built)
+        fail("interrupted", 130)
     sys.exit(code)
 
 

@@ -9,6 +9,7 @@ key or value raises `ConfigError` naming the field.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,8 +54,10 @@ class LearnerConfig:
     """The learner: optimisation and checkpoints."""
 
     backend: str = _doc("Training backend: `torch` (plain PyTorch) or `megatron`.", "torch")
-    groups_per_step: int = _doc("Prompt groups per optimizer step; B = groups_per_step * group_size.", 4)
-    lr: float = _doc("AdamW learning rate.", 2e-3)
+    groups_per_step: int = _doc("Prompt groups per optimizer step; B = groups_per_step * group_size.", 16)
+    lr: float = _doc("AdamW learning rate.", 1e-3)
+    lr_schedule: str = _doc("`cosine` (decay to min_lr_ratio * lr over max_steps) or `constant`.", "cosine")
+    min_lr_ratio: float = _doc("Final learning rate as a fraction of lr (cosine schedule).", 0.1)
     weight_decay: float = _doc("AdamW weight decay.", 0.0)
     max_grad_norm: float = _doc("Gradient clipping norm.", 1.0)
     micro_batch_size: int = _doc("Samples per forward/backward (0 = whole batch at once).", 0)
@@ -94,7 +97,7 @@ class EvalConfig:
     """Held-out evaluation by the learner."""
 
     prompts: str = _doc("Held-out prompts JSONL (`builtin:<task>` = the task's own held-out split; "
-                        "empty = no evaluation).", "builtin:reverse")
+                        "empty = no evaluation).", "builtin:sort")
     every: int = _doc("Evaluate every N steps (0 = only before the first and after the last step).", 0)
     num_prompts: int = _doc("Held-out prompts per evaluation.", 200)
     temperature: float = _doc("Sampling temperature for evaluation (0 = greedy).", 0.0)
@@ -114,8 +117,8 @@ class FluxConfig:
     """A whole Flux job."""
 
     model_path: str = _doc("HF model directory, or `builtin:tiny` for the embedded default.", "builtin:tiny")
-    prompts: str = _doc("Training prompts JSONL, or `builtin:<task>` (built-in task `reverse`).",
-                        "builtin:reverse")
+    prompts: str = _doc("Training prompts JSONL, or `builtin:<task>` (built-in task `sort`).",
+                        "builtin:sort")
     reward: str = _doc("Reward function `module:function`, called as fn(completion, record) -> float.",
                        "flux.rewards:char_match")
     algorithm: str = _doc("Algorithm name (`grpo`, ...) or dotted path to a registered Algorithm.", "grpo")
@@ -124,7 +127,7 @@ class FluxConfig:
     dynamic_sampling: bool = _doc("DAPO dynamic sampling: drop zero-reward-variance groups (counted) and "
                                   "admit replacements.", False)
     seed: int = _doc("Seed for data order, sampling and initialisation.", 0)
-    max_steps: int = _doc("Optimizer steps to run.", 150)
+    max_steps: int = _doc("Optimizer steps to run.", 600)
     out: str = _doc("Run directory (created); empty = runs/<timestamp>.", "")
     rollout: RolloutConfig = _doc("Generators.", factory=RolloutConfig)
     learner: LearnerConfig = _doc("Learner.", factory=LearnerConfig)
@@ -146,7 +149,8 @@ class FluxConfig:
         return self.learner.groups_per_step * self.rollout.group_size
 
     def validate(self) -> "FluxConfig":
-        """Check ranges and names; raise ConfigError naming the first bad field."""
+        """Check types, ranges and names; raise ConfigError naming the first bad field."""
+        _check_leaves(self)
         r, lr, a, s = self.rollout, self.learner, self.adaptive_async, self.staleness
         checks = [
             ("rollout.engine", r.engine in ("torch", "sglang"), "must be `torch` or `sglang`"),
@@ -164,6 +168,8 @@ class FluxConfig:
             ("learner.backend", lr.backend in ("torch", "megatron"), "must be `torch` or `megatron`"),
             ("learner.groups_per_step", lr.groups_per_step >= 1, "must be >= 1"),
             ("learner.lr", lr.lr > 0, "must be > 0"),
+            ("learner.lr_schedule", lr.lr_schedule in ("cosine", "constant"), "must be `cosine` or `constant`"),
+            ("learner.min_lr_ratio", 0 <= lr.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("learner.micro_batch_size", lr.micro_batch_size >= 0, "must be >= 0"),
             ("learner.threads", lr.threads >= 1, "must be >= 1"),
             ("learner.checkpoint_every", lr.checkpoint_every >= 0, "must be >= 0"),
@@ -185,6 +191,7 @@ class FluxConfig:
             ("net.heartbeat_timeout_s", self.net.heartbeat_timeout_s > self.net.heartbeat_s > 0,
              "need heartbeat_timeout_s > heartbeat_s > 0"),
             ("max_steps", self.max_steps >= 1, "must be >= 1"),
+            ("prompts", bool(self.prompts.strip()), "must be a JSONL path or `builtin:<task>`"),
             ("reward", ":" in self.reward, "must be a dotted path `module:function`"),
         ]
         for name, ok, why in checks:
@@ -268,6 +275,19 @@ def _build(cls, data: dict, path: str):
     return cls(**kwargs)
 
 
+def _check_leaves(node, prefix: str = "") -> None:
+    """Every leaf holds its declared type, converted as YAML values are: the Python API can pass anything."""
+    hints = _hints(type(node))
+    for f in dataclasses.fields(node):
+        value, hint, dotted = getattr(node, f.name), hints[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, hint):
+                raise ConfigError(f"{dotted}: expected a mapping of {hint.__name__} keys, got {value!r}")
+            _check_leaves(value, f"{dotted}.")
+        else:
+            setattr(node, f.name, _coerce(value, hint, dotted))
+
+
 def _coerce(value: Any, hint: Any, dotted: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -291,6 +311,8 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
         raise ConfigError(f"{dotted}: expected int, got {value!r}")
     if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if target is str and isinstance(value, os.PathLike):  # FluxConfig(out=Path(...)), fit(prompts=Path(...))
+        return os.fspath(value)
     if isinstance(value, target):
         return value
     raise ConfigError(f"{dotted}: expected {getattr(target, '__name__', target)}, got {value!r}")

@@ -45,9 +45,12 @@ def prepare(cfg: FluxConfig) -> RunSpec:
 
     try:
         records = load_prompts(cfg.prompts)
+    except (DataError, ValueError) as e:
+        raise SetupError(f"prompts: {e}") from None
+    try:
         eval_records(cfg.eval.prompts, 1)
     except (DataError, ValueError) as e:
-        raise SetupError(str(e)) from None
+        raise SetupError(f"eval.prompts: {e}") from None
     try:
         load_function(cfg.reward)
     except ValueError as e:
@@ -78,14 +81,16 @@ def prepare(cfg: FluxConfig) -> RunSpec:
     return spec
 
 
-def start(spec: RunSpec) -> list[Actor]:
-    """Controller first (everyone connects to it), then buffer, learner and the generators."""
+def start(spec: RunSpec, actors: list[Actor]) -> list[Actor]:
+    """Controller first (everyone connects to it), then buffer, learner and the generators.
+
+    Appends to `actors` as it goes, so a Ctrl-C in the middle still leaves the caller every started one.
+    """
     roles = [("controller", "controller"), ("buffer", "buffer"), ("learner", "learner")]
     roles += [("generator", f"gen{i}") for i in range(spec.config.rollout.num_generators)]
     logs = Path(spec.run_dir) / "logs"
     logs.mkdir(exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    actors = []
     for role, name in roles:
         err = logs / f"{name}.stderr"
         proc = subprocess.Popen(
@@ -167,10 +172,11 @@ def run(cfg: FluxConfig, stream=sys.stdout) -> tuple[int, RunSpec]:
     spec = prepare(cfg)
     stream.write(f"flux: run {spec.run_id} in {spec.run_dir}\n")
     stream.flush()
-    actors = start(spec)
+    actors: list[Actor] = []
     progress = Progress(spec.run_dir, cfg.max_steps, stream)
     code = 0
     try:
+        start(spec, actors)  # inside the try: a Ctrl-C while spawning still stops what started
         while True:
             time.sleep(0.2)
             progress.poll()

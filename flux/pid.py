@@ -4,8 +4,8 @@ Position form, one update per learner step (dt = 1 step):
 
     S̄_k   = S̄_{k-1} + α (S_k − S̄_{k-1}),            α = 2 / (horizon + 1)
     e_k   = target − S̄_k
-    I_k   = I_{k-1} + ki · e_k                       (frozen while the output is saturated and
-                                                      e_k would push it further: anti-windup)
+    I_k   = I_{k-1} + ki · e_k                       (clamped so the output never winds past its
+                                                      limits: anti-windup)
     a_k   = clamp(a_0 + kp · e_k + I_k − kd · (S̄_k − S̄_{k-1}), a_min, a_max)
 
 Derivative on the measurement (not the error) so that a change of target does not kick the output.
@@ -38,14 +38,16 @@ class PID:
         prev = measured if self.ema is None else self.ema
         self.ema = prev + alpha * (measured - prev)
         error = self.target - self.ema
-        derivative = self.ema - prev
-        unclamped = self.bias + self.kp * error + self.integral + self.ki * error - self.kd * derivative
-        saturated_high = unclamped > self.out_max and error > 0
-        saturated_low = unclamped < self.out_min and error < 0
-        if not (saturated_high or saturated_low):
-            self.integral += self.ki * error
-        raw = self.bias + self.kp * error + self.integral - self.kd * derivative
-        self.output = min(self.out_max, max(self.out_min, raw))
+        rest = self.bias + self.kp * error - self.kd * (self.ema - prev)
+        # Anti-windup by clamped integration: the integral grows only as far as the output can still
+        # move, so it never winds past the clamp, yet a constant error drives the output all the way to it.
+        step = self.ki * error
+        if step > 0:
+            step = max(0.0, min(step, self.out_max - rest - self.integral))
+        elif step < 0:
+            step = min(0.0, max(step, self.out_min - rest - self.integral))
+        self.integral += step
+        self.output = min(self.out_max, max(self.out_min, rest + self.integral))
         return self.output
 
     def state(self) -> dict:

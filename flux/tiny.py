@@ -20,7 +20,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 # Bump when the recipe changes, so a stale cached model is rebuilt rather than reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 3
 
 MODEL_SHAPE = dict(
     hidden_size=128,
@@ -78,7 +78,9 @@ def build_model(vocab_size: int, seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab_size, tie_word_embeddings=True, bos_token_id=1, eos_token_id=1,
+    # Embedding rows padded to a multiple of 64: transformers 5 loads the tokenizer as Qwen2Tokenizer,
+    # which appends its own `<|endoftext|>` after our vocabulary; that id must still be a valid row.
+    cfg = Qwen2Config(vocab_size=-(-(vocab_size + 1) // 64) * 64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=1,
                       pad_token_id=0, **MODEL_SHAPE)
     return Qwen2ForCausalLM(cfg)
 

@@ -1,0 +1,114 @@
+"""The batch composer: whole groups, freshest first, stale ones dropped and counted, balanced splits."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flux import protocol as P
+from flux.composer import Composer, balance
+
+
+def group(gid, versions, rewards=(0.0, 1.0), response_len=2):
+    """A TrajectoryGroup whose samples (len(rewards) of them) all carry the given per-token versions."""
+    n = len(rewards)
+    versions = np.resize(np.asarray(versions, np.int32), n * response_len)
+    return P.TrajectoryGroup(
+        group_id=gid, prompt_index=gid, generator="gen0", sample_count=n,
+        prompt_ids=np.array([5, 6], np.int32), response_ids=np.full(n * response_len, 7, np.int32),
+        response_lens=np.full(n, response_len, np.int32),
+        logprobs=np.full(n * response_len, -1.0, np.float32),
+        versions=versions, rewards=np.asarray(rewards, np.float32), finish=np.ones(n, np.uint8),
+        gen_seconds=0.0, meta={})
+
+
+def ids(groups):
+    return [g.group_id for g in groups]
+
+
+def test_whole_groups_only():
+    c = Composer(eta_max=2)
+    c.add(group(1, [0], rewards=(0, 1, 1, 0)))
+    assert c.take(2, version=0) is None       # one group held: no partial batch
+    assert c.depth == 1                        # and nothing was consumed
+    c.add(group(2, [0], rewards=(1, 0, 0, 0)))
+    out = c.take(2, version=0)
+    assert sorted(ids(out)) == [1, 2]
+    assert all(g.sample_count == 4 and len(g.rewards) == 4 for g in out)
+    assert c.depth == 0
+
+
+def test_freshest_first_then_arrival_order():
+    c = Composer(eta_max=5)
+    for gid, v in [(1, [1]), (2, [3]), (3, [2]), (4, [3]), (5, [2, 3])]:  # group 5 spans versions: mean 2.5
+        c.add(group(gid, v))
+    assert ids(c.take(3, version=3)) == [2, 4, 5]
+    assert ids(c.take(2, version=3)) == [3, 1]
+    assert c.take(1, version=3) is None
+
+
+def test_stale_groups_dropped_counted_and_reported_once():
+    c = Composer(eta_max=2)
+    c.add(group(1, [0]))       # lag 3 at version 3: dropped
+    c.add(group(2, [1]))       # lag exactly eta_max: kept
+    c.add(group(3, [1, 3]))    # its oldest token decides: lag 2, kept
+    c.add(group(4, [0, 3]))    # oldest token lag 3: dropped, however fresh the rest
+    assert c.take(3, version=3) is None   # only 2 usable groups, but the stale ones are gone already
+    assert c.dropped_stale == 2
+    assert sorted(c.pop_dropped()) == [1, 4]
+    assert c.pop_dropped() == []           # each drop reported exactly once
+    assert ids(c.take(2, version=3)) == [3, 2]
+    assert c.stats() == {"depth": 0, "dropped_stale": 2, "dropped_zero_variance": 0}
+
+
+def test_stale_drop_happens_at_take_time_version():
+    c = Composer(eta_max=1)
+    c.add(group(1, [0]))
+    assert ids(c.take(1, version=1)) == [1]
+    c.add(group(2, [0]))
+    assert c.take(1, version=2) is None
+    assert c.pop_dropped() == [2] and c.dropped_stale == 1
+
+
+def test_eta_max_zero_keeps_only_current_version():
+    c = Composer(eta_max=0)
+    c.add(group(1, [4]))
+    c.add(group(2, [5]))
+    assert ids(c.take(1, version=5)) == [2]
+    assert c.pop_dropped() == [1]
+
+
+def test_zero_variance_groups_skipped_only_when_asked():
+    c = Composer(eta_max=2, skip_zero_variance=True)
+    c.add(group(1, [0], rewards=(1, 1, 1, 1)))
+    c.add(group(2, [0], rewards=(0, 0, 0, 0)))
+    c.add(group(3, [0], rewards=(0, 1, 0, 0)))
+    c.add(group(4, [0], rewards=(0.5,)))       # one sample: no variance to speak of, kept
+    assert c.depth == 2 and c.dropped_zero_variance == 2 and c.dropped_stale == 0
+    assert c.pop_dropped() == [1, 2]
+    assert sorted(ids(c.take(2, version=0))) == [3, 4]
+
+    keep = Composer(eta_max=2)
+    keep.add(group(1, [0], rewards=(1, 1, 1, 1)))
+    assert keep.depth == 1 and keep.pop_dropped() == []
+
+
+def test_balance_concrete():
+    assert balance([10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [[0], list(range(1, 11))]
+    assert balance([3, 3, 3, 3], 2) == [[0, 2], [1, 3]]
+    assert balance([4, 2], 5) == [[0], [1]]          # no empty parts
+    assert balance([4, 2], 0) == [[0, 1]]
+    assert balance([], 3) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 512), max_size=64), st.integers(1, 8))
+def test_balance_partitions_with_near_equal_loads(lengths, parts):
+    bins = balance(np.array(lengths, np.int64), parts)
+    flat = sorted(i for b in bins for i in b)
+    assert flat == list(range(len(lengths)))            # every sample exactly once
+    assert all(b == sorted(b) and b for b in bins)
+    assert len(bins) == min(parts, len(lengths))
+    if len(bins) > 1:
+        loads = [sum(lengths[i] for i in b) for b in bins]
+        # Greedy least-loaded assignment: the heaviest part was the lightest when it got its last item.
+        assert max(loads) - min(loads) <= max(lengths)

@@ -36,7 +36,7 @@ class RolloutConfig:
 
     engine: str = _doc("Rollout engine: `torch` (built-in, CPU or GPU) or `sglang` (GPU).", "torch")
     num_generators: int = _doc("Generator processes started on this machine.", 1)
-    group_size: int = _doc("Samples per prompt (n); GRPO/RLOO advantages are computed within a group.", 8)
+    group_size: int = _doc("Samples per prompt (n); GRPO/RLOO advantages are computed within a group.", 16)
     groups_per_call: int = _doc("Prompt groups a generator batches into one `generate` call.", 4)
     max_new_tokens: int = _doc("Completion length cap in tokens.", 8)
     temperature: float = _doc("Sampling temperature (the learner scores log-probs at the same one).", 1.0)
@@ -54,7 +54,7 @@ class LearnerConfig:
     """The learner: optimisation and checkpoints."""
 
     backend: str = _doc("Training backend: `torch` (plain PyTorch) or `megatron`.", "torch")
-    groups_per_step: int = _doc("Prompt groups per optimizer step; B = groups_per_step * group_size.", 16)
+    groups_per_step: int = _doc("Prompt groups per optimizer step; B = groups_per_step * group_size.", 8)
     lr: float = _doc("AdamW learning rate.", 1e-3)
     lr_schedule: str = _doc("`cosine` (decay to min_lr_ratio * lr over max_steps) or `constant`.", "cosine")
     min_lr_ratio: float = _doc("Final learning rate as a fraction of lr (cosine schedule).", 0.1)
@@ -127,7 +127,7 @@ class FluxConfig:
     dynamic_sampling: bool = _doc("DAPO dynamic sampling: drop zero-reward-variance groups (counted) and "
                                   "admit replacements.", False)
     seed: int = _doc("Seed for data order, sampling and initialisation.", 0)
-    max_steps: int = _doc("Optimizer steps to run.", 600)
+    max_steps: int = _doc("Optimizer steps to run.", 800)
     out: str = _doc("Run directory (created); empty = runs/<timestamp>.", "")
     rollout: RolloutConfig = _doc("Generators.", factory=RolloutConfig)
     learner: LearnerConfig = _doc("Learner.", factory=LearnerConfig)

@@ -214,11 +214,11 @@ def summarize(rows: list[dict], spec: RunSpec, stream) -> None:
         stream.write("flux: no steps were recorded\n")
         return
     first, last = rows[0], rows[-1]
-    k = max(1, len(rows) // 10)
-    head = sum(r["reward_mean"] for r in rows[:k]) / k
+    k, j = max(1, len(rows) // 10), min(5, len(rows))
+    head = sum(r["reward_mean"] for r in rows[:j]) / j
     tail = sum(r["reward_mean"] for r in rows[-k:]) / k
-    stream.write(f"flux: {len(rows)} steps in {last['wall_s']:.0f}s; reward {head:.3f} → {tail:.3f} "
-                 f"(mean of first/last {k} steps)")
+    stream.write(f"flux: {len(rows)} steps in {last['wall_s']:.0f}s; reward {head:.3f} (first {j} steps) → "
+                 f"{tail:.3f} (last {k} steps)")
     if "eval_score" in first:
         stream.write(f"; held-out eval {first['eval_score']:.3f} → {last['eval_score']:.3f}")
     stream.write(f"\nflux: metrics {spec.run_dir}/metrics.jsonl; checkpoint "

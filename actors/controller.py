@@ -138,9 +138,26 @@ class Controller:
             "started_samples": self.admission.started,
             "groups": dict(self.counts),
             "wall_s": time.time() - self.t_start,
-            "controller": {"pid": self.pid.state(), "cursor": self.cursor.state()},
+            "controller": self.state(),
         }
         self.metrics.write(json.dumps(line) + "\n")
+        if "checkpoint" in m:  # the learner saved one: the controller's half of the state goes beside it
+            with open(os.path.join(m["checkpoint"], "controller_state.json"), "w") as f:
+                json.dump(self.state(), f, indent=1)
+
+    def accounting(self) -> dict:
+        """Where every admitted group ended: trained, dropped (counted), re-queued, or still in flight."""
+        fates = {"admitted": 0, "trained": 0, "dropped": 0, "requeued": 0}
+        for fate in self.group_fate.values():
+            fates[fate] += 1
+        # re-queued prompts are admitted again as new groups, so each admission has exactly one fate
+        return {**self.counts, "unfinished_at_stop": fates["admitted"]}
+
+    def state(self) -> dict:
+        """Everything needed to continue this run's control loop: version, ratio, PID, cursor, counters."""
+        return {"version": self.admission.version, "async_ratio": self.admission.async_ratio,
+                "started_samples": self.admission.started, "pid": self.pid.state(),
+                "cursor": self.cursor.state(), "groups": dict(self.counts), "next_group_id": self.next_group_id}
 
     def on_goodbye(self, msg: P.Goodbye) -> None:
         self.log.info("%s %s says goodbye (%s, ok=%s)", msg.role, msg.name, msg.reason, msg.ok)
@@ -203,7 +220,10 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         if liveness.due():
             ctl.check_liveness()
     reason = ctl.done or ctl.failed or f"signal {stop.reason}"
-    log.info("stopping: %s; groups %s", reason, ctl.counts)
+    accounting = ctl.accounting()
+    log.info("stopping: %s; groups %s", reason, accounting)
+    with open(os.path.join(spec.run_dir, "groups.json"), "w") as f:
+        json.dump({"reason": reason, **accounting}, f, indent=1)
     for _ in range(3):  # PUB may drop the first send to a slow joiner; Stop is idempotent
         P.send(pub, P.Stop(reason))
         time.sleep(0.05)

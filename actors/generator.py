@@ -110,6 +110,20 @@ class ControllerLink:
         return self.engine.version >= version
 
 
+def slowdown_at(version: int, schedule: list, default: float) -> float:
+    """Seconds of simulated work per generated token at a policy version (`rollout.slowdown_schedule`).
+
+    The last `[from_version, seconds_per_token]` pair with from_version ≤ version wins; before the first
+    pair, `default` (`rollout.slowdown`) applies. The schedule replaces the constant, it does not add to it.
+    """
+    seconds = default
+    for from_version, per_token in schedule:
+        if from_version > version:
+            break
+        seconds = float(per_token)
+    return seconds
+
+
 def body(spec: RunSpec, name: str, stop, log) -> int:
     cfg = spec.config
     set_threads(cfg.rollout.threads)
@@ -150,8 +164,11 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                   for g in admit.groups]
         t0 = time.monotonic()
         outs = engine.generate([ids for _, _, ids in groups for _ in range(r.group_size)], sampling)
-        if r.slowdown:
-            time.sleep(r.slowdown * sum(len(c.token_ids) for c in outs))
+        per_token = slowdown_at(engine.version, r.slowdown_schedule, r.slowdown)
+        if per_token:
+            extra_s = per_token * sum(len(c.token_ids) for c in outs)
+            time.sleep(extra_s)
+            engine.busy_seconds += extra_s  # a simulated slower engine is busy, not idle, while it "generates"
         gen_s = time.monotonic() - t0
         for k, (gid, idx, prompt_ids) in enumerate(groups):
             comps = outs[k * r.group_size:(k + 1) * r.group_size]

@@ -149,8 +149,9 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         last = step == cfg.max_steps - 1
         if last or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
             last_eval = run_eval()
+        saved = {}
         if last or (lc.checkpoint_every and (step + 1) % lc.checkpoint_every == 0):
-            learner.save(f"{spec.run_dir}/checkpoints/step_{step + 1}")
+            saved = {"checkpoint": str(learner.save(f"{spec.run_dir}/checkpoints/step_{step + 1}"))}
         metrics = {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "staleness_mean": stale["staleness"], **{k: v for k, v in stale.items() if k != "staleness"},
@@ -160,7 +161,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
             "response_len_mean": float(batch.response_lens.mean()),
             "step_s": step_s, "batch_wait_s": t0 - t_wait,
             "dropped_in_batch": int(batch.dropped_stale),
-            "group_ids": [int(g) for g in batch.group_ids], **last_eval,
+            "group_ids": [int(g) for g in batch.group_ids], **last_eval, **saved,
         }
         P.send(ctl, P.StepReport(step, version, metrics))
     done = step == cfg.max_steps - 1 and not stop.is_set()

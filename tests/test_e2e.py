@@ -91,6 +91,11 @@ def test_train_exits_zero_with_one_metrics_line_per_step(small_run):
     # trains on data one version old (this is what the sync test below rules out)
     assert max(r["lag_max"] for r in rows) >= 1
     assert any(r["async_ratio"] != 0.5 for r in rows)             # the PID moved a off its initial value
+    # every admitted group is accounted for: trained, dropped (counted), re-queued or in flight at stop
+    groups = json.loads((run_dir / "groups.json").read_text())
+    assert groups["trained"] == 6 * 2
+    assert groups["admitted"] == (groups["trained"] + groups["dropped"] + groups["requeued"]
+                                  + groups["unfinished_at_stop"])
 
 
 def test_run_dir_has_config_and_a_checkpoint_that_moved(small_run, default_model):
@@ -107,8 +112,12 @@ def test_run_dir_has_config_and_a_checkpoint_that_moved(small_run, default_model
     a, b = trained.state_dict(), initial.state_dict()
     assert a.keys() == b.keys()
     assert any(not (a[k] == b[k]).all() for k in a)
-    assert AutoTokenizer.from_pretrained(ckpt)("rev 12=").input_ids == AutoTokenizer.from_pretrained(
-        default_model)("rev 12=").input_ids
+    assert AutoTokenizer.from_pretrained(ckpt)("sort 381=").input_ids == AutoTokenizer.from_pretrained(
+        default_model)("sort 381=").input_ids
+    # the controller's half of the state sits beside the model: version, ratio, PID, data cursor
+    state = json.loads((ckpt / "controller_state.json").read_text())
+    assert state["version"] == 6 and state["groups"]["trained"] == 6 * 2
+    assert {"pid", "cursor", "async_ratio", "started_samples"} <= state.keys()
 
 
 def test_no_process_or_shared_memory_survives(small_run):

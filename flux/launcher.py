@@ -90,7 +90,11 @@ def start(spec: RunSpec, actors: list[Actor]) -> list[Actor]:
     roles += [("generator", f"gen{i}") for i in range(spec.config.rollout.num_generators)]
     logs = Path(spec.run_dir) / "logs"
     logs.mkdir(exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    # Actors run the same code as the launcher, whatever the working directory or other checkouts.
+    code_root = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": path}
     for role, name in roles:
         err = logs / f"{name}.stderr"
         proc = subprocess.Popen(

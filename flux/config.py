@@ -47,6 +47,11 @@ class RolloutConfig:
     threads: int = _doc("torch intra-op threads per generator process.", 1)
     slowdown: float = _doc("Extra seconds of sleep per generated token (a simulated slower generator, "
                            "used by benchmarks to change the generation/training balance).", 0.0)
+    slowdown_schedule: list = _doc("Simulated slower/faster generation from a policy version on, used by "
+                                   "benchmarks: `[[from_version, seconds_per_token], ...]` sorted by "
+                                   "version. From the first listed version on, the entry for the engine's "
+                                   "current version replaces `slowdown`; before it, `slowdown` applies.",
+                                   factory=list)
 
 
 @dataclass
@@ -165,6 +170,8 @@ class FluxConfig:
              "must be `inflight` or `between_sequences`"),
             ("rollout.threads", r.threads >= 1, "must be >= 1"),
             ("rollout.slowdown", r.slowdown >= 0, "must be >= 0"),
+            ("rollout.slowdown_schedule", _valid_schedule(r.slowdown_schedule),
+             "must be [[from_version, seconds_per_token], ...] with versions >= 0 increasing, seconds >= 0"),
             ("learner.backend", lr.backend in ("torch", "megatron"), "must be `torch` or `megatron`"),
             ("learner.groups_per_step", lr.groups_per_step >= 1, "must be >= 1"),
             ("learner.lr", lr.lr > 0, "must be > 0"),
@@ -316,6 +323,23 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
     if isinstance(value, target):
         return value
     raise ConfigError(f"{dotted}: expected {getattr(target, '__name__', target)}, got {value!r}")
+
+
+def _valid_schedule(schedule: list) -> bool:
+    """`[[from_version, seconds_per_token], ...]`: int ≥ 0 and finite float ≥ 0 pairs, versions increasing."""
+    versions = []
+    for pair in schedule:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            return False
+        version, seconds = pair
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            return False
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            return False
+        if not 0 <= seconds < float("inf"):  # also rejects NaN
+            return False
+        versions.append(version)
+    return all(a < b for a, b in zip(versions, versions[1:]))
 
 
 def _get(cfg: FluxConfig, dotted: str):

@@ -1,0 +1,170 @@
+"""bench/async_modes.py's pure parts (summary, targets, table, step response) and the slowdown schedule."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actors.generator import slowdown_at
+from flux.config import ConfigError, FluxConfig, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("bench_async_modes", ROOT / "bench" / "async_modes.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def rows_of(n: int, **over) -> list[dict]:
+    """n synthetic metrics.jsonl rows: staleness i/100, lag i%3, reward i/n, 8 samples per step, 0.5 s/step."""
+    rows = []
+    for i in range(n):
+        row = {"step": i, "version": i + 1, "reward_mean": i / n, "staleness_mean": i / 100,
+               "staleness_ema": i / 100, "lag_mean": float(i % 3), "lag_max": float(i % 3) + 1,
+               "async_ratio": 0.25, "samples": 8, "tokens": 32, "wall_s": 5.0 + 0.5 * i,
+               "samples_per_s": 16.0, "tokens_per_s": 64.0, "learner_busy_frac": 0.4 + i / 1000,
+               "generator_busy_frac": 0.8, "dropped_stale": i // 10, "step_s": 0.2, "batch_wait_s": 0.3}
+        if i in (0, n - 1):
+            row["eval_score"] = 0.3 if i == 0 else 0.7
+        row.update(over)
+        rows.append(row)
+    return rows
+
+
+def test_summarize_fields():
+    s = bench.summarize(rows_of(20), group_size=4)
+    assert s["steps"] == 20 and s["samples"] == 160
+    assert s["wall_s"] == pytest.approx(5.0 + 0.5 * 19)
+    assert s["samples_per_s"] == 16.0 and s["tokens_per_s"] == 64.0
+    assert s["learner_busy_frac"] == pytest.approx(0.419) and s["generator_busy_frac"] == 0.8
+    stale = [i / 100 for i in range(20)]
+    assert s["staleness_mean"] == pytest.approx(np.mean(stale))
+    assert s["staleness_p95"] == pytest.approx(np.percentile(stale, 95))
+    assert s["lag_mean"] == pytest.approx(np.mean([i % 3 for i in range(20)]))
+    assert s["lag_max"] == 3.0
+    assert s["dropped_groups"] == 1 and s["dropped_samples"] == 4
+    # final reward: mean over the last 10% of steps (2 of 20)
+    assert s["reward_final"] == pytest.approx((18 / 20 + 19 / 20) / 2)
+    assert (s["eval_initial"], s["eval_final"]) == (0.3, 0.7)
+
+
+def test_summarize_short_run_uses_at_least_one_step():
+    s = bench.summarize(rows_of(3), group_size=4)
+    assert s["reward_final"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("q", [0, 50, 95, 100])
+def test_percentile_matches_numpy(q):
+    xs = [0.3, 0.1, 0.9, 0.4, 0.25, 0.7, 0.05]
+    assert bench.percentile(xs, q) == pytest.approx(np.percentile(xs, q))
+    assert math.isnan(bench.percentile([], q))
+
+
+def summary(sps: float, stale: float, ev: float | None) -> dict:
+    return {"samples_per_s": sps, "staleness_mean": stale, "eval_final": ev}
+
+
+def test_targets_all_met():
+    res = bench.check_targets({"sync": summary(100, 0.0, 0.80), "adaptive": summary(170, 0.12, 0.77)}, 0.1)
+    assert [(t["name"], t["ok"]) for t in res] == [("throughput", True), ("staleness", True), ("quality", True)]
+    assert "1.70" in res[0]["detail"]
+
+
+@pytest.mark.parametrize("adaptive, failing", [
+    (summary(150, 0.10, 0.8), "throughput"),   # 1.5× < 1.6×
+    (summary(200, 0.16, 0.8), "staleness"),    # outside target ± 0.05
+    (summary(200, 0.04, 0.8), "staleness"),
+    (summary(200, 0.10, 0.74), "quality"),     # more than 0.05 below sync
+])
+def test_each_target_can_fail(adaptive, failing):
+    res = bench.check_targets({"sync": summary(100, 0.0, 0.8), "adaptive": adaptive}, 0.1)
+    assert [t["name"] for t in res if not t["ok"]] == [failing]
+
+
+def test_staleness_target_also_needs_below_stability_bound():
+    # target 0.2 and S = 0.21 is inside ±0.05, but the 0.2 stability promise is broken
+    res = bench.check_targets({"sync": summary(100, 0.0, 0.8), "adaptive": summary(200, 0.21, 0.8)}, 0.2)
+    assert {t["name"]: t["ok"] for t in res}["staleness"] is False
+
+
+def test_targets_need_both_runs_and_skip_missing_eval():
+    assert bench.check_targets({"adaptive": summary(1, 0.1, 0.5)}, 0.1) == []
+    res = bench.check_targets({"sync": summary(100, 0.0, None), "adaptive": summary(200, 0.1, None)}, 0.1)
+    assert [t["name"] for t in res] == ["throughput", "staleness"]
+
+
+def test_speedups_and_table():
+    summaries = {m: bench.summarize(rows_of(10, samples_per_s=sps), 4) for m, sps in
+                 [("sync", 10.0), ("async", 25.0), ("adaptive", 18.0)]}
+    assert bench.speedups(summaries) == pytest.approx({"sync": 1.0, "async": 2.5, "adaptive": 1.8})
+    table = bench.format_table(summaries, {"adaptive+step": "boom"})
+    lines = table.splitlines()
+    assert lines[0].split()[0] == "mode" and "×sync" in lines[0]
+    assert lines[3].split()[0] == "adaptive" and "1.80" in lines[3].split()
+    assert lines[-1].split()[:2] == ["adaptive+step", "failed:"]
+
+
+def test_window_rate_and_step_response():
+    rows = rows_of(40)
+    assert bench.window_rate(rows[:5]) == pytest.approx(4 * 8 / 2.0)  # 4 steps of 8 samples in 2 s
+    for i, r in enumerate(rows):
+        r["async_ratio"] = 0.2 if i < 20 else 0.9
+        r["wall_s"] = 0.5 * i if i < 20 else 10.0 + 2.0 * (i - 20)  # 4× slower after the change
+    sr = bench.step_response(rows, 20)
+    assert sr["async_ratio_before"] == pytest.approx(0.2) and sr["async_ratio_after"] == pytest.approx(0.9)
+    assert sr["staleness_before"] == pytest.approx(np.mean([i / 100 for i in range(10, 20)]))
+    assert sr["samples_per_s_before"] == pytest.approx(16.0)
+    assert sr["samples_per_s_after"] == pytest.approx(4.0)
+
+
+def test_step_slowdown_from_generator_time_per_token():
+    # busy 0.8 at 400 tokens/s → 2 ms of generator time per token; 3× slower adds 2 × 2 ms
+    assert bench.step_slowdown({"generator_busy_frac": 0.8, "tokens_per_s": 400.0}, 3.0) == pytest.approx(4e-3)
+    # two generators each deliver half the tokens: twice the time per token each
+    assert bench.step_slowdown({"generator_busy_frac": 0.8, "tokens_per_s": 400.0}, 3.0, 2) == pytest.approx(8e-3)
+    assert bench.step_slowdown({"generator_busy_frac": 0.8, "tokens_per_s": 400.0}, 0.5) == 0.0
+
+
+def test_smooth_is_a_trailing_mean():
+    assert bench.smooth([1, 2, 3, 4, 5], 2) == [1, 1.5, 2.5, 3.5, 4.5]
+    assert bench.smooth([1, 2, 3], 1) == [1, 2, 3]
+
+
+# ---- slowdown schedule ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version, expected", [(0, 0.5), (9, 0.5), (10, 0.002), (19, 0.002), (20, 0.0),
+                                               (1000, 0.0)])
+def test_slowdown_at_takes_the_last_pair_reached(version, expected):
+    assert slowdown_at(version, [[10, 0.002], [20, 0.0]], 0.5) == expected
+
+
+def test_slowdown_at_without_schedule_is_the_constant():
+    assert slowdown_at(7, [], 0.25) == 0.25
+    assert slowdown_at(0, [[0, 1]], 0.25) == 1.0
+
+
+def test_schedule_from_set_is_validated_and_typed():
+    cfg = load_config(None, ["rollout.slowdown_schedule=[[0, 0], [150, 0.002]]"])
+    assert cfg.rollout.slowdown_schedule == [[0, 0], [150, 0.002]]
+    assert FluxConfig().rollout.slowdown_schedule == []
+    FluxConfig(rollout={"slowdown_schedule": [(3, 1e-3)]}).validate()
+
+
+@pytest.mark.parametrize("schedule", [
+    "[[150, 0.002], [100, 0.001]]",   # not sorted
+    "[[100, 0.002], [100, 0.001]]",   # duplicate version
+    "[[-1, 0.002]]",                  # negative version
+    "[[1.5, 0.002]]",                 # fractional version
+    "[[true, 0.002]]",                # bool is not an int here
+    "[[10, -0.1]]",                   # negative seconds
+    "[[10, .nan]]",
+    "[[10, .inf]]",
+    "[[10, fast]]",
+    "[[10]]",                         # not a pair
+    "[10, 0.002]",                    # pairs must be nested
+    "{10: 0.002}",                    # not a list at all
+])
+def test_bad_schedules_are_rejected_naming_the_field(schedule):
+    with pytest.raises(ConfigError, match="rollout.slowdown_schedule"):
+        load_config(None, [f"rollout.slowdown_schedule={schedule}"])

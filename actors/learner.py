@@ -21,6 +21,7 @@ import torch
 import zmq
 
 from flux import protocol as P
+from flux.composer import balance
 from flux.runtime import Heartbeater, RunSpec, actor_main, set_threads
 
 
@@ -66,6 +67,14 @@ def to_train_batch(batch: P.Batch, algorithm, params: dict, pad_id: int):
             samples.append((g.prompt_ids, g.response_ids[a:b], g.logprobs[a:b], g.versions[a:b], adv[k]))
             k += 1
     return TrainBatch.from_samples(samples, pad_id), rewards
+
+
+def micro_batches(tb, size: int):
+    """Micro-batches of about `size` samples with near-equal token counts (None = the whole batch)."""
+    if not size or size >= len(tb):
+        return None
+    lengths = tb.attention_mask.sum(-1).tolist()
+    return [torch.tensor(rows) for rows in balance(lengths, math.ceil(len(lengths) / size))]
 
 
 def lr_at(step: int, total: int, lr: float, schedule: str, min_ratio: float) -> float:
@@ -139,7 +148,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                                 metric=sc.metric)
         for group in learner.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.max_steps, lc.lr, lc.lr_schedule, lc.min_lr_ratio)
-        stats = learner.step(loss_fn, tb)
+        stats = learner.step(loss_fn, tb, micro_batches(tb, lc.micro_batch_size))
         if not stats.get("step_skipped"):
             version += 1
             handle = publisher.publish(version, learner.export_weights())

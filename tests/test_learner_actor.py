@@ -1,0 +1,35 @@
+"""Pure helpers of the learner actor: balanced micro-batches and the learning-rate schedule."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from actors.learner import lr_at, micro_batches
+from flux.learner.torch_learner import TrainBatch
+
+
+def batch_of(lengths):
+    samples = [([1, 2], list(range(3, 3 + n)), [0.0] * n, [0] * n, 1.0) for n in lengths]
+    return TrainBatch.from_samples(samples, pad_id=0)
+
+
+def test_micro_batches_partition_the_batch_with_near_equal_tokens():
+    lengths = [9, 1, 1, 1, 8, 2, 2, 7]
+    tb = batch_of(lengths)
+    parts = micro_batches(tb, 4)
+    assert len(parts) == 2
+    assert sorted(torch.cat(parts).tolist()) == list(range(len(lengths)))     # every sample exactly once
+    tokens = [int(tb.attention_mask[p].sum()) for p in parts]
+    assert max(tokens) - min(tokens) <= 2 + 9                                  # within one sample of equal
+    assert micro_batches(tb, 0) is None and micro_batches(tb, 8) is None       # whole batch at once
+
+
+def test_cosine_schedule_runs_from_lr_to_min_ratio():
+    assert lr_at(0, 100, 1e-3, "cosine", 0.1) == pytest.approx(1e-3)
+    assert lr_at(99, 100, 1e-3, "cosine", 0.1) == pytest.approx(1e-4)
+    assert lr_at(49, 99, 1e-3, "cosine", 0.1) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 2)))
+    values = [lr_at(s, 50, 1e-3, "cosine", 0.0) for s in range(50)]
+    assert np.all(np.diff(values) <= 0)
+    assert lr_at(30, 50, 1e-3, "constant", 0.1) == 1e-3

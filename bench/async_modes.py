@@ -338,6 +338,11 @@ def main() -> int:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.json}")
+    try:
+        import matplotlib  # noqa: F401  (the `bench` extra)
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install -e \".[bench]\")")
+        return 1 if errors else 0
     if runs:
         plot_modes(runs, target, args.plot)
         print(f"wrote {args.plot}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flux.algorithms as algorithms
-from flux.algorithms import Algorithm, UnknownAlgorithm, get_algorithm, list_algorithms, register_algorithm
+from flux.algorithms import Algorithm, get_algorithm, list_algorithms, register_algorithm
 from flux.algorithms.grpo import grpo_advantages, grpo_loss
 from flux.algorithms.losses import aggregate, decoupled_policy_loss, k3_kl
 

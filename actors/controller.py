@@ -85,7 +85,7 @@ class Controller:
         elif isinstance(msg, P.StepReport):
             self.on_step(msg)
         elif isinstance(msg, P.BufferReport):
-            self.on_dropped(msg.stats.get("dropped_ids", []), "stale")
+            self.on_dropped(msg.stats.get("dropped_ids", []))
             self.dropped_stale = msg.dropped_stale
         elif isinstance(msg, P.Goodbye):
             self.on_goodbye(msg)
@@ -107,7 +107,8 @@ class Controller:
                 self.t_first_admit = self.t_first_admit or time.time()
         return P.Admit(grants, self.admission.version)
 
-    def on_dropped(self, group_ids, reason: str) -> None:
+    def on_dropped(self, group_ids) -> None:
+        """The buffer dropped these groups (too stale, or zero reward variance): their credit comes back."""
         n = self.cfg.rollout.group_size
         for gid in group_ids:
             if self.group_fate.get(gid) not in ("trained", "dropped"):
@@ -120,7 +121,6 @@ class Controller:
         for gid in m.pop("group_ids", []):
             self.group_fate[gid] = "trained"
             self.counts["trained"] += 1
-        self.on_dropped(m.pop("dropped_ids", []), "stale")
         self.trained_samples += int(m.get("samples", 0))
         self.trained_tokens += int(m.get("tokens", 0))
         if self.cfg.adaptive_async.mode == "adaptive" and "staleness_mean" in m:

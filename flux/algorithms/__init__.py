@@ -193,3 +193,4 @@ def get_algorithm(name: str | Algorithm) -> Algorithm:
 
 # Built-in algorithms register themselves on import.
 from flux.algorithms import grpo  # noqa: E402,F401
+from flux.algorithms import dapo, reinforce, rloo  # noqa: E402,F401

@@ -126,7 +126,7 @@ class FluxConfig:
                         "builtin:sort")
     reward: str = _doc("Reward function `module:function`, called as fn(completion, record) -> float.",
                        "flux.rewards:char_match")
-    algorithm: str = _doc("Algorithm name (`grpo`, ...) or dotted path to a registered Algorithm.", "grpo")
+    algorithm: str = _doc("Algorithm: `grpo`, `rloo`, `reinforce`, `reinforce_pp`, `dapo`, or a dotted path to a registered Algorithm.", "grpo")
     algo: dict = _doc("Algorithm hyper-parameters overriding its defaults, e.g. {kl_coef: 0.01}.",
                       factory=dict)
     dynamic_sampling: bool = _doc("DAPO dynamic sampling: drop zero-reward-variance groups (counted) and "

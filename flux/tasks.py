@@ -6,7 +6,7 @@ split is by *multiset* of digits, so no permutation of a held-out prompt's digit
 answer) ever appears in training. Reward is `flux.rewards:char_match`, the fraction of digits right in
 place, so a random digit string scores 0.1 on average.
 
-(Tried first and rejected, on this 0.4M-parameter model and a 5-minute budget: *reversal*, where RL
+(Tried first and rejected, on this 0.3M-parameter model and a 5-minute budget: *reversal*, where RL
 learns the output digits that attention can find by content but stalls on the middle one, which needs
 pure positional attention (reward plateaus near 0.75); and *sorting with repeated digits*, where
 counting duplicates stalls it near 0.7 for some seeds.)

@@ -73,7 +73,7 @@ def build_tokenizer():
 
 
 def build_model(vocab_size: int, seed: int = 0):
-    """A randomly initialised tiny `Qwen2ForCausalLM` (about 0.4M parameters)."""
+    """A randomly initialised tiny `Qwen2ForCausalLM` (about 0.3M parameters)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -51,6 +51,5 @@ DAPO = register_algorithm(
     "dapo",
     advantages=grpo_advantages,
     loss=grpo_loss,
-    defaults=dict(eps=1e-6, scale_std=True, clip_low=0.2, clip_high=0.28, kl_coef=0.0, tis_cap=2.0,
-                  correction=True, agg="token-mean"),
+    defaults=dict(clip_high=0.28),  # clip-higher; everything else is GRPO's signature defaults
 )

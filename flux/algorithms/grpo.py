@@ -82,6 +82,4 @@ GRPO = register_algorithm(
     "grpo",
     advantages=grpo_advantages,
     loss=grpo_loss,
-    defaults=dict(eps=1e-6, scale_std=True, clip_low=0.2, clip_high=0.2, kl_coef=0.0, tis_cap=2.0,
-                  correction=True, agg="token-mean"),
 )

@@ -127,13 +127,10 @@ REINFORCE = register_algorithm(
     "reinforce",
     advantages=reinforce_advantages,
     loss=grpo_loss,
-    defaults=dict(clip_low=0.2, clip_high=0.2, kl_coef=0.0, tis_cap=2.0, correction=True, agg="token-mean"),
 )
 
 REINFORCE_PP = register_algorithm(
     "reinforce_pp",
     advantages=reinforce_pp_advantages,
     loss=reinforce_pp_loss,
-    defaults=dict(eps=1e-6, group_baseline=False, clip_low=0.2, clip_high=0.2, kl_coef=0.0, tis_cap=2.0,
-                  correction=True, agg="token-mean"),
 )

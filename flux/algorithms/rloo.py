@@ -45,5 +45,4 @@ RLOO = register_algorithm(
     "rloo",
     advantages=rloo_advantages,
     loss=grpo_loss,
-    defaults=dict(clip_low=0.2, clip_high=0.2, kl_coef=0.0, tis_cap=2.0, correction=True, agg="token-mean"),
 )

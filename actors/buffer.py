@@ -34,7 +34,11 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     sub.subscribe(b"Stop")
     P.send(ctl, P.Register("buffer", "buffer", os.getpid(), socket.gethostname()))
 
-    composer = Composer(eta_max=cfg.adaptive_async.eta_max, skip_zero_variance=cfg.dynamic_sampling)
+    from flux.algorithms import get_algorithm
+
+    # A preference algorithm (DPO) needs a pair from every group: equal rewards make none.
+    skip_flat = cfg.dynamic_sampling or get_algorithm(cfg.algorithm).preference
+    composer = Composer(eta_max=cfg.adaptive_async.eta_max, skip_zero_variance=skip_flat)
     waiting: tuple | None = None  # (identity, BatchRequest) held until it can be served
     report = Rate(cfg.net.heartbeat_s)
     poller = zmq.Poller()

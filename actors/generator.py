@@ -5,6 +5,8 @@
         make sure the engine holds weights at least as new as the controller's version
         generate n samples per prompt (tokens, behaviour log-probs, per-token versions)
         score them, push each group to the buffer, tell the controller it is done
+    (offline preference data: no sampling; the given (chosen, rejected) pair is scored by the engine's
+    current weights and sent as a two-sample group with rewards (1, 0))
 
 An I/O thread owns the SUB socket and the heartbeat: new weights are queued on the engine the moment
 they are announced (the engine swaps them in between decode steps), and Stop ends the loop.
@@ -130,7 +132,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
 
     from transformers import AutoTokenizer
 
-    from flux.data import load_prompts, render_prompt
+    from flux.data import is_preference, load_prompts, render_prompt
     from flux.engine.base import SamplingParams
     from flux.engine.torch_engine import TorchEngine
     from flux.rewards import load_function
@@ -144,6 +146,11 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     stops = tuple(t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
                   if isinstance(t, int) and t >= 0)
     sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stops)
+    offline = is_preference(records[0])
+
+    def pair(record: dict) -> list[list[int]]:
+        return [tokenizer(record[k], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                for k in ("chosen", "rejected")]
 
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
@@ -163,7 +170,12 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         groups = [(g["group_id"], g["prompt_index"], render_prompt(records[g["prompt_index"]], tokenizer))
                   for g in admit.groups]
         t0 = time.monotonic()
-        outs = engine.generate([ids for _, _, ids in groups for _ in range(r.group_size)], sampling)
+        if offline:
+            responses = [resp for _, idx, _ in groups for resp in pair(records[idx])]
+            outs = engine.score([ids for _, _, ids in groups for _ in range(2)], responses, r.temperature)
+        else:
+            outs = engine.generate([ids for _, _, ids in groups for _ in range(r.group_size)], sampling)
+        per_group = 2 if offline else r.group_size
         per_token = slowdown_at(engine.version, r.slowdown_schedule, r.slowdown)
         if per_token:
             extra_s = per_token * sum(len(c.token_ids) for c in outs)
@@ -171,9 +183,9 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
             engine.busy_seconds += extra_s  # a simulated slower engine is busy, not idle, while it "generates"
         gen_s = time.monotonic() - t0
         for k, (gid, idx, prompt_ids) in enumerate(groups):
-            comps = outs[k * r.group_size:(k + 1) * r.group_size]
+            comps = outs[k * per_group:(k + 1) * per_group]
             texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
-            rewards = [float(reward_fn(t, records[idx])) for t in texts]
+            rewards = [1.0, 0.0] if offline else [float(reward_fn(t, records[idx])) for t in texts]
             P.send(push, P.TrajectoryGroup(
                 group_id=gid, prompt_index=idx, generator=name, sample_count=len(comps),
                 prompt_ids=np.asarray(prompt_ids, np.int32),

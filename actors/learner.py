@@ -2,9 +2,10 @@
 
     for step in range(max_steps):
         batch  = ask the buffer for whole groups (freshest first, too-stale ones dropped)
-        adv    = algorithm.advantages(rewards)
-        proximal log-probs = current weights (decoupled PPO); measure staleness S on the batch
-        learner.step(algorithm loss)                  → version += 1
+        adv    = algorithm.advantages(rewards)     (DPO: keep the chosen/rejected pair of each group)
+        proximal log-probs = current weights (decoupled PPO); reference log-probs; critic values
+        (PPO: advantages and returns by GAE over the critic's values); measure staleness S on the batch
+        learner.step(algorithm loss)                  → version += 1   (PPO: critic.step(value loss))
         publish weights (shared memory), tell the controller, report metrics
     save the final HF checkpoint; goodbye
 """
@@ -45,36 +46,45 @@ class BatchClient:
         return None
 
 
-def to_train_batch(batch: P.Batch, algorithm, params: dict, pad_id: int):
-    """Flat Batch → TrainBatch with advantages from the algorithm. Returns (TrainBatch, rewards (N,))."""
+def to_train_batch(batch: P.Batch, pad_id: int):
+    """Flat Batch → (TrainBatch with zero advantages, per-group rewards, per-group response lengths)."""
     from flux.learner.torch_learner import TrainBatch
 
     groups = batch.to_groups()
-    sizes = {g.sample_count for g in groups}
-    rewards = torch.from_numpy(np.concatenate([g.rewards for g in groups]).astype(np.float32))
-    if len(sizes) == 1:  # the usual case: one (G, n) matrix
-        adv = algorithm.advantages(rewards.view(len(groups), -1), **algorithm.advantage_kwargs(params))
-        adv = adv.reshape(-1)
-    else:
-        adv = torch.cat([algorithm.advantages(torch.from_numpy(g.rewards)[None],
-                                              **algorithm.advantage_kwargs(params)).reshape(-1)
-                         for g in groups])
-    samples, k = [], 0
+    samples = []
     for g in groups:
         offsets = np.concatenate([[0], np.cumsum(g.response_lens)])
         for i in range(g.sample_count):
             a, b = offsets[i], offsets[i + 1]
-            samples.append((g.prompt_ids, g.response_ids[a:b], g.logprobs[a:b], g.versions[a:b], adv[k]))
-            k += 1
-    return TrainBatch.from_samples(samples, pad_id), rewards
+            samples.append((g.prompt_ids, g.response_ids[a:b], g.logprobs[a:b], g.versions[a:b], 0.0))
+    rewards = [torch.from_numpy(g.rewards.astype(np.float32)) for g in groups]
+    lengths = [torch.from_numpy(g.response_lens.astype(np.int64)) for g in groups]
+    return TrainBatch.from_samples(samples, pad_id), rewards, lengths
 
 
-def micro_batches(tb, size: int):
-    """Micro-batches of about `size` samples with near-equal token counts (None = the whole batch)."""
+def preference_rows(advantages) -> torch.Tensor:
+    """Row order for a preference algorithm: each group's chosen (+1) then rejected (−1) row, in group
+    order; rows with advantage 0 are left out. Shape: advantages (b,) → (2·pairs,) long."""
+    chosen = (advantages > 0).nonzero().flatten().tolist()
+    rejected = (advantages < 0).nonzero().flatten().tolist()
+    if len(chosen) != len(rejected):
+        raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected rows")
+    return torch.tensor([i for pair in zip(chosen, rejected) for i in pair], dtype=torch.long)
+
+
+def micro_batches(tb, size: int, pairs: bool = False):
+    """Micro-batches of about `size` samples with near-equal token counts (None = the whole batch).
+
+    With `pairs`, rows (2i, 2i+1) are a preference pair and always land in the same micro-batch.
+    """
     if not size or size >= len(tb):
         return None
     lengths = tb.attention_mask.sum(-1).tolist()
-    return [torch.tensor(rows) for rows in balance(lengths, math.ceil(len(lengths) / size))]
+    if not pairs:
+        return [torch.tensor(rows) for rows in balance(lengths, math.ceil(len(lengths) / size))]
+    pair_lengths = [lengths[i] + lengths[i + 1] for i in range(0, len(lengths), 2)]
+    parts = balance(pair_lengths, math.ceil(len(lengths) / max(2, size)))
+    return [torch.tensor([r for p in part for r in (2 * p, 2 * p + 1)]) for part in parts]
 
 
 def lr_at(step: int, total: int, lr: float, schedule: str, min_ratio: float) -> float:
@@ -94,7 +104,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     from flux.engine.base import SamplingParams
     from flux.engine.torch_engine import TorchEngine
     from flux.evaluation import eval_records, evaluate
-    from flux.learner.torch_learner import TorchLearner
+    from flux.learner.torch_learner import TorchCritic, TorchLearner
     from flux.rewards import load_function
     from flux.staleness import batch_staleness
     from flux.weights import WeightPublisher
@@ -108,6 +118,12 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                            max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
                            temperature=cfg.rollout.temperature, reference=algorithm.wants_reference(params),
                            seed=cfg.seed)
+    critic = None
+    if algorithm.value_loss is not None:
+        critic = TorchCritic(spec.model_path, lr=lc.critic_lr or lc.lr, weight_decay=lc.weight_decay,
+                             max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
+                             seed=cfg.seed)
+        value_loss_fn = algorithm.bind_value(params)
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     reward_fn = load_function(cfg.reward)
@@ -139,16 +155,30 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         if batch is None:
             break
         t0 = time.monotonic()
-        tb, rewards = to_train_batch(batch, algorithm, params, pad_id)
+        tb, group_rewards, group_lengths = to_train_batch(batch, pad_id)
+        rewards = torch.cat(group_rewards)
+        adv_inputs = dict(group_lengths=group_lengths, max_new_tokens=cfg.rollout.max_new_tokens)
+        if not algorithm.token_level:
+            tb.advantages, _ = algorithm.compute_advantages(group_rewards, tb, params, **adv_inputs)
+        if algorithm.preference:  # train on the (chosen, rejected) rows only, each pair adjacent
+            tb = tb.select(preference_rows(tb.advantages))
         tb.proximal_logprobs = learner.logprobs(tb)  # the policy at the start of this step
         if learner.ref_model is not None:
             tb.ref_logprobs = learner.ref_logprobs(tb)
+        if critic is not None:
+            tb.values = critic.logprobs(tb)  # the critic's values at the start of this step
+        if algorithm.token_level:
+            tb.advantages, tb.returns = algorithm.compute_advantages(group_rewards, tb, params, **adv_inputs)
         stale = batch_staleness(tb.proximal_logprobs, tb.behaviour_logprobs, tb.response_mask, tb.versions,
                                 version, eta_max=max(1, aa.eta_max), d_ref=sc.d_ref, w_lag=sc.w_lag,
                                 metric=sc.metric)
         for group in learner.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.max_steps, lc.lr, lc.lr_schedule, lc.min_lr_ratio)
-        stats = learner.step(loss_fn, tb, micro_batches(tb, lc.micro_batch_size))
+        parts = micro_batches(tb, lc.micro_batch_size, pairs=algorithm.preference)
+        stats = learner.step(loss_fn, tb, parts) if len(tb) else {"step_skipped": 1.0}
+        if critic is not None:
+            stats.update({f"critic_{k}" if k in ("loss", "grad_norm", "lr", "step_skipped") else k: v
+                          for k, v in critic.step(value_loss_fn, tb, parts).items()})
         if not stats.get("step_skipped"):
             version += 1
             handle = publisher.publish(version, learner.export_weights())
@@ -160,7 +190,10 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
             last_eval = run_eval()
         saved = {}
         if last or (lc.checkpoint_every and (step + 1) % lc.checkpoint_every == 0):
-            saved = {"checkpoint": str(learner.save(f"{spec.run_dir}/checkpoints/step_{step + 1}"))}
+            path = f"{spec.run_dir}/checkpoints/step_{step + 1}"
+            saved = {"checkpoint": str(learner.save(path))}
+            if critic is not None:
+                critic.save(f"{path}/critic")
         metrics = {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "staleness_mean": stale["staleness"], **{k: v for k, v in stale.items() if k != "staleness"},

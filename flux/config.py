@@ -61,6 +61,7 @@ class LearnerConfig:
     backend: str = _doc("Training backend: `torch` (plain PyTorch) or `megatron`.", "torch")
     groups_per_step: int = _doc("Prompt groups per optimizer step; B = groups_per_step * group_size.", 8)
     lr: float = _doc("AdamW learning rate.", 1e-3)
+    critic_lr: float = _doc("Learning rate of the critic (PPO's value model; 0 = same as lr).", 0.0)
     lr_schedule: str = _doc("`cosine` (decay to min_lr_ratio * lr over max_steps) or `constant`.", "cosine")
     min_lr_ratio: float = _doc("Final learning rate as a fraction of lr (cosine schedule).", 0.1)
     weight_decay: float = _doc("AdamW weight decay.", 0.0)
@@ -118,15 +119,30 @@ class NetConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where each step's metrics go besides metrics.jsonl (which is always written)."""
+
+    tensorboard: bool = _doc("Also write TensorBoard event files to RUN_DIR/tensorboard (needs the "
+                             "`tensorboard` package; without it the run logs one warning and goes on).",
+                             False)
+    sinks: list = _doc("More metrics sinks: dotted paths `module:factory`, each called once as "
+                       "factory(run_dir, config) -> an object with write(step, metrics) and close().",
+                       factory=list)
+
+
+@dataclass
 class FluxConfig:
     """A whole Flux job."""
 
     model_path: str = _doc("HF model directory, or `builtin:tiny` for the embedded default.", "builtin:tiny")
-    prompts: str = _doc("Training prompts JSONL, or `builtin:<task>` (built-in task `sort`).",
+    prompts: str = _doc("Training prompts JSONL, or `builtin:<task>` (built-in task `sort`). For DPO, a "
+                        "preference JSONL of {prompt, chosen, rejected} trains offline (`builtin:sort_pairs` "
+                        "is the built-in one); a prompts file trains online DPO on sampled pairs.",
                         "builtin:sort")
     reward: str = _doc("Reward function `module:function`, called as fn(completion, record) -> float.",
                        "flux.rewards:char_match")
-    algorithm: str = _doc("Algorithm: `grpo`, `rloo`, `reinforce`, `reinforce_pp`, `dapo`, or a dotted path to a registered Algorithm.", "grpo")
+    algorithm: str = _doc("Algorithm: `grpo`, `ppo`, `dpo`, `rloo`, `reinforce`, `reinforce_pp`, `dapo`, "
+                          "or a dotted path `module:name` to an Algorithm registered outside Flux.", "grpo")
     algo: dict = _doc("Algorithm hyper-parameters overriding its defaults, e.g. {kl_coef: 0.01}.",
                       factory=dict)
     dynamic_sampling: bool = _doc("DAPO dynamic sampling: drop zero-reward-variance groups (counted) and "
@@ -140,6 +156,7 @@ class FluxConfig:
     staleness: StalenessConfig = _doc("Staleness definition.", factory=StalenessConfig)
     eval: EvalConfig = _doc("Held-out evaluation.", factory=EvalConfig)
     net: NetConfig = _doc("Sockets.", factory=NetConfig)
+    logging: LoggingConfig = _doc("Metrics sinks.", factory=LoggingConfig)
 
     def __post_init__(self):
         # Sections given as dicts (the Python API) go through the same typed conversion as YAML.
@@ -175,6 +192,7 @@ class FluxConfig:
             ("learner.backend", lr.backend in ("torch", "megatron"), "must be `torch` or `megatron`"),
             ("learner.groups_per_step", lr.groups_per_step >= 1, "must be >= 1"),
             ("learner.lr", lr.lr > 0, "must be > 0"),
+            ("learner.critic_lr", lr.critic_lr >= 0, "must be >= 0"),
             ("learner.lr_schedule", lr.lr_schedule in ("cosine", "constant"), "must be `cosine` or `constant`"),
             ("learner.min_lr_ratio", 0 <= lr.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("learner.micro_batch_size", lr.micro_batch_size >= 0, "must be >= 0"),
@@ -197,6 +215,8 @@ class FluxConfig:
             ("eval.every", self.eval.every >= 0, "must be >= 0"),
             ("net.heartbeat_timeout_s", self.net.heartbeat_timeout_s > self.net.heartbeat_s > 0,
              "need heartbeat_timeout_s > heartbeat_s > 0"),
+            ("logging.sinks", all(isinstance(p, str) and ":" in p for p in self.logging.sinks),
+             "must be a list of dotted paths `module:factory`"),
             ("max_steps", self.max_steps >= 1, "must be >= 1"),
             ("prompts", bool(self.prompts.strip()), "must be a JSONL path or `builtin:<task>`"),
             ("reward", ":" in self.reward, "must be a dotted path `module:function`"),

@@ -14,7 +14,8 @@ def load_prompts(source: str) -> list[dict]:
     """Records from `builtin:<task>[:split]` or a JSONL file of {"prompt"|"messages", "answer"?, ...}.
 
     Every line must be a JSON object with a `prompt` string or a `messages` list of {role, content};
-    other keys are free metadata handed to the reward function.
+    other keys are free metadata handed to the reward function. A preference file (for DPO) gives every
+    record `chosen` and `rejected` response strings too; a file mixing both kinds is an error.
     """
     if source.startswith("builtin:"):
         from flux import tasks
@@ -36,7 +37,17 @@ def load_prompts(source: str) -> list[dict]:
             records.append(rec)
     if not records:
         raise DataError(f"{source}: no prompts in file")
+    kinds = [is_preference(rec) for rec in records]
+    if any(kinds) and not all(kinds):
+        lineno = kinds.index(not kinds[0]) + 1
+        raise DataError(f"{source}: record {lineno} is a {'preference' if kinds[lineno - 1] else 'prompt'} "
+                        f"record but record 1 is not; a file holds one kind")
     return records
+
+
+def is_preference(record: dict) -> bool:
+    """Whether a record is a preference pair ({prompt, chosen, rejected})."""
+    return "chosen" in record or "rejected" in record
 
 
 def _check_record(rec, where: str) -> None:
@@ -53,6 +64,11 @@ def _check_record(rec, where: str) -> None:
             raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} strings")
     else:
         raise DataError(f"{where}: needs a `prompt` string or a `messages` list")
+    if is_preference(rec):
+        for key in ("chosen", "rejected"):
+            if not (isinstance(rec.get(key), str) and rec[key]):
+                raise DataError(f"{where}: a preference record needs non-empty `chosen` and `rejected` strings "
+                                f"(`{key}` is {rec.get(key)!r})")
 
 
 def render_prompt(record: dict, tokenizer) -> list[int]:

@@ -38,9 +38,10 @@ class Actor:
 def prepare(cfg: FluxConfig) -> RunSpec:
     """Check everything an actor would trip over, make the run directory, write config + spec."""
     from flux.algorithms import get_algorithm
-    from flux.data import DataError, load_prompts
+    from flux.data import DataError, is_preference, load_prompts
     from flux.evaluation import eval_records
     from flux.rewards import load_function
+    from flux.sinks import load_factory
     from flux.tiny import resolve_model_path
 
     try:
@@ -55,10 +56,21 @@ def prepare(cfg: FluxConfig) -> RunSpec:
         load_function(cfg.reward)
     except ValueError as e:
         raise SetupError(f"reward: {e}") from None
+    for dotted in cfg.logging.sinks:
+        try:
+            load_factory(dotted)
+        except ValueError as e:
+            raise SetupError(f"logging.sinks: {e}") from None
     try:
-        get_algorithm(cfg.algorithm).params(cfg.algo)
+        algorithm = get_algorithm(cfg.algorithm)
+        algorithm.params(cfg.algo)
     except (KeyError, ValueError) as e:
         raise SetupError(f"algorithm: {e.args[0] if e.args else e}") from None
+    if is_preference(records[0]):
+        if not algorithm.preference:
+            raise SetupError(f"prompts: {cfg.prompts} holds preference pairs (chosen/rejected), which only a "
+                             f"preference algorithm such as dpo trains on, not {algorithm.name}")
+        cfg.rollout.group_size = 2  # offline pairs: a group is the pair (B = 2 · groups_per_step)
     if cfg.rollout.engine != "torch" or cfg.learner.backend != "torch":
         raise SetupError("only rollout.engine=torch and learner.backend=torch are available in this build")
     model_path = resolve_model_path(cfg.model_path)

@@ -46,18 +46,46 @@ def sort_records(split: str = "train") -> list[dict]:
     return out
 
 
+def sort_pairs(split: str = "train") -> list[dict]:
+    """Preference pairs for DPO on the sort task: chosen = the sorted digits, rejected = a wrong answer.
+
+    The wrong answer is, in turn, the prompt's digits as given (unsorted; or reversed when the prompt is
+    already sorted), the sorted digits reversed, and the sorted digits with one digit swapped for one
+    not in the prompt: the mistakes a sampled policy makes early on. Deterministic.
+    """
+    out = []
+    for i, rec in enumerate(sort_records(split)):
+        given, answer = rec["prompt"][len("sort "):-1], rec["answer"]
+        kind = i % 3
+        if kind == 0:
+            wrong = given if given != answer else answer[::-1]
+        elif kind == 1:
+            wrong = answer[::-1]
+        else:
+            other = next(d for d in DIGITS[::-1] if d not in given)
+            wrong = answer[: i % LENGTH] + other + answer[i % LENGTH + 1:]
+        out.append({**rec, "chosen": answer, "rejected": wrong})
+    return out
+
+
+TASKS = {"sort": sort_records, "sort_pairs": sort_pairs}
+
+
 def builtin_records(name: str) -> list[dict]:
-    """`sort` / `sort:train` (training split) and `sort:eval` (held-out split)."""
+    """`<task>` / `<task>:train` (training split) and `<task>:eval` (held-out split), task in `TASKS`."""
     task, _, split = name.partition(":")
-    if task != "sort":
-        raise ValueError(f"builtin:{name}: unknown built-in task (known: sort)")
-    return sort_records(split or "train")
+    if task not in TASKS:
+        raise ValueError(f"builtin:{name}: unknown built-in task (known: {', '.join(TASKS)})")
+    return TASKS[task](split or "train")
 
 
 def eval_records(source: str) -> list[dict]:
-    """The held-out split for a `builtin:<task>` source; other sources are files, loaded by the caller."""
+    """The held-out prompts of a `builtin:<task>` source (the sort task's for every task built on it);
+    other sources are files, loaded by the caller."""
     task = source.removeprefix("builtin:").partition(":")[0]
-    return builtin_records(f"{task}:eval")
+    if task not in TASKS:
+        raise ValueError(f"builtin:{task}: unknown built-in task (known: {', '.join(TASKS)})")
+    return sort_records("eval")
 
 
 def warm_start(model, tokenizer, seed: int = 0, max_steps: int = 200, batch: int = 64, lr: float = 1e-3) -> int:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flux.algorithms import get_algorithm, list_algorithms
-from flux.algorithms.dapo import DAPO, overlong_penalty
+from flux.algorithms.dapo import DAPO, dapo_advantages, overlong_penalty
 from flux.algorithms.grpo import grpo_advantages, grpo_loss
 from flux.algorithms.losses import decoupled_policy_loss
 from flux.algorithms.reinforce import (
@@ -145,8 +145,28 @@ def test_overlong_penalty_breakpoints():
             overlong_penalty(lengths, 20, bad)
 
 
+def test_dapo_overlong_shaping_enters_the_rewards_before_group_normalisation():
+    rewards = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    lengths = torch.tensor([[4, 8, 4, 8]])
+    # cap 8, cache 4: length 4 → 0, length 8 → (4 − 8)/4 = −1 (the ramp's end)
+    shaped = torch.tensor([[1.0, 0.0, 0.0, -1.0]])
+    adv = dapo_advantages(rewards, lengths, 8, overlong_cache=4)
+    torch.testing.assert_close(adv, grpo_advantages(shaped))
+    half = dapo_advantages(rewards, lengths, 8, overlong_cache=4, overlong_coef=0.5)
+    torch.testing.assert_close(half, grpo_advantages(torch.tensor([[1.0, 0.5, 0.0, -0.5]])))
+    with pytest.raises(ValueError, match="lengths"):
+        dapo_advantages(rewards, overlong_cache=4)
+    # through the registry: the learner hands lengths and the cap to the advantage function
+    adv2, returns = DAPO.compute_advantages([rewards[0]], None, {"overlong_cache": 4},
+                                            group_lengths=[lengths[0]], max_new_tokens=8)
+    torch.testing.assert_close(adv2, adv.reshape(-1))
+    assert returns is None
+
+
 def test_dapo_is_grpo_with_clip_higher_token_mean_and_no_kl():
-    assert DAPO.advantages is grpo_advantages and DAPO.loss is grpo_loss
+    assert DAPO.loss is grpo_loss
+    # without overlong shaping the advantages are GRPO's
+    torch.testing.assert_close(DAPO.advantages(REWARDS), grpo_advantages(REWARDS))
     d = DAPO.defaults
     assert (d["clip_low"], d["clip_high"], d["agg"], d["kl_coef"]) == (0.2, 0.28, "token-mean", 0.0)
     assert not DAPO.wants_reference()

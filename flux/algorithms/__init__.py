@@ -4,6 +4,16 @@
     loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, mask, ref_logprobs=None, **params)
         -> (scalar loss, stats: dict[str, float])
 
+plus, for actor-critic algorithms (PPO), a third one that trains the critic:
+
+    value_loss(values, old_values, returns, mask, **params) -> (scalar loss, stats)
+
+An advantage function gets `rewards` per group, shaped (G, n), and may also name `lengths` (response
+lengths, shaped like rewards) and `max_new_tokens` (the generation cap). One that names a per-token input
+(`mask`, `values`, `behaviour_logprobs`, `proximal_logprobs`, `ref_logprobs`: `TOKEN_INPUTS`) gets
+`rewards` and `lengths` shaped (b,), one per row of the padded batch, and (b, t) tensors aligned with
+them; it may return `(advantages, returns)`.
+
 Register with the call form or as a decorator on the loss:
 
     register_algorithm("grpo", advantages=grpo_advantages, loss=grpo_loss, defaults={...})
@@ -24,9 +34,12 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-# Tensor arguments of the two functions; every other named parameter is a hyper-parameter.
-TENSOR_ARGS = frozenset({"rewards", "logprobs", "proximal_logprobs", "behaviour_logprobs", "advantages",
-                         "mask", "ref_logprobs"})
+# Inputs the learner can hand an advantage function besides `rewards` (see the module docstring): the
+# per-token ones switch it to one row per sample; the group-level ones are shaped like the rewards.
+TOKEN_INPUTS = frozenset({"mask", "values", "behaviour_logprobs", "proximal_logprobs", "ref_logprobs"})
+ADVANTAGE_INPUTS = TOKEN_INPUTS | {"lengths", "max_new_tokens"}
+# Data arguments of the functions; every other named parameter is a hyper-parameter.
+TENSOR_ARGS = frozenset({"rewards", "logprobs", "advantages", "old_values", "returns"}) | ADVANTAGE_INPUTS
 
 
 class UnknownAlgorithm(KeyError, ValueError):
@@ -44,7 +57,9 @@ class Algorithm:
     signatures, overridden by the ones given at registration). `advantages` may be None for
     algorithms that consume preferences rather than scalar rewards (e.g. DPO).
     `needs_reference` says the loss always needs reference log-probs; any algorithm with a positive
-    `kl_coef` needs them too (see `wants_reference`).
+    `kl_coef` (or another `kl…coef` parameter, e.g. PPO's kl_loss_coef) needs them too (`wants_reference`).
+    `value_loss`, when set, makes the learner keep a critic and train it with this loss.
+    `preference` marks algorithms trained on (chosen, rejected) pairs rather than advantages (DPO).
     """
 
     name: str
@@ -52,11 +67,17 @@ class Algorithm:
     loss: Callable[..., Any]
     needs_reference: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
+    value_loss: Callable[..., Any] | None = None
+    preference: bool = False
+
+    @property
+    def functions(self) -> tuple[Callable[..., Any], ...]:
+        return tuple(f for f in (self.advantages, self.loss, self.value_loss) if f is not None)
 
     def params(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Defaults updated with `overrides`; a key neither function accepts raises ValueError."""
+        """Defaults updated with `overrides`; a key no function accepts raises ValueError."""
         merged = {**self.defaults, **(overrides or {})}
-        accepted = _hyper_params(self.advantages) | _hyper_params(self.loss)
+        accepted = set().union(*(_hyper_params(f) for f in self.functions))
         if "**" not in accepted:
             unknown = sorted(set(merged) - accepted)
             if unknown:
@@ -82,9 +103,65 @@ class Algorithm:
                              mask, batch.ref_logprobs, **kwargs)
         return loss_fn
 
+    def bind_value(self, params: dict[str, Any] | None = None) -> Callable[..., Any]:
+        """The critic's `loss_fn(logprobs=values, mask=, batch=)`: `value_loss` against the batch's
+        `values` (the critic's at the start of the step) and `returns`."""
+        if self.value_loss is None:
+            raise ValueError(f"algorithm {self.name!r} has no critic")
+        kwargs = _select(self.value_loss, self.params(params))
+
+        def loss_fn(*, logprobs, mask, batch):
+            return self.value_loss(logprobs, batch.values, batch.returns, mask, **kwargs)
+        return loss_fn
+
+    @property
+    def token_level(self) -> bool:
+        """Whether the advantage function takes per-token inputs (and so rewards shaped (b,))."""
+        return bool(_data_params(self.advantages) & TOKEN_INPUTS)
+
+    def compute_advantages(self, group_rewards: list[Any], batch: Any = None, params: dict[str, Any] | None = None,
+                           *, group_lengths: list[Any] | None = None, max_new_tokens: int | None = None
+                           ) -> tuple[Any, Any]:
+        """Advantages for a padded batch whose rows are the samples of `group_rewards`, group by group.
+
+        `group_rewards` (and `group_lengths`, response lengths) hold one (n,) tensor per group. An
+        advantage function without per-token inputs is called on the (G, n) matrices (once per group
+        when sizes differ) and gives (b,) advantages. One with per-token inputs (`token_level`) gets them
+        from `batch` (mask = response_mask, values, behaviour/proximal/ref log-probs), and rewards and
+        lengths flattened to (b,). Returns (advantages, returns or None).
+        """
+        import torch
+
+        kwargs = self.advantage_kwargs(params)
+        wanted = _data_params(self.advantages)
+        signature = inspect.signature(self.advantages).parameters
+        lengths = group_lengths if group_lengths is not None else [None] * len(group_rewards)
+        inputs: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+        if self.token_level:
+            inputs.update(rewards=torch.cat(group_rewards), mask=batch.response_mask, values=batch.values,
+                          behaviour_logprobs=batch.behaviour_logprobs, ref_logprobs=batch.ref_logprobs,
+                          proximal_logprobs=batch.proximal_logprobs,
+                          lengths=None if group_lengths is None else torch.cat(group_lengths))
+            calls = [inputs]
+        elif len({len(r) for r in group_rewards}) == 1:  # the usual case: one (G, n) matrix
+            calls = [{**inputs, "rewards": torch.stack(group_rewards),
+                      "lengths": None if group_lengths is None else torch.stack(group_lengths)}]
+        else:
+            calls = [{**inputs, "rewards": r[None], "lengths": None if n is None else n[None]}
+                     for r, n in zip(group_rewards, lengths)]
+        missing = sorted(k for k in wanted if calls[0].get(k) is None and signature[k].default is signature[k].empty)
+        if missing:
+            raise ValueError(f"algorithm {self.name!r}: advantages need {missing}, which the learner lacks here")
+        outs = [self.advantages(**{k: c[k] for k in wanted if c.get(k) is not None}, **kwargs) for c in calls]
+        if isinstance(outs[0], tuple):
+            return outs[0] if len(outs) == 1 else (torch.cat([o[0].reshape(-1) for o in outs]), None)
+        return torch.cat([o.reshape(-1) for o in outs]) if not self.token_level else outs[0], None
+
     def wants_reference(self, params: dict[str, Any] | None = None) -> bool:
-        """Whether a reference model must be kept: always if `needs_reference`, else when kl_coef > 0."""
-        return self.needs_reference or float(self.params(params).get("kl_coef", 0.0) or 0.0) > 0.0
+        """Whether a reference model must be kept: always if `needs_reference`, else when any `kl*coef`
+        parameter (kl_coef, kl_loss_coef, ...) is > 0."""
+        return self.needs_reference or any(
+            float(v or 0.0) > 0.0 for k, v in self.params(params).items() if k.startswith("kl") and k.endswith("coef"))
 
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -101,6 +178,13 @@ def _hyper_params(fn: Callable[..., Any] | None) -> set[str]:
         elif p.kind is not p.VAR_POSITIONAL and p.name not in TENSOR_ARGS:
             names.add(p.name)
     return names
+
+
+def _data_params(fn: Callable[..., Any] | None) -> set[str]:
+    """Names of `fn`'s data (non-hyper-parameter) arguments."""
+    if fn is None:
+        return set()
+    return {name for name in inspect.signature(fn).parameters if name in TENSOR_ARGS}
 
 
 def _signature_defaults(fn: Callable[..., Any] | None) -> dict[str, Any]:
@@ -131,6 +215,8 @@ def register_algorithm(
     *,
     needs_reference: bool = False,
     defaults: dict[str, Any] | None = None,
+    value_loss: Callable[..., Any] | None = None,
+    preference: bool = False,
     replace: bool = False,
 ):
     """Register an algorithm under `name`.
@@ -142,17 +228,19 @@ def register_algorithm(
     if loss is None:
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
             register_algorithm(name, advantages, fn, needs_reference=needs_reference, defaults=defaults,
-                               replace=replace)
+                               value_loss=value_loss, preference=preference, replace=replace)
             return fn
         return decorator
 
-    merged = {**_signature_defaults(advantages), **_signature_defaults(loss), **(defaults or {})}
+    merged = {**_signature_defaults(advantages), **_signature_defaults(value_loss), **_signature_defaults(loss),
+              **(defaults or {})}
     algo = Algorithm(name=name, advantages=advantages, loss=loss, needs_reference=needs_reference,
-                     defaults=merged)
+                     defaults=merged, value_loss=value_loss, preference=preference)
     algo.params()  # a default that neither function takes is a typo: fail at registration
     old = _REGISTRY.get(name)
     if (old is not None and not replace
-            and not (_same_function(old.loss, loss) and _same_function(old.advantages, advantages))):
+            and not (_same_function(old.loss, loss) and _same_function(old.advantages, advantages)
+                     and _same_function(old.value_loss, value_loss))):
         raise ValueError(f"algorithm {name!r} is already registered (by {old.loss.__module__}); "
                          "pass replace=True to override it")
     _REGISTRY[name] = algo
@@ -193,4 +281,4 @@ def get_algorithm(name: str | Algorithm) -> Algorithm:
 
 # Built-in algorithms register themselves on import.
 from flux.algorithms import grpo  # noqa: E402,F401
-from flux.algorithms import dapo, reinforce, rloo  # noqa: E402,F401
+from flux.algorithms import dapo, dpo, ppo, reinforce, rloo  # noqa: E402,F401

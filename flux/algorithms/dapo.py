@@ -9,11 +9,12 @@ DAPO is GRPO with four changes; in Flux they live where they act:
     are skipped and replaced by fresh groups (§3.2). That is the buffer's job: set
     `dynamic_sampling: true` in the config (the composer drops zero-variance groups and counts them).
   - **overlong reward shaping**: a soft length penalty added to the reward (§3.4), `overlong_penalty`
-    below, a pure function of lengths to be applied to rewards before the advantages.
+    below, applied by `dapo_advantages` before the group normalisation when `overlong_cache > 0`
+    (`algo: {overlong_cache: 4}`); the length cap is `rollout.max_new_tokens`.
 No KL term by default (kl_coef = 0): the paper drops it for long-CoT reasoning, where the policy is meant
 to move far from the initial model.
 
-Advantages and loss are GRPO's (`grpo.grpo_advantages`, `grpo.grpo_loss`) with these defaults.
+Advantages are GRPO's after the overlong shaping; the loss is `grpo.grpo_loss` with these defaults.
 """
 
 from __future__ import annotations
@@ -47,9 +48,26 @@ def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int) -> Tensor:
     return torch.where(n > max_len, torch.full_like(n, -1.0), penalty)
 
 
+def dapo_advantages(rewards: Tensor, lengths: Tensor | None = None, max_new_tokens: int | None = None, *,
+                    eps: float = 1e-6, scale_std: bool = True, overlong_cache: int = 0,
+                    overlong_coef: float = 1.0) -> Tensor:
+    """GRPO advantages of rewards + overlong_coef · `overlong_penalty`(lengths, max_new_tokens, overlong_cache).
+
+    `overlong_cache = 0` turns the shaping off (then lengths are not needed).
+
+    Shape: rewards, lengths (G, n) → advantages (G, n) float32.
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float32)
+    if overlong_cache > 0:
+        if lengths is None or max_new_tokens is None:
+            raise ValueError("overlong shaping needs response lengths and max_new_tokens")
+        r = r + overlong_coef * overlong_penalty(lengths, max_new_tokens, overlong_cache).reshape(r.shape)
+    return grpo_advantages(r, eps=eps, scale_std=scale_std)
+
+
 DAPO = register_algorithm(
     "dapo",
-    advantages=grpo_advantages,
+    advantages=dapo_advantages,
     loss=grpo_loss,
     defaults=dict(clip_high=0.28),  # clip-higher; everything else is GRPO's signature defaults
 )

@@ -126,14 +126,12 @@ class TorchEngine:
         cls, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, **kw: Any
     ) -> "TorchEngine":
         """Load a HF checkpoint; dtype defaults to float32 on CPU and bfloat16 on CUDA."""
-        import transformers
+        from flux.hf import from_pretrained
 
         device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-        dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"  # torch_dtype warns from 4.56
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, **{dtype_kw: dtype})
+        model = from_pretrained(path, dtype)
         model.requires_grad_(False)
         return cls(model, device=device, **kw)
 
@@ -272,6 +270,34 @@ class TorchEngine:
 
         self.busy_seconds += time.perf_counter() - start - paused
         return _to_completions(out_tokens, out_logp, out_ver, lengths, finished)
+
+    @torch.inference_mode()
+    def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0
+              ) -> list[Completion]:
+        """Teacher-forced log-probs of given responses (e.g. offline preference pairs) under the current
+        weights, as `Completion`s whose versions are the engine's version and `finished` is True.
+
+        Log-probs use the same tempered distribution as sampling: log_softmax(logits / T)[token].
+        """
+        if len(prompts) != len(responses) or any(not p or not r for p, r in zip(prompts, responses)):
+            raise ValueError("score needs one non-empty response per non-empty prompt")
+        start = time.perf_counter()
+        self.apply_pending()
+        ids, mask = _left_pad([p + r for p, r in zip(prompts, responses)], self.device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        with self._model_lock:
+            if self.model is None:
+                raise RuntimeError("TorchEngine is closed")
+            version = self.version
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        logp = torch.log_softmax(logits[:, :-1].float() / max(temperature, 1e-6), -1)
+        logp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        out = []
+        for row, r in enumerate(responses):
+            lp = logp[row, logp.shape[1] - len(r):].cpu().numpy().astype(np.float32)
+            out.append(Completion(np.asarray(r, np.int32), lp, np.full(len(r), version, np.int32), True))
+        self.busy_seconds += time.perf_counter() - start
+        return out
 
 
 def _tied_names(model: torch.nn.Module) -> set[str]:

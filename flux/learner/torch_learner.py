@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flux.hf import from_pretrained as _from_pretrained
+
 # Files a tokenizer may consist of; copied next to a checkpoint so it is self-contained.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
@@ -30,7 +32,8 @@ class TrainBatch:
     input_ids (b, L) long; attention_mask (b, L) long; response_mask (b, L) float, 1 on generated tokens;
     behaviour_logprobs (b, L) float32, the sampler's log-prob of each token (0 outside the response);
     advantages (b,) or (b, L) float32; versions (b, L) long, the policy version that sampled each token
-    (-1 outside the response); ref_logprobs / proximal_logprobs (b, L) float32 or None.
+    (-1 outside the response); ref_logprobs / proximal_logprobs (b, L) float32 or None; values / returns
+    (b, L) float32 or None: the critic's values at the start of the step and its targets (actor-critic).
     """
 
     input_ids: Tensor
@@ -41,6 +44,8 @@ class TrainBatch:
     versions: Tensor
     ref_logprobs: Tensor | None = None
     proximal_logprobs: Tensor | None = None
+    values: Tensor | None = None
+    returns: Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -117,15 +122,6 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     return torch.where(response_mask > 0, lp, torch.zeros_like(lp))
 
 
-def _from_pretrained(path: str, dtype: torch.dtype) -> torch.nn.Module:
-    import transformers
-
-    # transformers ≥ 4.56 renamed torch_dtype to dtype; an unknown kwarg would silently land in the config.
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    return transformers.AutoModelForCausalLM.from_pretrained(path, **{key: dtype})
-
-
 class TorchLearner:
     """An HF causal LM trained with AdamW on one device.
 
@@ -149,7 +145,7 @@ class TorchLearner:
         self.temperature = temperature
         self.seed = seed
         self.step_count = 0
-        self.model = _from_pretrained(self.model_path, dtype).to(self.device)
+        self.model = self._load_model(self.model_path, dtype).to(self.device)
         self.model.train()  # RL fine-tuning configs keep dropout at 0, so train mode is deterministic
         if gradient_checkpointing:  # renamed in transformers 5
             enable = getattr(self.model, "activation_checkpointing_enable", None)
@@ -160,6 +156,9 @@ class TorchLearner:
             self.ref_model.requires_grad_(False)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
                                            betas=betas, weight_decay=weight_decay)
+
+    def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
+        return _from_pretrained(path, dtype)
 
     # ---- micro-batches ----------------------------------------------------------------------------
     def micro_batches(self, batch: TrainBatch) -> list[Tensor]:
@@ -293,7 +292,7 @@ class TorchLearner:
     def load(self, path: str | Path) -> dict[str, Any]:
         """Restore weights, optimizer state and step count from a `save` directory; returns its state."""
         path = Path(path)
-        loaded = _from_pretrained(str(path), next(self.model.parameters()).dtype)
+        loaded = self._load_model(str(path), next(self.model.parameters()).dtype)
         self.model.load_state_dict(loaded.state_dict())
         del loaded
         if (path / "optimizer.pt").exists():
@@ -302,3 +301,64 @@ class TorchLearner:
         state = json.loads(state_file.read_text()) if state_file.exists() else {}
         self.step_count = int(state.get("step", 0))
         return state
+
+
+class ValueModel(torch.nn.Module):
+    """A causal LM's backbone with a scalar value head: the critic of actor-critic algorithms (PPO).
+
+    The backbone is loaded with `AutoModel` from the policy's checkpoint (the LM head is not used), the
+    head is a zero-initialised linear layer, so every value starts at 0 and the first advantages are
+    the plain returns. Saved as the backbone's HF files plus `value_head.pt`.
+    """
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = torch.nn.Linear(backbone.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype) -> "ValueModel":
+        model = cls(_from_pretrained(path, dtype, "AutoModel"))
+        head = Path(path) / "value_head.pt"
+        if head.is_file():
+            model.value_head.load_state_dict(torch.load(head, map_location="cpu"))
+        return model.to(dtype)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor) -> Tensor:
+        """Value of the state before each token: position t reads the hidden state at t − 1.
+
+        Shape: (b, L) → (b, L) float32, 0 at position 0.
+        """
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+        values = self.value_head(hidden).squeeze(-1).float()
+        return F.pad(values[:, :-1], (1, 0))
+
+    def save_pretrained(self, path: str | Path, safe_serialization: bool = True) -> None:
+        self.backbone.save_pretrained(path, safe_serialization=safe_serialization)
+        torch.save(self.value_head.state_dict(), Path(path) / "value_head.pt")
+
+
+class TorchCritic(TorchLearner):
+    """The critic: a `ValueModel` trained like the policy (same micro-batching, AdamW, checkpoints).
+
+    `logprobs(batch)` returns values here, and `step(loss_fn, batch)` hands the loss `logprobs=values`
+    (with grad): the learner's machinery, reused for a per-token scalar instead of a log-prob.
+    """
+
+    def __init__(self, model_path: str, **kwargs):
+        kwargs["reference"] = False
+        super().__init__(model_path, **kwargs)
+
+    def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
+        return ValueModel.from_pretrained(path, dtype)
+
+    def _forward(self, model: torch.nn.Module, mb: TrainBatch) -> Tensor:
+        position_ids = (mb.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        values = model(mb.input_ids, mb.attention_mask, position_ids)
+        return torch.where(mb.response_mask > 0, values, torch.zeros_like(values))
+
+    def export_weights(self, device: str | torch.device | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError("the critic's weights are not published to generators")

@@ -3,7 +3,7 @@
     loop:
         serve requests on ROUTER (register, admit, heartbeats, group done, published, step reports)
         declare silent actors dead; re-queue a dead generator's unfinished groups
-        on every learner step: update the async ratio, write one metrics.jsonl line
+        on every learner step: update the async ratio, send one metrics line to the sinks (metrics.jsonl, ...)
         when the learner says it is done (or a signal arrives): broadcast Stop, exit
 """
 
@@ -20,6 +20,7 @@ from flux import protocol as P
 from flux.admission import Admission, PromptCursor
 from flux.pid import PID
 from flux.runtime import Rate, RunSpec, actor_main
+from flux.sinks import open_sinks
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Controller:
         self.done: str | None = None
         self.failed: str | None = None
         self.drops = P.DropCounter("controller")
-        self.metrics = open(os.path.join(spec.run_dir, "metrics.jsonl"), "a", buffering=1)
+        self.metrics = open_sinks(spec.run_dir, cfg)
 
     # ---- requests -------------------------------------------------------------------------------
     def handle(self, ident, msg) -> P.Message | None:
@@ -140,7 +141,7 @@ class Controller:
             "wall_s": time.time() - self.t_start,
             "controller": self.state(),
         }
-        self.metrics.write(json.dumps(line) + "\n")
+        self.metrics.write(rep.step, line)
         if "checkpoint" in m:  # the learner saved one: the controller's half of the state goes beside it
             with open(os.path.join(m["checkpoint"], "controller_state.json"), "w") as f:
                 json.dump(self.state(), f, indent=1)

@@ -135,6 +135,7 @@ class Controller:
             "samples_per_s": self.trained_samples / elapsed,
             "tokens_per_s": self.trained_tokens / elapsed,
             "generator_busy_frac": sum(g.busy_frac for g in gens) / max(1, len(gens)),
+            "generator_busy": {g.name: g.busy_frac for g in gens},
             "dropped_stale": self.dropped_stale,
             "started_samples": self.admission.started,
             "groups": dict(self.counts),

@@ -32,6 +32,9 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's flux, installed or not
+from flux.plot import pyplot, save, smooth, window_rate
+
 MODES = ("sync", "async", "adaptive")
 STEP_RUN = "adaptive+step"
 SPEEDUP_MIN = 1.6       # adaptive samples/s over sync
@@ -133,14 +136,6 @@ def step_response(rows: list[dict], change_step: int) -> dict:
     return out
 
 
-def window_rate(rows: list[dict]) -> float:
-    """Samples trained per second over consecutive rows (from their `samples` and `wall_s`)."""
-    if len(rows) < 2:
-        return float("nan")
-    dt = rows[-1]["wall_s"] - rows[0]["wall_s"]
-    return sum(int(r.get("samples", 0)) for r in rows[1:]) / dt if dt > 0 else float("nan")
-
-
 def step_slowdown(summary: dict, factor: float, num_generators: int = 1) -> float:
     """Extra seconds per generated token that make generation `factor` times slower than in `summary`.
 
@@ -204,24 +199,9 @@ def run_train(name: str, sets: list[str], max_steps: int, out: Path) -> tuple[li
     return rows, cfg, None
 
 
-def smooth(xs: list[float], window: int) -> list[float]:
-    """Trailing moving average (window ≥ 1)."""
-    out, acc = [], 0.0
-    for i, x in enumerate(xs):
-        acc += x
-        if i >= window:
-            acc -= xs[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
-
-
 def plot_modes(runs: dict[str, list[dict]], target: float, path: str) -> None:
     """Reward vs wall time; staleness (target dashed) and async ratio vs step, one line per mode."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_r, ax_s, ax_a) = plt.subplots(1, 3, figsize=(16, 4.5))
     for name, rows in runs.items():
         w = max(1, len(rows) // 50)
@@ -237,18 +217,12 @@ def plot_modes(runs: dict[str, list[dict]], target: float, path: str) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_step_change(rows: list[dict], change_step: int, target: float, factor: float, path: str) -> None:
     """Async ratio, staleness (raw, and the controller's EMA) and samples/s around the step change."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = [r["step"] for r in rows]
     w = max(2, len(rows) // 30)
     rate = [window_rate(rows[max(0, i - w):i + 1]) for i in range(len(rows))]
@@ -267,9 +241,7 @@ def plot_step_change(rows: list[dict], change_step: int, target: float, factor: 
         ax.axvline(change_step, c="grey", ls=":", lw=1)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> int:

@@ -1,4 +1,9 @@
-"""`flux` command line: `flux train [CONFIG.yaml] [--set key=value ...] [--max-steps N] [--out DIR]`."""
+"""`flux` command line.
+
+    flux train [CONFIG.yaml] [--set key=value ...] [--max-steps N] [--out DIR]
+    flux plot RUN_DIR [--out FILE.png]
+    flux config
+"""
 
 from __future__ import annotations
 
@@ -38,6 +43,20 @@ def train(config, overrides, max_steps, out):
     except KeyboardInterrupt:  # before the actors exist (e.g. while the default model is built)
         fail("interrupted", 130)
     sys.exit(code)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="PNG path (default RUN_DIR/plot.png).")
+def plot(run_dir, out):
+    """One PNG of a run: reward, eval, staleness, async ratio, lag, throughput, busy fractions."""
+    from flux.plot import PlotError, plot_run_dir
+
+    try:
+        click.echo(f"flux: wrote {plot_run_dir(run_dir, out)}")
+    except PlotError as e:
+        fail(str(e))
 
 
 @main.command("config")

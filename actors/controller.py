@@ -4,6 +4,7 @@
         serve requests on ROUTER (register, admit, heartbeats, group done, published, step reports)
         declare silent actors dead; re-queue a dead generator's unfinished groups
         on every learner step: update the async ratio, send one metrics line to the sinks (metrics.jsonl, ...)
+        about once per heartbeat period: rewrite status.json (membership and the control loop's numbers)
         when the learner says it is done (or a signal arrives): broadcast Stop, exit
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +23,7 @@ from flux.admission import Admission, PromptCursor
 from flux.pid import PID
 from flux.runtime import Rate, RunSpec, actor_main
 from flux.sinks import open_sinks
+from flux.status import write_status
 
 
 @dataclass
@@ -29,6 +32,7 @@ class Member:
     name: str
     pid: int
     last_seen: float
+    host: str = ""
     busy_frac: float = 0.0
     stats: dict = field(default_factory=dict)
     outstanding: dict = field(default_factory=dict)  # group_id -> (prompt_index, n_samples)
@@ -45,6 +49,7 @@ class Controller:
                        bias=aa.initial_async_ratio, ema_horizon=aa.ema_horizon)
         self.cursor = PromptCursor(spec.num_prompts, cfg.seed)
         self.members: dict[str, Member] = {}
+        self.gone: dict[str, dict] = {}  # name -> its last status row, for `flux status`
         self.weights: dict | None = None
         self.next_group_id = 0
         self.counts = {"admitted": 0, "produced": 0, "trained": 0, "dropped": 0, "requeued": 0}
@@ -56,6 +61,7 @@ class Controller:
         self.done: str | None = None
         self.failed: str | None = None
         self.drops = P.DropCounter("controller")
+        self.last_step: int | None = None
         self.metrics = open_sinks(spec.run_dir, cfg)
 
     # ---- requests -------------------------------------------------------------------------------
@@ -66,7 +72,8 @@ class Controller:
         if name in self.members:
             self.members[name].last_seen = now
         if isinstance(msg, P.Register):
-            self.members[msg.name] = Member(msg.role, msg.name, msg.pid, now)
+            self.members[msg.name] = Member(msg.role, msg.name, msg.pid, now, msg.host)
+            self.gone.pop(msg.name, None)
             self.log.info("%s %s registered (pid %d)", msg.role, msg.name, msg.pid)
             return P.Welcome(self.spec.run_id, self.admission.version, self.weights)
         if isinstance(msg, P.Heartbeat):
@@ -143,6 +150,7 @@ class Controller:
             "controller": self.state(),
         }
         self.metrics.write(rep.step, line)
+        self.last_step = rep.step
         if "checkpoint" in m:  # the learner saved one: the controller's half of the state goes beside it
             with open(os.path.join(m["checkpoint"], "controller_state.json"), "w") as f:
                 json.dump(self.state(), f, indent=1)
@@ -161,10 +169,39 @@ class Controller:
                 "started_samples": self.admission.started, "pid": self.pid.state(),
                 "cursor": self.cursor.state(), "groups": dict(self.counts), "next_group_id": self.next_group_id}
 
+    def status(self, stopped: str | None = None) -> dict:
+        """status.json, what `flux status` shows: who is alive or gone, and the control loop's numbers."""
+        now = time.monotonic()
+        me = {"role": "controller", "name": "controller", "pid": os.getpid(), "host": socket.gethostname(),
+              "alive": not stopped, "state": "exited" if stopped else "alive", "reason": stopped or "",
+              "heartbeat_age_s": 0.0, "busy_frac": None, "version": self.admission.version}
+        alive = [self.member_row(m, now) for m in self.members.values()]
+        depth = next((m.stats.get("depth") for m in self.members.values() if m.role == "buffer"), None)
+        aa = self.cfg.adaptive_async
+        return {"run_id": self.spec.run_id, "time": time.time(), "started": self.t_start,
+                "heartbeat_s": self.cfg.net.heartbeat_s, "state": "stopped" if stopped else "running",
+                "reason": stopped or "", "step": self.last_step, "max_steps": self.cfg.max_steps,
+                "version": self.admission.version, "mode": aa.mode, "async_ratio": self.admission.async_ratio,
+                "staleness_ema": self.pid.ema, "target_staleness": aa.target_staleness, "buffer_depth": depth,
+                "groups": dict(self.counts), "members": [me, *alive, *self.gone.values()]}
+
+    def member_row(self, m: Member, now: float, state: str = "alive", reason: str = "") -> dict:
+        """One actor in status.json; a busy fraction only where one is measured (learner, generators)."""
+        alive = state == "alive"
+        return {"role": m.role, "name": m.name, "pid": m.pid, "host": m.host, "alive": alive, "state": state,
+                "reason": reason, "heartbeat_age_s": round(now - m.last_seen, 3) if alive else None,
+                "busy_frac": m.busy_frac if m.role in ("learner", "generator") else None,
+                "version": m.stats.get("version", self.admission.version if m.role == "learner" else None)}
+
+    def forget(self, member: Member, state: str, reason: str) -> None:
+        """A member `exited` (said goodbye) or is `dead` (crashed, silent); `flux status` still lists it."""
+        self.gone[member.name] = self.member_row(member, time.monotonic(), state, reason)
+
     def on_goodbye(self, msg: P.Goodbye) -> None:
         self.log.info("%s %s says goodbye (%s, ok=%s)", msg.role, msg.name, msg.reason, msg.ok)
         member = self.members.pop(msg.name, None)
         if member:
+            self.forget(member, "exited" if msg.ok else "dead", msg.reason)
             self.reclaim(member)
         if msg.role == "learner" and msg.ok:
             self.done = msg.reason
@@ -190,6 +227,7 @@ class Controller:
                 self.log.warning("%s %s silent for %.1fs: declared dead", m.role, name,
                                  self.cfg.net.heartbeat_timeout_s)
                 del self.members[name]
+                self.forget(m, "dead", f"silent for {self.cfg.net.heartbeat_timeout_s:g}s")
                 self.reclaim(m)
                 if m.role != "generator":
                     self.failed = f"{m.role} {name} stopped answering"
@@ -203,7 +241,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     router.bind(spec.controller_router)
     pub.bind(spec.controller_pub)
     ctl = Controller(spec, log)
-    liveness = Rate(0.5)
+    liveness, report = Rate(0.5), Rate(spec.config.net.heartbeat_s)
     log.info("controller up: ROUTER %s, PUB %s", spec.controller_router, spec.controller_pub)
     while not (stop.is_set() or ctl.done or ctl.failed):
         if router.poll(50):
@@ -221,6 +259,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                     P.send(router, out, identity=ident)
         if liveness.due():
             ctl.check_liveness()
+        if report.due():
+            write_status(spec.run_dir, ctl.status())
     reason = ctl.done or ctl.failed or f"signal {stop.reason}"
     accounting = ctl.accounting()
     log.info("stopping: %s; groups %s", reason, accounting)
@@ -230,6 +270,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         P.send(pub, P.Stop(reason))
         time.sleep(0.05)
     ctl.metrics.close()
+    write_status(spec.run_dir, ctl.status(stopped=reason))
     router.close()
     pub.close()
     ctx.term()

@@ -1,6 +1,7 @@
 """`flux` command line.
 
     flux train [CONFIG.yaml] [--set key=value ...] [--max-steps N] [--out DIR]
+    flux status RUN_DIR [--follow/--once]
     flux plot RUN_DIR [--out FILE.png]
     flux config
 """
@@ -43,6 +44,23 @@ def train(config, overrides, max_steps, out):
     except KeyboardInterrupt:  # before the actors exist (e.g. while the default model is built)
         fail("interrupted", 130)
     sys.exit(code)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path())
+@click.option("--follow/--once", default=None,
+              help="Redraw until the run ends, or print once (default: follow on a terminal).")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
+def status(run_dir, follow, interval):
+    """What a run is doing: actors, versions, async ratio, staleness, throughput, reward."""
+    from flux.status import StatusError, watch
+
+    try:
+        sys.exit(watch(run_dir, follow, interval))
+    except StatusError as e:
+        fail(str(e))
+    except KeyboardInterrupt:  # the way to stop following
+        sys.exit(0)
 
 
 @main.command()

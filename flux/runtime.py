@@ -75,6 +75,7 @@ def setup_logging(run_dir: str | Path | None, name: str) -> logging.Logger:
         fh = logging.FileHandler(logs / f"{name}.log")
         fh.setFormatter(fmt)
         root.addHandler(fh)
+    logging.captureWarnings(True)  # warnings.warn (torch, transformers) lands in the same log, same format
     quiet_libraries()
     return logging.getLogger(f"flux.{name}")
 

@@ -34,11 +34,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     sub.subscribe(b"Stop")
     P.send(ctl, P.Register("buffer", "buffer", os.getpid(), socket.gethostname()))
 
-    from flux.algorithms import get_algorithm
-
-    # A preference algorithm (DPO) needs a pair from every group: equal rewards make none.
-    skip_flat = cfg.dynamic_sampling or get_algorithm(cfg.algorithm).preference
-    composer = Composer(eta_max=cfg.adaptive_async.eta_max, skip_zero_variance=skip_flat)
+    composer = Composer(eta_max=cfg.adaptive_async.eta_max, skip_zero_variance=cfg.dynamic_sampling)
     waiting: tuple | None = None  # (identity, BatchRequest) held until it can be served
     report = Rate(cfg.net.heartbeat_s)
     poller = zmq.Poller()

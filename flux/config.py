@@ -146,7 +146,7 @@ class FluxConfig:
     algo: dict = _doc("Algorithm hyper-parameters overriding its defaults, e.g. {kl_coef: 0.01}.",
                       factory=dict)
     dynamic_sampling: bool = _doc("DAPO dynamic sampling: drop zero-reward-variance groups (counted) and "
-                                  "admit replacements.", False)
+                                  "admit replacements. Always on for DPO (a flat group makes no pair).", False)
     seed: int = _doc("Seed for data order, sampling and initialisation.", 0)
     max_steps: int = _doc("Optimizer steps to run.", 800)
     out: str = _doc("Run directory (created); empty = runs/<timestamp>.", "")

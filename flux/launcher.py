@@ -66,6 +66,8 @@ def prepare(cfg: FluxConfig) -> RunSpec:
         algorithm.params(cfg.algo)
     except (KeyError, ValueError) as e:
         raise SetupError(f"algorithm: {e.args[0] if e.args else e}") from None
+    if algorithm.preference:  # a group whose samples all score the same makes no pair: drop and replace it
+        cfg.dynamic_sampling = True
     if is_preference(records[0]):
         if not algorithm.preference:
             raise SetupError(f"prompts: {cfg.prompts} holds preference pairs (chosen/rejected), which only a "

@@ -11,7 +11,8 @@ time) and writes JSON with the machine it ran on.
 
 The DPO rows use `learner.lr=3e-4` (DPO's log-ratio objective has no clip; at the RL default of 1e-3
 online DPO on small batches overshoots): `dpo` learns from the built-in preference pairs (right vs wrong
-sort answers), `dpo-online` from best-vs-worst pairs of its own samples, scored by the reward function.
+sort answers), `dpo-rpo` the same with the NLL of the chosen answers added (`algo.sft_coef=1`),
+`dpo-online` from best-vs-worst pairs of its own samples, scored by the reward function.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ RUNS = {
     "reinforce_pp": ([], 128),
     "dapo": (["dynamic_sampling=true", "algo.overlong_cache=4"], 128),
     "dpo": (["prompts=builtin:sort_pairs", "learner.lr=3e-4"], 16),
+    "dpo-rpo": (["prompts=builtin:sort_pairs", "learner.lr=3e-4", "algo.sft_coef=1.0"], 16),
     "dpo-online": (["learner.lr=3e-4"], 128),
 }
 
@@ -80,7 +82,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only:
             extra, per_step = RUNS[name]
-            algorithm = name.removesuffix("-online")
+            algorithm = name.partition("-")[0]
             sets = [f"algorithm={algorithm}", f"seed={args.seed}", *extra, *args.overrides]
             steps = max(1, args.samples // per_step)
             rows, _, error = run_train(name, sets, steps, Path(tmp) / name)

@@ -19,7 +19,11 @@ class Composer:
     - With `skip_zero_variance` (DAPO dynamic sampling), a group whose rewards are all equal carries no
       GRPO/RLOO signal: it is dropped on arrival and counted (`dropped_zero_variance`); giving its
       credit back makes the controller admit a replacement.
-    - Batches take the freshest groups first (highest mean token version, then arrival order).
+    - Batches take the freshest groups first (highest mean token version, then arrival order), with
+      one exception: a group that is still usable now but would be too stale at the next version goes
+      before all others. Otherwise a steady inflow of fresher groups keeps it waiting until it is
+      dropped, and the generator time spent on it is lost (in `async` mode, a third of all samples
+      on the built-in workload).
     """
 
     def __init__(self, eta_max: int, skip_zero_variance: bool = False):
@@ -54,7 +58,8 @@ class Composer:
         self.groups = fresh
         if len(fresh) < k:
             return None
-        fresh.sort(key=lambda it: (-it[0], it[1]))
+        # Expiring first (their last chance), then freshest, then arrival order.
+        fresh.sort(key=lambda it: (version + 1 - int(it[2].versions.min()) <= self.eta_max, -it[0], it[1]))
         chosen, self.groups = fresh[:k], fresh[k:]
         return [it[2] for it in chosen]
 

@@ -1,4 +1,5 @@
-"""The batch composer: whole groups, freshest first, stale ones dropped and counted, balanced splits."""
+"""The batch composer: whole groups, freshest first (expiring ones before), stale ones dropped and counted,
+balanced splits."""
 
 import numpy as np
 from hypothesis import given, settings
@@ -44,6 +45,17 @@ def test_freshest_first_then_arrival_order():
     assert ids(c.take(3, version=3)) == [2, 4, 5]
     assert ids(c.take(2, version=3)) == [3, 1]
     assert c.take(1, version=3) is None
+
+
+def test_groups_about_to_expire_go_before_fresher_ones():
+    c = Composer(eta_max=2)
+    c.add(group(1, [1]))       # lag 1 at version 2; lag 2 at 3: still fine next step
+    c.add(group(2, [0]))       # lag 2 now (usable), lag 3 at the next version: its last chance
+    c.add(group(3, [2]))       # the freshest
+    c.add(group(4, [0, 2]))    # its oldest token expires too; mean version 1, fresher than group 2
+    assert ids(c.take(2, version=2)) == [4, 2]   # both expiring ones, the fresher (by mean version) first
+    assert ids(c.take(2, version=2)) == [3, 1]   # then freshest first as usual
+    assert c.dropped_stale == 0
 
 
 def test_stale_groups_dropped_counted_and_reported_once():

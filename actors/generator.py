@@ -133,15 +133,15 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     from transformers import AutoTokenizer
 
     from flux.data import is_preference, load_prompts, render_prompt
+    from flux.engine import build_engine
     from flux.engine.base import SamplingParams
-    from flux.engine.torch_engine import TorchEngine
     from flux.rewards import load_function
 
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     records = load_prompts(cfg.prompts)
     reward_fn = load_function(cfg.reward)
     seed = cfg.seed * 7919 + int.from_bytes(name.encode()[-4:], "little")
-    engine = TorchEngine.from_pretrained(spec.model_path, update_mode=cfg.rollout.update_mode, seed=seed)
+    engine = build_engine(cfg, spec.model_path, name=name, seed=seed, log_dir=f"{spec.run_dir}/logs")
     r = cfg.rollout
     stops = tuple(t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
                   if isinstance(t, int) and t >= 0)

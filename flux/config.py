@@ -52,6 +52,31 @@ class RolloutConfig:
                                    "version. From the first listed version on, the entry for the engine's "
                                    "current version replaces `slowdown`; before it, `slowdown` applies.",
                                    factory=list)
+    sglang_url: str = _doc("`engine: sglang`: URL of a running SGLang server (`http://HOST:PORT`), or a "
+                           "comma-separated list with one per generator. It must serve `model_path`'s weights "
+                           "when the run starts. Empty = each generator starts its own server.", "")
+    sglang_port: int = _doc("`engine: sglang`: port of the server a generator starts (generator i uses "
+                            "sglang_port + i); 0 = a free port.", 0)
+    sglang_args: list = _doc("`engine: sglang`: more `sglang.launch_server` arguments for a started server, "
+                             "e.g. [--mem-fraction-static, 0.5, --tp-size, 2].", factory=list)
+    sglang_module: str = _doc("`engine: sglang`: the module a generator runs as the server, with `--model-path "
+                              "--host --port` and sglang_args (change it only to wrap SGLang).",
+                              "sglang.launch_server")
+    sglang_startup_timeout_s: float = _doc("`engine: sglang`: seconds a started server may take to answer "
+                                           "/health.", 900.0)
+    sglang_pause_mode: str = _doc("`engine: sglang`: how new weights interrupt generation (/pause_generation "
+                                  "mode): `abort` (requests end and are resubmitted with their tokens so far), "
+                                  "`retract` (requests wait, their KV cache is recomputed) or `in_place` "
+                                  "(requests wait with their KV cache).", "abort")
+    sglang_weight_sync: str = _doc("`engine: sglang`: how weights reach the server: `tensor` "
+                                   "(/update_weights_from_tensor; CUDA IPC handles on the same node, CPU tensors "
+                                   "by value) or `distributed` (/update_weights_from_distributed, a broadcast "
+                                   "from the generator to the server's ranks).", "tensor")
+    sglang_bucket_mb: int = _doc("`engine: sglang`: size cap of one flattened weight bucket (MiB).", 512)
+    sglang_group_backend: str = _doc("`engine: sglang`, `weight_sync: distributed`: backend of the weight-update "
+                                     "group, `nccl` (GPU) or `gloo`.", "nccl")
+    sglang_group_host: str = _doc("`engine: sglang`, `weight_sync: distributed`: this machine's address as the "
+                                  "server reaches it (empty = net.host).", "")
 
 
 @dataclass
@@ -189,6 +214,20 @@ class FluxConfig:
             ("rollout.slowdown", r.slowdown >= 0, "must be >= 0"),
             ("rollout.slowdown_schedule", _valid_schedule(r.slowdown_schedule),
              "must be [[from_version, seconds_per_token], ...] with versions >= 0 increasing, seconds >= 0"),
+            ("rollout.sglang_url", _valid_urls(r.sglang_url, r.num_generators),
+             "must be http(s)://HOST:PORT, or a comma-separated list with one URL per generator"),
+            ("rollout.sglang_port", 0 <= r.sglang_port and r.sglang_port + r.num_generators <= 65536,
+             "must be 0 (free ports) or a port with room for one per generator"),
+            ("rollout.sglang_args", all(isinstance(a, (str, int, float)) for a in r.sglang_args),
+             "must be a list of command-line arguments"),
+            ("rollout.sglang_module", bool(r.sglang_module.strip()), "must name a module"),
+            ("rollout.sglang_startup_timeout_s", r.sglang_startup_timeout_s > 0, "must be > 0"),
+            ("rollout.sglang_pause_mode", r.sglang_pause_mode in ("abort", "retract", "in_place"),
+             "must be `abort`, `retract` or `in_place`"),
+            ("rollout.sglang_weight_sync", r.sglang_weight_sync in ("tensor", "distributed"),
+             "must be `tensor` or `distributed`"),
+            ("rollout.sglang_bucket_mb", r.sglang_bucket_mb >= 1, "must be >= 1"),
+            ("rollout.sglang_group_backend", r.sglang_group_backend in ("nccl", "gloo"), "must be `nccl` or `gloo`"),
             ("learner.backend", lr.backend in ("torch", "megatron"), "must be `torch` or `megatron`"),
             ("learner.groups_per_step", lr.groups_per_step >= 1, "must be >= 1"),
             ("learner.lr", lr.lr > 0, "must be > 0"),
@@ -343,6 +382,15 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
     if isinstance(value, target):
         return value
     raise ConfigError(f"{dotted}: expected {getattr(target, '__name__', target)}, got {value!r}")
+
+
+def _valid_urls(urls: str, num_generators: int) -> bool:
+    """Empty, one http(s) URL for one generator, or one per generator (comma-separated)."""
+    parts = [u.strip() for u in urls.split(",") if u.strip()]
+    if not parts:
+        return True
+    return all(u.startswith(("http://", "https://")) for u in parts) and (
+        len(parts) == num_generators)
 
 
 def _valid_schedule(schedule: list) -> bool:

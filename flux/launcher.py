@@ -73,8 +73,15 @@ def prepare(cfg: FluxConfig) -> RunSpec:
             raise SetupError(f"prompts: {cfg.prompts} holds preference pairs (chosen/rejected), which only a "
                              f"preference algorithm such as dpo trains on, not {algorithm.name}")
         cfg.rollout.group_size = 2  # offline pairs: a group is the pair (B = 2 · groups_per_step)
-    if cfg.rollout.engine != "torch" or cfg.learner.backend != "torch":
-        raise SetupError("only rollout.engine=torch and learner.backend=torch are available in this build")
+    if cfg.learner.backend != "torch":
+        raise SetupError("only learner.backend=torch is available in this build")
+    if cfg.rollout.engine == "sglang":
+        from flux.engine.sglang_engine import SGLangError, check_setup
+
+        try:
+            check_setup(cfg.rollout)
+        except SGLangError as e:
+            raise SetupError(f"rollout.engine=sglang: {e}") from None
     model_path = resolve_model_path(cfg.model_path)
     if not (Path(model_path) / "config.json").is_file():
         raise SetupError(f"model_path: {model_path} is not an HF model directory (no config.json)")

@@ -13,6 +13,7 @@ from flux.learner.hf_megatron import (
     stage_layers,
     to_hf,
     to_megatron,
+    tp_replicated,
 )
 
 SHAPE = {"vocab_size": 64, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
@@ -93,6 +94,8 @@ def test_round_trip_is_bit_exact(family, tp, fused_norms):
     assert shards[0]["decoder.layers.0.mlp.linear_fc2.weight"].shape == (arch.hidden_size, 96 // tp)
     assert ("output_layer.weight" in shards[0]) != arch.tie_embeddings
     assert f"decoder.layers.0.{NORM_NAMES[fused_norms][0]}" in shards[0]
+    for name, t in shards[0].items():  # replicated = the same tensor on every rank; split = not
+        assert tp_replicated(name) == all(torch.equal(s[name], t) for s in shards) or tp == 1, name
     back = to_hf(shards, arch, fused_norms=fused_norms)
     assert back.keys() == hf.keys()
     assert all(torch.equal(back[k], hf[k]) for k in hf)

@@ -125,6 +125,11 @@ def arch_from_hf_config(cfg: Mapping) -> DecoderArch:
     )
 
 
+def tp_replicated(megatron_name: str) -> bool:
+    """Whether a Megatron parameter is whole on every TP rank (the norms) rather than split across them."""
+    return megatron_name.endswith(("layernorm.weight", "layer_norm_weight"))
+
+
 def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> range:
     """The global layer indices a pipeline stage holds (an even split, megatron-core's default)."""
     per = num_layers // pp_size

@@ -152,7 +152,7 @@ class TorchLearner:
             (enable or self.model.gradient_checkpointing_enable)()
         self.ref_model = None
         if reference:
-            self.ref_model = _from_pretrained(self.model_path, dtype).to(self.device).eval()
+            self.ref_model = self._load_model(self.model_path, dtype).to(self.device).eval()
             self.ref_model.requires_grad_(False)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
                                            betas=betas, weight_decay=weight_decay)
@@ -226,7 +226,7 @@ class TorchLearner:
         update was dropped).
         """
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         parts = micro_batches if micro_batches is not None else self.micro_batches(batch)
         total = float(batch.response_mask.sum())
         acc: dict[str, float] = {}
@@ -244,17 +244,24 @@ class TorchLearner:
             loss_sum += float(loss.detach()) * share
             for k, v in stats.items():
                 acc[k] = max(acc.get(k, v), v) if k.endswith("_max") else acc.get(k, 0.0) + v * share
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.max_grad_norm if self.max_grad_norm and self.max_grad_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
+        grad_norm = self._clip_gradients()
         skipped = not torch.isfinite(torch.tensor(grad_norm))
         if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
         else:
             self.optimizer.step()
             self.step_count += 1
         return {**acc, "loss": loss_sum, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
                 "step_skipped": float(skipped)}
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _clip_gradients(self) -> float:
+        """Clip the gradients to max_grad_norm; return their norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.max_grad_norm if self.max_grad_norm and self.max_grad_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
 
     # ---- weights and checkpoints ------------------------------------------------------------------
     def export_weights(self, device: str | torch.device | None = None) -> dict[str, Tensor]:
@@ -273,6 +280,10 @@ class TorchLearner:
             t = t.detach()
             out[name] = (t.to(device) if device is not None else t).contiguous()
         return out
+
+    def eval_model(self) -> torch.nn.Module:
+        """An HF causal LM holding the current weights, for evaluation with `TorchEngine`: the model itself."""
+        return self.model
 
     def save(self, path: str | Path) -> Path:
         """HF checkpoint (+ tokenizer files found at model_path) + optimizer.pt + trainer_state.json."""

@@ -1,0 +1,282 @@
+"""The megatron-core training backend: a `GPTModel` built from an HF config, tensor parallel, HF weights in
+and out. The one module of Flux that imports `megatron.core`, and only inside functions, so importing it
+(and `flux`) needs no megatron-core.
+
+What megatron-core provides here: the model (local layer spec on CPU, the Transformer Engine spec when TE is
+installed and the device is CUDA), tensor-parallel layers and the vocab-parallel cross-entropy that gives
+per-token log-probs through the model's labels path. What Flux keeps: the micro-batching, loss weighting and
+`step` of `TorchLearner` (losses from the algorithm registry, unchanged), AdamW over each rank's shards
+with a gradient norm taken over the whole tensor-parallel model, and checkpoints in HF format. Megatron's
+own DDP and distributed optimizer belong with data parallelism (learner.ranks > 1), which Flux does not
+have yet.
+
+Ranks: every rank of the tensor-parallel group builds a `MegatronLearner` with the same arguments and
+calls the same methods in the same order (SPMD); `export_weights` and `save` gather the shards. One
+process alone (TP = 1, `flux train`) needs no setup: a single-rank gloo group is made in-process.
+
+CPU: megatron-core 0.16 places a few tensors on `torch.cuda.current_device()` (the RoPE frequencies, the
+attention score buffer) and its default causal mask on "cuda". On a machine without CUDA the learner
+therefore points `torch.cuda.current_device` at the CPU (`use_cpu_device`: it only replaces a function
+that would otherwise raise), passes an explicit causal mask, seeds with megatron's inference RNG tracker
+(no CUDA RNG to fork; dropout is 0) and builds the weights on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from flux.learner.hf_megatron import (
+    DecoderArch,
+    arch_from_hf_config,
+    to_hf,
+    to_megatron,
+    tp_replicated,
+)
+from flux.learner.torch_learner import TOKENIZER_FILES, TorchLearner, TrainBatch
+
+
+def megatron_available() -> bool:
+    """Whether megatron-core is installed (without importing it)."""
+    try:
+        return importlib.util.find_spec("megatron.core") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def use_cpu_device() -> None:
+    """Make megatron-core's `torch.cuda.current_device()` calls land on the CPU. Only without CUDA."""
+    if torch.cuda.is_available():
+        raise RuntimeError("use_cpu_device() is for machines without CUDA")
+    torch.cuda.current_device = lambda: torch.device("cpu")
+
+
+def init_parallel(tensor_parallel: int, seed: int, device: torch.device) -> None:
+    """Process group (a single-rank gloo one if none exists) → megatron's model-parallel groups → seeds."""
+    from megatron.core import parallel_state
+    from megatron.core import tensor_parallel as mtp
+
+    if not dist.is_initialized():
+        if tensor_parallel != 1:
+            raise RuntimeError(f"tensor_parallel={tensor_parallel} needs torch.distributed initialised "
+                               f"with {tensor_parallel} ranks before MegatronLearner is built")
+        dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=dist.HashStore(),
+                                rank=0, world_size=1)
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel:
+            raise RuntimeError("megatron's model-parallel groups already exist with another tensor_parallel")
+    else:
+        if dist.get_world_size() != tensor_parallel:
+            raise RuntimeError(f"tensor_parallel={tensor_parallel} but torch.distributed has "
+                               f"{dist.get_world_size()} ranks (data parallel is not supported)")
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    mtp.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=device.type == "cpu")
+
+
+def build_gpt(arch: DecoderArch, tensor_parallel: int, dtype: torch.dtype, transformer_engine: bool):
+    """A megatron-core `GPTModel` of `arch` with uninitialised weights (they are loaded next)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_heads, num_query_groups=arch.num_kv_heads, kv_channels=arch.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=arch.norm_eps, qk_layernorm=arch.qk_norm,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias,
+        hidden_dropout=0.0, attention_dropout=0.0, attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tensor_parallel, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=True, perform_initialization=False,
+        # The fused kernels are CUDA-only; on GPU TE brings its own.
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+    )
+    if transformer_engine:
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    else:
+        spec = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+    return GPTModel(config, spec, vocab_size=arch.vocab_size, max_sequence_length=arch.max_position_embeddings,
+                    position_embedding_type="rope", rotary_base=arch.rope_theta,
+                    rope_scaling=arch.rope_scaling_factor is not None,
+                    rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+                    share_embeddings_and_output_weights=arch.tie_embeddings, parallel_output=True)
+
+
+def read_hf_weights(path: str | Path) -> dict[str, Tensor]:
+    """Every tensor of an HF checkpoint directory's *.safetensors files (one file or an index's shards)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights")
+    out: dict[str, Tensor] = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+class MegatronLearner(TorchLearner):
+    """`TorchLearner`'s surface over a megatron-core `GPTModel` (Llama / Qwen2 / Qwen3 checkpoints).
+
+    `logprobs`, `ref_logprobs`, `step(loss_fn, batch, micro_batches)` and the micro-batch options behave as
+    in `TorchLearner`; `export_weights` returns HF names and layouts (tensor-parallel shards merged), `save`
+    writes an HF checkpoint that `AutoModelForCausalLM` loads. Rows must be right-padded (RoPE positions are
+    0..L-1 in Megatron), which is what `TrainBatch.from_samples` builds.
+    """
+
+    def __init__(self, model_path: str, *, tensor_parallel: int = 1, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False, **kwargs):
+        if not megatron_available():
+            raise ImportError("learner.backend=megatron needs megatron-core: pip install 'flux-rlhf[megatron]'")
+        if gradient_checkpointing:
+            raise ValueError("gradient_checkpointing is not supported by the megatron backend yet")
+        device = torch.device(device)
+        if device.type == "cpu" and not torch.cuda.is_available():
+            use_cpu_device()
+        self.arch = arch_from_hf_config(json.loads((Path(model_path) / "config.json").read_text()))
+        self.arch.check_parallel(tensor_parallel)
+        self.tensor_parallel = tensor_parallel
+        # Transformer Engine only on CUDA (and only if installed); the local spec elsewhere.
+        self.transformer_engine = device.type == "cuda" and importlib.util.find_spec("transformer_engine") is not None
+        init_parallel(tensor_parallel, kwargs.get("seed", 0), device)
+        from megatron.core import parallel_state
+
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self._eval_twin: torch.nn.Module | None = None
+        super().__init__(model_path, device=device, dtype=dtype, **kwargs)
+
+    # ---- the model ----------------------------------------------------------------------------------
+    def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
+        model = build_gpt(self.arch, self.tensor_parallel, dtype, self.transformer_engine)
+        self._load_hf_weights(model, read_hf_weights(path))
+        if self.temperature != 1.0:
+            # Scaling the last hidden state by 1/T scales the logits by 1/T, and keeps the labels path.
+            model.output_layer.register_forward_pre_hook(lambda _, args: (args[0] / self.temperature, *args[1:]))
+        return model
+
+    def _load_hf_weights(self, model: torch.nn.Module, hf: dict[str, Tensor]) -> None:
+        shard = to_megatron(hf, self.arch, self.tp_rank, self.tensor_parallel, fused_norms=self.transformer_engine)
+        missing, unexpected = model.load_state_dict(shard, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"HF weights do not fit the Megatron model: missing {missing}, "
+                               f"unexpected {unexpected}")
+
+    def _forward(self, model: torch.nn.Module, mb: TrainBatch) -> Tensor:
+        """Per-token log-probs from the labels path: the model returns −log p(label) per position, (b, L)."""
+        ids, attn = mb.input_ids, mb.attention_mask.bool()
+        if (attn[:, 1:] & ~attn[:, :-1]).any():
+            raise ValueError("the megatron backend needs right-padded rows (a pad token precedes a real one)")
+        b, length = ids.shape
+        position_ids = torch.arange(length, device=ids.device).expand(b, length)
+        labels = F.pad(ids[:, 1:], (0, 1))  # the label at t is token t+1; the last position's is a dummy
+        # True = masked. Right padding: the causal mask alone keeps real tokens off the padding.
+        causal = None
+        if ids.device.type == "cpu":  # megatron's default mask is built on "cuda"
+            causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).triu(1)[None, None]
+        nll = model(ids, position_ids, causal, labels=labels)
+        lp = F.pad(-nll[:, :-1].float(), (1, 0))
+        return torch.where(mb.response_mask > 0, lp, torch.zeros_like(lp))
+
+    def _clip_gradients(self) -> float:
+        """Clip to max_grad_norm by the norm of the whole model: sharded gradients summed over the TP group,
+        replicated ones (norms; identical on every rank) counted once."""
+        # By name: megatron-core marks split parameters only when it initialises them, which we skip.
+        grads = [(p.grad, not tp_replicated(name)) for name, p in self.model.named_parameters()
+                 if p.grad is not None]
+        if not grads:
+            return 0.0
+        sq = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sharded, replicated]
+        for g, sharded in grads:
+            sq[0 if sharded else 1] += g.detach().double().pow(2).sum()
+        if self.tensor_parallel > 1:
+            dist.all_reduce(sq[:1], group=self.tp_group)
+        norm = float(sq.sum().sqrt())
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            scale = min(1.0, self.max_grad_norm / (norm + 1e-6))  # as torch's clip_grad_norm_
+            if scale < 1.0:
+                for g, _ in grads:
+                    g.mul_(scale)
+        return norm
+
+    # ---- weights and checkpoints ----------------------------------------------------------------------
+    def _local_state(self) -> dict[str, Tensor]:
+        return {k: v.detach() for k, v in self.model.state_dict().items()
+                if isinstance(v, Tensor) and not k.endswith("_extra_state")}
+
+    def export_weights(self, device: str | torch.device | None = None) -> dict[str, Tensor]:
+        """The whole model under HF names and layouts, on every rank (collective when TP > 1)."""
+        local = self._local_state()
+        shards = [local]
+        if self.tensor_parallel > 1:
+            shards = [{} for _ in range(self.tensor_parallel)]
+            for name, t in local.items():
+                parts = [torch.empty_like(t) for _ in range(self.tensor_parallel)]
+                dist.all_gather(parts, t.contiguous(), group=self.tp_group)
+                for shard, part in zip(shards, parts):
+                    shard[name] = part
+        hf = to_hf(shards, self.arch, fused_norms=self.transformer_engine)
+        return {k: (v.to(device) if device is not None else v).contiguous() for k, v in hf.items()}
+
+    def eval_model(self) -> torch.nn.Module:
+        """An HF twin of the model (built on first use), refreshed with the current weights on every call.
+
+        Collective when TP > 1 (it exports the weights)."""
+        from flux.hf import from_pretrained
+
+        weights = self.export_weights()
+        if self._eval_twin is None:
+            self._eval_twin = from_pretrained(self.model_path, next(self.model.parameters()).dtype).to(self.device)
+            self._eval_twin.requires_grad_(False)
+        self._eval_twin.load_state_dict(weights, strict=not self.arch.tie_embeddings)
+        return self._eval_twin
+
+    def save(self, path: str | Path) -> Path:
+        """HF checkpoint (config + model.safetensors + tokenizer files, by rank 0), one optimizer file per
+        TP rank, trainer_state.json. Collective when TP > 1."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        weights = self.export_weights(device="cpu")
+        if self.tp_rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+            src = Path(self.model_path)
+            for name in ("config.json", "generation_config.json", *TOKENIZER_FILES):
+                if (src / name).is_file() and not (path / name).exists():
+                    shutil.copy2(src / name, path / name)
+            state = {"step": self.step_count, "model_path": self.model_path, "seed": self.seed,
+                     "lr": self.optimizer.param_groups[0]["lr"], "temperature": self.temperature,
+                     "backend": "megatron", "tensor_parallel": self.tensor_parallel}
+            (path / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        self._barrier()
+        torch.save(self.optimizer.state_dict(), path / f"optimizer_tp{self.tp_rank}.pt")
+        self._barrier()
+        return path
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        """Restore weights (any HF checkpoint of this architecture), this rank's optimizer state and the step."""
+        path = Path(path)
+        with torch.no_grad():
+            self._load_hf_weights(self.model, read_hf_weights(path))
+        opt = path / f"optimizer_tp{self.tp_rank}.pt"
+        if opt.exists():
+            self.optimizer.load_state_dict(torch.load(opt, map_location=self.device))
+        state_file = path / "trainer_state.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {}
+        self.step_count = int(state.get("step", 0))
+        return state
+
+    def _barrier(self) -> None:
+        if self.tensor_parallel > 1:
+            dist.barrier(group=self.tp_group)

@@ -1,0 +1,200 @@
+"""The megatron-core learner on CPU (local layer spec, gloo): log-probs, steps and weights against the
+PyTorch learner on the embedded tiny Qwen2, TP=2 in two processes against TP=1, HF checkpoints.
+
+Skipped without megatron-core (`pip install 'flux-rlhf[megatron]'`). Importing megatron-core takes ~10 s,
+so one learner is shared per module where the tests allow it.
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from flux.learner.megatron_learner import megatron_available
+
+torch.set_num_threads(1)
+needs_megatron = pytest.mark.skipif(not megatron_available(), reason="megatron-core is not installed")
+TEMPERATURE = 0.7
+TP2_TIMEOUT_S = 240
+COMMON = {"lr": 1e-3, "temperature": TEMPERATURE, "seed": 0, "max_grad_norm": 0.5}  # the first steps clip
+
+
+def test_flux_imports_without_megatron():
+    code = ("import sys, flux, flux.config, flux.launcher, flux.learner.hf_megatron, flux.learner.megatron_learner; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('megatron', 'transformer_engine')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def samples(advantages=(1.0, -1.0, 0.5, -0.5)):
+    g = torch.Generator().manual_seed(1)
+    shapes = [(3, 5), (2, 2), (4, 6), (1, 3)]  # (prompt, response) lengths: right padding in most rows
+    out = []
+    for (n_p, n_r), a in zip(shapes, advantages):
+        ids = torch.randint(4, 40, (n_p + n_r,), generator=g)
+        out.append((ids[:n_p], ids[n_p:], -torch.rand(n_r, generator=g), torch.zeros(n_r, dtype=torch.long), a))
+    return out
+
+
+def batch():
+    from flux.learner.torch_learner import TrainBatch
+
+    return TrainBatch.from_samples(samples(), pad_id=0)
+
+
+def grpo():
+    from flux.algorithms import get_algorithm
+
+    algorithm = get_algorithm("grpo")
+    return algorithm.bind(algorithm.params({}))
+
+
+MICRO = [torch.tensor([0, 2]), torch.tensor([1, 3])]
+
+
+def train(learner, steps: int = 3) -> dict:
+    """Log-probs, `steps` GRPO steps over two micro-batches, final HF weights: what TP=1 and TP=2 compare."""
+    tb = batch()
+    out = {"logprobs": learner.logprobs(tb), "losses": [], "grad_norms": []}
+    tb.proximal_logprobs = out["logprobs"]
+    for _ in range(steps):
+        stats = learner.step(grpo(), tb, MICRO)
+        out["losses"].append(stats["loss"])
+        out["grad_norms"].append(stats["grad_norm"])
+    out["weights"] = learner.export_weights()
+    return out
+
+
+@pytest.fixture(scope="module")
+def learner(default_model):
+    from flux.learner.megatron_learner import MegatronLearner
+
+    return MegatronLearner(str(default_model), lr=1e-3, temperature=TEMPERATURE, reference=True, seed=0)
+
+
+@needs_megatron
+def test_weights_round_trip_bit_exact(learner, default_model):
+    from flux.learner.megatron_learner import read_hf_weights
+
+    hf = read_hf_weights(default_model)
+    exported = learner.export_weights()
+    assert exported.keys() == hf.keys()  # tied: embed_tokens once, no lm_head
+    assert all(torch.equal(exported[k], hf[k]) for k in hf)
+    assert learner.model.embedding.word_embeddings.weight is learner.model.shared_embedding_or_output_weight()
+
+
+@needs_megatron
+def test_logprobs_match_the_torch_learner(learner, default_model):
+    from flux.learner.torch_learner import TorchLearner
+
+    tb = batch()
+    expected = TorchLearner(str(default_model), temperature=TEMPERATURE).logprobs(tb)
+    for got in (learner.logprobs(tb), learner.ref_logprobs(tb)):
+        assert got.shape == tb.input_ids.shape and got.dtype == torch.float32
+        assert torch.equal(got == 0, expected == 0)  # zero exactly outside the response
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+
+
+@needs_megatron
+def test_rejects_left_padding(learner):
+    tb = batch()
+    tb.attention_mask[0, 0] = 0
+    with pytest.raises(ValueError, match="right-padded"):
+        learner.logprobs(tb)
+
+
+@needs_megatron
+def test_steps_match_the_torch_learner(default_model):
+    from flux.learner.megatron_learner import MegatronLearner
+    from flux.learner.torch_learner import TorchLearner
+
+    mega, ref = train(MegatronLearner(str(default_model), **COMMON)), train(TorchLearner(str(default_model), **COMMON))
+    torch.testing.assert_close(mega["losses"], ref["losses"], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(mega["grad_norms"], ref["grad_norms"], atol=1e-6, rtol=1e-4)
+    assert mega["losses"][-1] != mega["losses"][0]  # it did learn something
+    for k, w in ref["weights"].items():
+        torch.testing.assert_close(mega["weights"][k], w, atol=1e-4, rtol=1e-3)
+
+
+@needs_megatron
+def test_save_is_an_hf_checkpoint_and_load_restores(learner, tmp_path):
+    from flux.hf import from_pretrained
+    from flux.learner.megatron_learner import MegatronLearner
+    from flux.learner.torch_learner import TorchLearner
+
+    tb = batch()
+    tb.proximal_logprobs = learner.logprobs(tb)
+    learner.step(grpo(), tb)
+    path = learner.save(tmp_path / "ckpt")
+    assert {"config.json", "model.safetensors", "optimizer_tp0.pt", "trainer_state.json",
+            "tokenizer.json"} <= {p.name for p in path.iterdir()}
+    hf = from_pretrained(str(path), torch.float32)
+    weights = learner.export_weights()
+    assert all(torch.equal(hf.state_dict()[k], w) for k, w in weights.items())
+    torch.testing.assert_close(TorchLearner(str(path), temperature=TEMPERATURE).logprobs(tb), learner.logprobs(tb),
+                               atol=2e-5, rtol=1e-5)
+    twin = learner.eval_model()
+    assert all(torch.equal(twin.state_dict()[k], w) for k, w in weights.items())
+
+    fresh = MegatronLearner(learner.model_path, lr=1e-3, temperature=TEMPERATURE)
+    state = fresh.load(path)
+    assert state["step"] == learner.step_count == fresh.step_count
+    assert all(torch.equal(fresh.export_weights()[k], w) for k, w in weights.items())
+    a, b = fresh.optimizer.state_dict()["state"], learner.optimizer.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
+
+
+def _tp2_worker(rank: int, port: int, model_path: str, out_path: str) -> None:
+    """One of two tensor-parallel ranks: the same calls as `train` on TP=1; rank 0 saves what it saw."""
+    from flux.runtime import die_with_parent
+
+    die_with_parent()  # no orphan if pytest goes away
+    torch.set_num_threads(1)
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    from flux.learner.megatron_learner import MegatronLearner
+
+    learner = MegatronLearner(model_path, tensor_parallel=2, **COMMON)
+    shapes = {k: tuple(v.shape) for k, v in learner.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    result = train(learner)
+    result["shard_shapes"] = shapes
+    if rank == 0:
+        torch.save(result, out_path)
+    torch.distributed.destroy_process_group()
+
+
+@needs_megatron
+def test_tensor_parallel_2_matches_1(default_model, tmp_path):
+    import torch.multiprocessing as mp
+
+    from flux.learner.megatron_learner import MegatronLearner
+    from flux.runtime import free_port
+
+    out = tmp_path / "tp2.pt"
+    ctx = mp.start_processes(_tp2_worker, args=(free_port(), str(default_model), str(out)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + TP2_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=1):
+            assert time.monotonic() < deadline, "TP=2 workers timed out"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()
+    tp2 = torch.load(out)
+    tp1 = train(MegatronLearner(str(default_model), **COMMON))
+    # Each rank holds half of every split tensor: qkv by query group, fc1 as [gate half; up half], vocab rows.
+    assert tp2["shard_shapes"]["decoder.layers.0.self_attention.linear_qkv.weight"] == (128, 128)
+    assert tp2["shard_shapes"]["decoder.layers.0.mlp.linear_fc1.weight"] == (256, 128)
+    assert tp2["shard_shapes"]["decoder.layers.0.mlp.linear_fc2.weight"] == (128, 128)
+    assert tp2["shard_shapes"]["embedding.word_embeddings.weight"] == (32, 128)
+    torch.testing.assert_close(tp2["logprobs"], tp1["logprobs"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tp2["losses"], tp1["losses"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(tp2["grad_norms"], tp1["grad_norms"], atol=1e-6, rtol=1e-5)
+    assert tp2["weights"].keys() == tp1["weights"].keys()
+    for k, w in tp1["weights"].items():  # Adam turns float noise in near-zero gradients into lr-sized steps
+        torch.testing.assert_close(tp2["weights"][k], w, atol=1e-4, rtol=1e-3)

@@ -119,14 +119,23 @@ class Controller:
         """The buffer dropped these groups (too stale, or zero reward variance): their credit comes back."""
         n = self.cfg.rollout.group_size
         for gid in group_ids:
-            if self.group_fate.get(gid) not in ("trained", "dropped"):
+            fate = self.group_fate.get(gid)
+            if fate not in ("trained", "dropped"):
                 self.group_fate[gid] = "dropped"
                 self.counts["dropped"] += 1
-                self.admission.give_back(n)
+                if fate == "requeued":  # its generator died after sending it; the credit came back then
+                    self.counts["requeued"] -= 1
+                else:
+                    self.admission.give_back(n)
 
     def on_step(self, rep: P.StepReport) -> None:
         m = rep.metrics
         for gid in m.pop("group_ids", []):
+            if self.group_fate.get(gid) == "requeued":
+                # Its generator was declared dead after pushing it: it trained after all. One fate per
+                # group, and its samples count against admission again (its prompt runs twice; none lost).
+                self.counts["requeued"] -= 1
+                self.admission.started += self.cfg.rollout.group_size
             self.group_fate[gid] = "trained"
             self.counts["trained"] += 1
         self.trained_samples += int(m.get("samples", 0))

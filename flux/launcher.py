@@ -73,8 +73,6 @@ def prepare(cfg: FluxConfig) -> RunSpec:
             raise SetupError(f"prompts: {cfg.prompts} holds preference pairs (chosen/rejected), which only a "
                              f"preference algorithm such as dpo trains on, not {algorithm.name}")
         cfg.rollout.group_size = 2  # offline pairs: a group is the pair (B = 2 · groups_per_step)
-    if cfg.learner.backend != "torch":
-        raise SetupError("only learner.backend=torch is available in this build")
     if cfg.rollout.engine == "sglang":
         from flux.engine.sglang_engine import SGLangError, check_setup
 
@@ -85,6 +83,13 @@ def prepare(cfg: FluxConfig) -> RunSpec:
     model_path = resolve_model_path(cfg.model_path)
     if not (Path(model_path) / "config.json").is_file():
         raise SetupError(f"model_path: {model_path} is not an HF model directory (no config.json)")
+    if cfg.learner.backend == "megatron":
+        from flux.learner.megatron_learner import check_setup as check_megatron
+
+        try:
+            check_megatron(model_path)
+        except ValueError as e:
+            raise SetupError(f"learner.backend=megatron: {e}") from None
 
     run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,17 +205,29 @@ def run(cfg: FluxConfig, stream=sys.stdout) -> tuple[int, RunSpec]:
     actors: list[Actor] = []
     progress = Progress(spec.run_dir, cfg.max_steps, stream)
     code = 0
+    lost: set[str] = set()  # generators that died
     try:
         start(spec, actors)  # inside the try: a Ctrl-C while spawning still stops what started
         while True:
             time.sleep(0.2)
             progress.poll()
             exited = [a for a in actors if a.proc.poll() is not None]
-            failed = [a for a in exited if a.proc.returncode != 0]
+            for a in exited:
+                if a.role == "generator" and a.proc.returncode != 0 and a.name not in lost:
+                    # A generator may die: the controller re-queues its unfinished groups and the others go
+                    # on. The run stops only when none is left.
+                    lost.add(a.name)
+                    progress.close()
+                    stream.write(f"flux: generator {a.name} died (exit code {a.proc.returncode}): "
+                                 f"{last_words(a) or 'no message'}; its groups are re-queued\n")
+            failed = [a for a in exited if a.proc.returncode != 0 and a.role != "generator"]
+            if not failed and lost and all(a.proc.poll() is not None for a in actors if a.role == "generator"):
+                failed = [a for a in actors if a.name in lost][:1]
             if failed:
                 a = failed[0]
                 progress.close()
-                stream.write(f"flux: {a.role} {a.name} died (exit code {a.proc.returncode}): "
+                what = "the last generator" if a.role == "generator" else f"{a.role} {a.name}"
+                stream.write(f"flux: {what} died (exit code {a.proc.returncode}): "
                              f"{last_words(a) or 'no message'}; stopping the run\n")
                 code = 1
                 break
@@ -221,7 +238,8 @@ def run(cfg: FluxConfig, stream=sys.stdout) -> tuple[int, RunSpec]:
                     time.sleep(0.1)
                 progress.poll()
                 progress.close()
-                code = 0 if all(a.proc.returncode == 0 for a in actors if a.proc.poll() is not None) else 1
+                code = 0 if all(a.proc.returncode == 0 for a in actors
+                                if a.proc.poll() is not None and a.name not in lost) else 1
                 break
     except KeyboardInterrupt:
         progress.close()

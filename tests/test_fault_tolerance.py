@@ -1,0 +1,52 @@
+"""A generator killed with SIGKILL mid-run: the controller notices within the heartbeat timeout, reclaims
+its credits, re-queues its unfinished groups, the run finishes, and every admitted group is accounted
+for (trained, dropped and counted, re-queued, or in flight at the stop)."""
+
+import json
+import signal
+import subprocess
+import time
+
+from tests.test_e2e import SMALL, assert_nothing_left, metrics, processes_mentioning, train_cmd, wait_for
+
+
+def test_a_generator_killed_mid_run_is_survived_with_nothing_lost(default_model, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    log = tmp_path / "launcher.out"
+    steps = 30
+    with open(log, "w") as out:
+        proc = subprocess.Popen(train_cmd("--max-steps", str(steps), *SMALL, "--set", "rollout.num_generators=2",
+                                          "--set", "eval.num_prompts=1", "--set", "net.heartbeat_timeout_s=3",
+                                          "--out", str(run_dir)), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(metrics(run_dir)) >= 3, 120, "three steps")
+        spec = str(run_dir / "spec.json")
+        victims = [p for p in processes_mentioning(spec) if "--name gen1" in " ".join(p.cmdline())]
+        assert len(victims) == 1
+        killed_at = time.monotonic()
+        victims[0].send_signal(signal.SIGKILL)
+        code = proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert code == 0, text
+    assert "generator gen1 died" in text and "re-queued" in text, text
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(steps))
+    # the controller declared it dead within the heartbeat timeout (plus one liveness check)
+    controller_log = (run_dir / "logs" / "controller.log").read_text()
+    assert "gen1 silent for 3.0s: declared dead" in controller_log, controller_log
+    status = json.loads((run_dir / "status.json").read_text())
+    gen1 = next(m for m in status["members"] if m["name"] == "gen1")
+    assert gen1["state"] == "dead"
+    # every admitted group has exactly one fate
+    groups = json.loads((run_dir / "groups.json").read_text())
+    assert groups["trained"] == steps * 2
+    assert groups["admitted"] == (groups["trained"] + groups["dropped"] + groups["requeued"]
+                                  + groups["unfinished_at_stop"]), groups
+    # the survivor trained on after the kill: steps kept coming well after the timeout
+    assert time.monotonic() - killed_at > 3
+    assert_nothing_left(run_dir)

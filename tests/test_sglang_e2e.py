@@ -1,0 +1,59 @@
+"""End-to-end: `flux train --set rollout.engine=sglang` against the mock SGLang server (tests/sglang_mock.py).
+
+The mock runs in this test process; the run's generator reaches it by URL. On CPU the learner publishes
+weights in shared memory, the generator reads them and sends them over `/update_weights_from_tensor`
+as CPU tensors by value (the GPU path sends CUDA IPC handles instead); the mock decodes them as SGLang
+does, so the test can compare what it holds with the learner's checkpoint of the same version.
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flux.runtime import free_port
+from tests.sglang_mock import MockSGLang, expected_shapes
+from tests.test_e2e import SMALL, assert_nothing_left, flux_train, metrics
+
+
+@pytest.mark.slow
+def test_flux_train_runs_on_an_sglang_server(default_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    server = MockSGLang(vocab_size=len(AutoTokenizer.from_pretrained(default_model)),
+                        model_path=str(default_model), expected=expected_shapes(default_model))
+    url = server.start()
+    run_dir = tmp_path / "run"
+    try:
+        proc = flux_train("--max-steps", "4", *SMALL, "--set", "rollout.engine=sglang",
+                          "--set", f"rollout.sglang_url={url}", "--set", "learner.checkpoint_every=1",
+                          "--out", str(run_dir))
+    finally:
+        server.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = metrics(run_dir)
+    assert [r["step"] for r in rows] == list(range(4)) and [r["version"] for r in rows] == [1, 2, 3, 4]
+    assert all(0 <= r["lag_mean"] <= r["lag_max"] <= 2 for r in rows)  # no token newer than the learner
+    generated = [b for p, b in server.calls if p == "/generate"]
+    assert len(generated) >= 4 * 2 * 4  # every sample came from the server
+    # the generator followed the learner: versions pushed only forward, each one the learner published
+    pushed = [int(b["weight_version"]) for p, b in server.calls
+              if p == "/update_weights_from_tensor" and "weight_version" in b]
+    assert pushed and pushed == sorted(set(pushed)) and set(pushed) <= {1, 2, 3, 4}
+    assert server.version == str(pushed[-1])
+    # ... and the server holds exactly the learner's tensors of that version
+    saved = load_file(run_dir / "checkpoints" / f"step_{pushed[-1]}" / "model.safetensors")
+    assert saved.keys() == server.weights.keys()
+    for name, t in saved.items():
+        assert torch.equal(server.weights[name], t), name
+    assert_nothing_left(run_dir)
+
+
+def test_an_unreachable_server_or_a_missing_package_is_a_one_line_setup_error(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    for extra, why in ((["--set", f"rollout.sglang_url={url}"], f"cannot reach the SGLang server at {url}"),
+                       (["--set", "rollout.sglang_module=no_such_sglang.launch_server"],
+                        "`no_such_sglang` package is not installed")):
+        proc = flux_train("--set", "rollout.engine=sglang", *extra, "--out", str(tmp_path / "run"), timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().startswith("flux: error: rollout.engine=sglang: ") and why in proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -12,7 +12,13 @@ from safetensors.torch import load_file
 
 from flux.runtime import free_port
 from tests.sglang_mock import MockSGLang, expected_shapes
-from tests.test_e2e import SMALL, assert_nothing_left, flux_train, metrics
+from tests.test_e2e import (
+    SMALL,
+    assert_nothing_left,
+    flux_train,
+    metrics,
+    processes_mentioning,
+)
 
 
 @pytest.mark.slow
@@ -57,3 +63,22 @@ def test_an_unreachable_server_or_a_missing_package_is_a_one_line_setup_error(tm
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().startswith("flux: error: rollout.engine=sglang: ") and why in proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_each_generator_starts_and_stops_its_own_server(default_model, tmp_path):
+    """No URL: the generator launches `python -m <sglang_module> --model-path ... --port ...` (here the mock,
+    with sglang_args), waits for /health, and takes the server down with it."""
+    from transformers import AutoTokenizer
+
+    vocab = len(AutoTokenizer.from_pretrained(default_model))
+    run_dir = tmp_path / "run"
+    proc = flux_train("--max-steps", "2", *SMALL, "--set", "rollout.engine=sglang",
+                      "--set", "rollout.sglang_module=tests.sglang_mock",
+                      "--set", f"rollout.sglang_args=[--vocab-size, {vocab}]", "--out", str(run_dir))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [r["version"] for r in metrics(run_dir)] == [1, 2]
+    log = (run_dir / "logs" / "sglang-0.log").read_text()
+    assert f"mock SGLang serving {default_model}" in log
+    assert_nothing_left(run_dir)
+    assert processes_mentioning(f"tests.sglang_mock --model-path {default_model}") == []

@@ -104,7 +104,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     from flux.engine.base import SamplingParams
     from flux.engine.torch_engine import TorchEngine
     from flux.evaluation import eval_records, evaluate
-    from flux.learner.torch_learner import TorchCritic, TorchLearner
+    from flux.learner import build_learner
+    from flux.learner.torch_learner import TorchCritic
     from flux.rewards import load_function
     from flux.staleness import batch_staleness
     from flux.weights import WeightPublisher
@@ -114,10 +115,10 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     loss_fn = algorithm.bind(params)
     torch.manual_seed(cfg.seed)
     lc, aa, sc = cfg.learner, cfg.adaptive_async, cfg.staleness
-    learner = TorchLearner(spec.model_path, lr=lc.lr, weight_decay=lc.weight_decay,
-                           max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
-                           temperature=cfg.rollout.temperature, reference=algorithm.wants_reference(params),
-                           seed=cfg.seed)
+    learner = build_learner(lc.backend, spec.model_path, lr=lc.lr, weight_decay=lc.weight_decay,
+                            max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
+                            temperature=cfg.rollout.temperature, reference=algorithm.wants_reference(params),
+                            seed=cfg.seed)
     critic = None
     if algorithm.value_loss is not None:
         critic = TorchCritic(spec.model_path, lr=lc.critic_lr or lc.lr, weight_decay=lc.weight_decay,
@@ -128,7 +129,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     reward_fn = load_function(cfg.reward)
     held_out = eval_records(cfg.eval.prompts, cfg.eval.num_prompts)
-    evaluator = TorchEngine(learner.model, seed=cfg.seed)
+    evaluator = None
     eval_sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.eval.temperature,
                                    stop_token_ids=(tokenizer.eos_token_id,))
     publisher = WeightPublisher(spec.shm_prefix)
@@ -144,7 +145,12 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     heart.start()
 
     def run_eval() -> dict:
-        return evaluate(evaluator, tokenizer, held_out, reward_fn, eval_sampling) if held_out else {}
+        nonlocal evaluator
+        if not held_out:
+            return {}
+        model = learner.eval_model()  # an HF model with the current weights (megatron: a refreshed twin)
+        evaluator = evaluator or TorchEngine(model, seed=cfg.seed)
+        return evaluate(evaluator, tokenizer, held_out, reward_fn, eval_sampling)
 
     version, last_eval = 0, run_eval()
     log.info("learner up: %s, B=%d, eval %s", algorithm.name, cfg.batch_samples, last_eval)

@@ -198,3 +198,42 @@ def test_tensor_parallel_2_matches_1(default_model, tmp_path):
     assert tp2["weights"].keys() == tp1["weights"].keys()
     for k, w in tp1["weights"].items():  # Adam turns float noise in near-zero gradients into lr-sized steps
         torch.testing.assert_close(tp2["weights"][k], w, atol=1e-4, rtol=1e-3)
+
+
+def test_flux_train_says_when_megatron_is_missing(default_model, monkeypatch, tmp_path):
+    import flux.learner.megatron_learner as ml
+    from flux.config import load_config
+    from flux.launcher import SetupError, prepare
+
+    monkeypatch.setattr(ml, "megatron_available", lambda: False)
+    cfg = load_config(overrides=["learner.backend=megatron", f"out={tmp_path / 'run'}"])
+    with pytest.raises(SetupError, match=r"learner.backend=megatron: megatron-core is not installed: pip install"):
+        prepare(cfg)
+
+
+@needs_megatron
+@pytest.mark.slow
+def test_flux_train_with_the_megatron_backend(default_model, tmp_path):
+    """The real CLI: learner.backend=megatron trains, publishes HF weights to the generator, saves an HF
+    checkpoint, and leaves no process behind."""
+    import json
+
+    import psutil
+
+    from flux.hf import from_pretrained
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "flux.cli", "train", "--max-steps", "3", "--set", "learner.backend=megatron",
+         "--set", "learner.groups_per_step=2", "--set", "rollout.group_size=4", "--set", "eval.num_prompts=10",
+         "--out", str(run_dir)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[-1]["version"] >= 1
+    assert all("loss" in r and "eval_score" in r for r in rows)
+    ckpt = run_dir / "checkpoints" / "step_3"
+    assert (ckpt / "optimizer_tp0.pt").is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["backend"] == "megatron"
+    from_pretrained(str(ckpt), torch.float32)  # an HF checkpoint
+    spec = str(run_dir / "spec.json")
+    assert not [p for p in psutil.process_iter(["cmdline"]) if spec in " ".join(p.info["cmdline"] or [])]

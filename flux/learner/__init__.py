@@ -1,0 +1,20 @@
+"""Training backends behind one surface: `logprobs`, `ref_logprobs`, `step`, `export_weights`, `eval_model`,
+`save`/`load` (see `TorchLearner`). `torch` is plain PyTorch (torch_learner.py); `megatron` is megatron-core
+(megatron_learner.py, the one module that imports it)."""
+
+from __future__ import annotations
+
+BACKENDS = ("torch", "megatron")
+
+
+def build_learner(backend: str, model_path: str, **kwargs):
+    """The learner `learner.backend` names, built with `TorchLearner`'s keyword arguments."""
+    if backend == "megatron":
+        from flux.learner.megatron_learner import MegatronLearner
+
+        return MegatronLearner(model_path, **kwargs)
+    if backend == "torch":
+        from flux.learner.torch_learner import TorchLearner
+
+        return TorchLearner(model_path, **kwargs)
+    raise ValueError(f"unknown learner backend {backend!r} (known: {', '.join(BACKENDS)})")

@@ -52,6 +52,14 @@ def megatron_available() -> bool:
         return False
 
 
+def check_setup(model_path: str | Path, tensor_parallel: int = 1) -> None:
+    """What `flux train` checks before any actor starts: megatron-core is installed and the model's family
+    and split are supported. Raises ValueError with a one-line reason."""
+    if not megatron_available():
+        raise ValueError("megatron-core is not installed: pip install 'flux-rlhf[megatron]'")
+    arch_from_hf_config(json.loads((Path(model_path) / "config.json").read_text())).check_parallel(tensor_parallel)
+
+
 def use_cpu_device() -> None:
     """Make megatron-core's `torch.cuda.current_device()` calls land on the CPU. Only without CUDA."""
     if torch.cuda.is_available():
@@ -136,7 +144,7 @@ class MegatronLearner(TorchLearner):
     def __init__(self, model_path: str, *, tensor_parallel: int = 1, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False, **kwargs):
         if not megatron_available():
-            raise ImportError("learner.backend=megatron needs megatron-core: pip install 'flux-rlhf[megatron]'")
+            raise ImportError("megatron-core is not installed: pip install 'flux-rlhf[megatron]'")
         if gradient_checkpointing:
             raise ValueError("gradient_checkpointing is not supported by the megatron backend yet")
         device = torch.device(device)

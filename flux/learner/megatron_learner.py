@@ -14,11 +14,13 @@ Ranks: every rank of the tensor-parallel group builds a `MegatronLearner` with t
 calls the same methods in the same order (SPMD); `export_weights` and `save` gather the shards. One
 process alone (TP = 1, `flux train`) needs no setup: a single-rank gloo group is made in-process.
 
-CPU: megatron-core 0.16 places a few tensors on `torch.cuda.current_device()` (the RoPE frequencies, the
-attention score buffer) and its default causal mask on "cuda". On a machine without CUDA the learner
-therefore points `torch.cuda.current_device` at the CPU (`use_cpu_device`: it only replaces a function
-that would otherwise raise), passes an explicit causal mask, seeds with megatron's inference RNG tracker
-(no CUDA RNG to fork; dropout is 0) and builds the weights on the CPU.
+CPU (the default device, and what CI tests): megatron-core 0.16 places a few tensors on
+`torch.cuda.current_device()` (the RoPE frequencies, the attention score buffer) and builds its default
+causal mask on "cuda". A CPU learner therefore points `torch.cuda.current_device` at the CPU while it
+builds the model and while it runs forward passes (`cpu_current_device`, restored after each), passes an
+explicit causal mask, seeds with megatron's inference RNG tracker (no CUDA RNG to fork; dropout is 0) and
+builds the weights on the CPU. These are the only CPU accommodations, and they are in the product path on
+purpose: `flux train --set learner.backend=megatron` runs on a CPU machine exactly as the tests run it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +63,20 @@ def check_setup(model_path: str | Path, tensor_parallel: int = 1) -> None:
     arch_from_hf_config(json.loads((Path(model_path) / "config.json").read_text())).check_parallel(tensor_parallel)
 
 
-def use_cpu_device() -> None:
-    """Make megatron-core's `torch.cuda.current_device()` calls land on the CPU. Only without CUDA."""
-    if torch.cuda.is_available():
-        raise RuntimeError("use_cpu_device() is for machines without CUDA")
+@contextmanager
+def cpu_current_device(on: bool = True):
+    """While active (and `on`), `torch.cuda.current_device()` — where megatron-core 0.16 puts RoPE
+    frequencies and attention buffers — is the CPU. Held only around the CPU learner's model building
+    and forward passes, so nothing else in the process (a GPU engine, say) is affected."""
+    if not on:
+        yield
+        return
+    saved = torch.cuda.current_device
     torch.cuda.current_device = lambda: torch.device("cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = saved
 
 
 def init_parallel(tensor_parallel: int, seed: int, device: torch.device) -> None:
@@ -148,8 +160,6 @@ class MegatronLearner(TorchLearner):
         if gradient_checkpointing:
             raise ValueError("gradient_checkpointing is not supported by the megatron backend yet")
         device = torch.device(device)
-        if device.type == "cpu" and not torch.cuda.is_available():
-            use_cpu_device()
         self.arch = arch_from_hf_config(json.loads((Path(model_path) / "config.json").read_text()))
         self.arch.check_parallel(tensor_parallel)
         self.tensor_parallel = tensor_parallel
@@ -161,7 +171,8 @@ class MegatronLearner(TorchLearner):
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self._eval_twin: torch.nn.Module | None = None
-        super().__init__(model_path, device=device, dtype=dtype, **kwargs)
+        with cpu_current_device(device.type == "cpu"):
+            super().__init__(model_path, device=device, dtype=dtype, **kwargs)
 
     # ---- the model ----------------------------------------------------------------------------------
     def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -192,7 +203,8 @@ class MegatronLearner(TorchLearner):
         causal = None
         if ids.device.type == "cpu":  # megatron's default mask is built on "cuda"
             causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).triu(1)[None, None]
-        nll = model(ids, position_ids, causal, labels=labels)
+        with cpu_current_device(ids.device.type == "cpu"):
+            nll = model(ids, position_ids, causal, labels=labels)
         lp = F.pad(-nll[:, :-1].float(), (1, 0))
         return torch.where(mb.response_mask > 0, lp, torch.zeros_like(lp))
 

@@ -15,6 +15,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import zmq
 
@@ -54,6 +55,7 @@ class Controller:
         self.next_group_id = 0
         self.counts = {"admitted": 0, "produced": 0, "trained": 0, "dropped": 0, "requeued": 0}
         self.group_fate: dict[int, str] = {}
+        self.group_prompt: dict[int, int] = {}  # group id -> prompt index, to re-queue it on resume
         self.trained_samples = self.trained_tokens = 0
         self.dropped_stale = 0
         self.t_start = time.time()
@@ -63,6 +65,8 @@ class Controller:
         self.drops = P.DropCounter("controller")
         self.last_step: int | None = None
         self.metrics = open_sinks(spec.run_dir, cfg)
+        if spec.resume_from:
+            self.restore(json.loads(Path(spec.resume_from, "controller_state.json").read_text()))
 
     # ---- requests -------------------------------------------------------------------------------
     def handle(self, ident, msg) -> P.Message | None:
@@ -109,6 +113,7 @@ class Controller:
                 self.next_group_id += 1
                 member.outstanding[gid] = (idx, n)
                 self.group_fate[gid] = "admitted"
+                self.group_prompt[gid] = idx
                 grants.append({"group_id": gid, "prompt_index": idx})
             if grants:
                 self.counts["admitted"] += len(grants)
@@ -173,10 +178,33 @@ class Controller:
         return {**self.counts, "unfinished_at_stop": fates["admitted"]}
 
     def state(self) -> dict:
-        """Everything needed to continue this run's control loop: version, ratio, PID, cursor, counters."""
-        return {"version": self.admission.version, "async_ratio": self.admission.async_ratio,
+        """Everything needed to continue this run's control loop: step, version, ratio, PID, data cursor,
+        counters, and the prompts admitted but not yet trained or dropped (in admission order)."""
+        in_flight = [self.group_prompt[gid] for gid, fate in sorted(self.group_fate.items()) if fate == "admitted"]
+        return {"step": None if self.last_step is None else self.last_step + 1,
+                "version": self.admission.version, "async_ratio": self.admission.async_ratio,
                 "started_samples": self.admission.started, "pid": self.pid.state(),
-                "cursor": self.cursor.state(), "groups": dict(self.counts), "next_group_id": self.next_group_id}
+                "cursor": self.cursor.state(), "in_flight": in_flight, "groups": dict(self.counts),
+                "next_group_id": self.next_group_id}
+
+    def restore(self, state: dict) -> None:
+        """Continue from `state()` of a checkpoint. The groups in flight then are lost with the old run:
+        their prompts go first, in their original order (so a resumed sync run trains exactly the data
+        the uninterrupted one would have), and they count as re-queued."""
+        in_flight = list(state.get("in_flight", []))
+        n = self.cfg.rollout.group_size
+        self.admission.version = int(state["version"])
+        self.admission.async_ratio = float(state["async_ratio"])
+        self.admission.started = int(state["started_samples"]) - n * len(in_flight)
+        for key in ("integral", "ema", "output"):  # the loop's memory; gains and target come from the config
+            setattr(self.pid, key, state["pid"][key])
+        self.cursor = PromptCursor.from_state(state["cursor"], first=in_flight)
+        self.counts.update(state["groups"])
+        self.counts["requeued"] += len(in_flight)
+        self.next_group_id = int(state["next_group_id"])
+        self.last_step = None if state.get("step") is None else int(state["step"]) - 1
+        self.log.info("resumed at step %s, version %d (%d in-flight prompts re-queued)",
+                      state.get("step"), self.admission.version, len(in_flight))
 
     def status(self, stopped: str | None = None) -> dict:
         """status.json, what `flux status` shows: who is alive or gone, and the control loop's numbers."""

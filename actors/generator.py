@@ -14,10 +14,12 @@ they are announced (the engine swaps them in between decode steps), and Stop end
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import threading
 import time
+import zlib
 
 import numpy as np
 import zmq
@@ -174,7 +176,11 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
             responses = [resp for _, idx, _ in groups for resp in pair(records[idx])]
             outs = engine.score([ids for _, _, ids in groups for _ in range(2)], responses, r.temperature)
         else:
-            outs = engine.generate([ids for _, _, ids in groups for _ in range(r.group_size)], sampling)
+            # Seeded by what is sampled (prompts, policy version, generator): a resumed run, or a sync run
+            # repeated, draws the same completions.
+            seed = zlib.crc32(repr((cfg.seed, name, admit.version, [idx for _, idx, _ in groups])).encode())
+            outs = engine.generate([ids for _, _, ids in groups for _ in range(r.group_size)],
+                                   dataclasses.replace(sampling, seed=seed))
         per_group = 2 if offline else r.group_size
         per_token = slowdown_at(engine.version, r.slowdown_schedule, r.slowdown)
         if per_token:

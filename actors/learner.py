@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -152,10 +153,21 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         evaluator = evaluator or TorchEngine(model, seed=cfg.seed)
         return evaluate(evaluator, tokenizer, held_out, reward_fn, eval_sampling)
 
-    version, last_eval = 0, run_eval()
+    version = start = 0
+    if spec.resume_from:  # model, optimizer, critic; the step and version the controller was at
+        learner.load(spec.resume_from)
+        if critic is not None:
+            critic.load(f"{spec.resume_from}/critic")
+        with open(f"{spec.resume_from}/controller_state.json") as f:
+            state = json.load(f)
+        start, version = int(state["step"]), int(state["version"])
+        # The generators start from the base model: give them the checkpoint's weights as `version`.
+        P.send(ctl, P.Published(version, publisher.publish(version, learner.export_weights())))
+        log.info("resumed from %s at step %d, version %d", spec.resume_from, start, version)
+    last_eval = run_eval()
     log.info("learner up: %s, B=%d, eval %s", algorithm.name, cfg.batch_samples, last_eval)
-    step = 0
-    for step in range(cfg.max_steps):
+    step = start
+    for step in range(start, cfg.max_steps):
         t_wait = time.monotonic()
         batch = buffer.get(step, version, lc.groups_per_step)
         if batch is None:
@@ -209,7 +221,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
             "response_len_mean": float(batch.response_lens.mean()),
             "step_s": step_s, "batch_wait_s": t0 - t_wait,
             "dropped_in_batch": int(batch.dropped_stale),
-            "group_ids": [int(g) for g in batch.group_ids], **last_eval, **saved,
+            "group_ids": [int(g) for g in batch.group_ids],
+            "prompts": [int(i) for i in batch.prompt_indices], **last_eval, **saved,
         }
         P.send(ctl, P.StepReport(step, version, metrics))
     done = step == cfg.max_steps - 1 and not stop.is_set()

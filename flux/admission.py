@@ -78,3 +78,9 @@ class PromptCursor:
     def state(self) -> dict:
         return {"num_prompts": self.num_prompts, "seed": self.seed, "epoch": self.epoch,
                 "position": self.position, "requeued": list(self.requeued)}
+
+    @classmethod
+    def from_state(cls, state: dict, first: list[int] = ()) -> "PromptCursor":
+        """The cursor of `state()`, with the prompts `first` served before its own re-queued ones."""
+        return cls(state["num_prompts"], state["seed"], state["epoch"], state["position"],
+                   deque([*first, *state["requeued"]]))

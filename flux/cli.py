@@ -1,6 +1,7 @@
 """`flux` command line.
 
     flux train [CONFIG.yaml] [--set key=value ...] [--max-steps N] [--out DIR]
+    flux train --resume RUN_DIR [--set key=value ...] [--max-steps N]
     flux status RUN_DIR [--follow/--once]
     flux plot RUN_DIR [--out FILE.png]
     flux config
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -32,13 +34,23 @@ def main():
               help="Override a config key, e.g. --set rollout.group_size=8 (repeatable).")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps to run.")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run directory.")
-def train(config, overrides, max_steps, out):
+@click.option("--resume", "resume", type=click.Path(file_okay=False), default=None, metavar="RUN_DIR",
+              help="Continue RUN_DIR from its latest checkpoint (its config.yaml, plus any --set/--max-steps).")
+def train(config, overrides, max_steps, out, resume):
     """Run a job; with no CONFIG, the built-in example on the embedded tiny model."""
-    from flux.launcher import SetupError, run
+    from flux.launcher import SetupError, latest_checkpoint, run
 
     try:
+        checkpoint = ""
+        if resume:
+            if config or out:
+                raise SetupError("--resume takes the run's own config.yaml and directory; drop CONFIG/--out")
+            if not Path(resume, "config.yaml").is_file():
+                raise SetupError(f"--resume {resume}: not a run directory (no config.yaml)")
+            checkpoint = latest_checkpoint(resume)
+            config, out = str(Path(resume, "config.yaml")), resume
         cfg = load_config(config, list(overrides), max_steps=max_steps, out=out)
-        code, _ = run(cfg)
+        code, _ = run(cfg, resume_from=checkpoint)
     except (ConfigError, SetupError) as e:
         fail(str(e))
     except KeyboardInterrupt:  # before the actors exist (e.g. while the default model is built)

@@ -35,8 +35,39 @@ class Actor:
     stderr_path: Path
 
 
-def prepare(cfg: FluxConfig) -> RunSpec:
-    """Check everything an actor would trip over, make the run directory, write config + spec."""
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint of a run: `checkpoints/step_N` holding the model and the
+    controller's state. Raises SetupError when there is none."""
+    found = []
+    for d in Path(run_dir, "checkpoints").glob("step_*"):
+        if d.name[5:].isdigit() and (d / "controller_state.json").is_file() and (d / "trainer_state.json").is_file():
+            found.append((int(d.name[5:]), d))
+    if not found:
+        raise SetupError(f"--resume {run_dir}: no complete checkpoint in {Path(run_dir, 'checkpoints')} "
+                         "(checkpoints are written every learner.checkpoint_every steps and at the end)")
+    return max(found)[1]
+
+
+def keep_metrics_before(run_dir: Path, step: int) -> None:
+    """Drop the metrics lines of steps ≥ `step` (they are run again after a resume)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by the kill
+    path.write_text("".join(x + "\n" for x in kept))
+
+
+def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
+    """Check everything an actor would trip over, make the run directory, write config + spec.
+
+    With `resume_from` (a checkpoint directory, see `latest_checkpoint`), the run directory is kept and
+    its metrics lines after the checkpoint's step are dropped."""
     from flux.algorithms import get_algorithm
     from flux.data import DataError, is_preference, load_prompts
     from flux.evaluation import eval_records
@@ -94,7 +125,16 @@ def prepare(cfg: FluxConfig) -> RunSpec:
     run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if resume_from:
+        step = json.loads(Path(resume_from, "controller_state.json").read_text()).get("step") or 0
+        keep_metrics_before(run_dir, int(step))
+        old = run_dir / "spec.json"
+        if old.is_file():  # a killed run leaves its shared-memory weight slots behind
+            from flux.weights import cleanup_prefix
+
+            cleanup_prefix(f"flux-{json.loads(old.read_text())['run_id']}-")
+    else:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     host = cfg.net.host
 
     def addr() -> str:
@@ -102,7 +142,7 @@ def prepare(cfg: FluxConfig) -> RunSpec:
 
     spec = RunSpec(run_id=uuid.uuid4().hex[:8], run_dir=str(run_dir), model_path=str(model_path),
                    controller_router=addr(), controller_pub=addr(), buffer_pull=addr(), buffer_router=addr(),
-                   num_prompts=len(records), config=cfg)
+                   num_prompts=len(records), config=cfg, resume_from=str(resume_from or ""))
     (run_dir / "spec.json").write_text(spec.to_json())
     return spec
 
@@ -197,10 +237,11 @@ class Progress:
             self.stream.write("\n")
 
 
-def run(cfg: FluxConfig, stream=sys.stdout) -> tuple[int, RunSpec]:
+def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tuple[int, RunSpec]:
     """Run a whole job. Returns (exit code, spec): 0 done, 1 an actor failed, 130 interrupted."""
-    spec = prepare(cfg)
-    stream.write(f"flux: run {spec.run_id} in {spec.run_dir}\n")
+    spec = prepare(cfg, resume_from)
+    stream.write(f"flux: run {spec.run_id} in {spec.run_dir}"
+                 + (f", resumed from {resume_from}" if resume_from else "") + "\n")
     stream.flush()
     actors: list[Actor] = []
     progress = Progress(spec.run_dir, cfg.max_steps, stream)

@@ -36,6 +36,8 @@ class RunSpec:
     buffer_router: str
     num_prompts: int
     config: FluxConfig
+    resume_from: str = ""
+    """A checkpoint directory to continue from (`flux train --resume`), or empty for a fresh run."""
 
     def to_json(self) -> str:
         d = dict(self.__dict__)

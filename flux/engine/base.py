@@ -25,6 +25,9 @@ class SamplingParams:
     """Sample only from the k most likely tokens; 0 disables."""
     stop_token_ids: tuple[int, ...] = ()
     """Sampling one of these ends the completion; the stop token is kept as its last token."""
+    seed: int | None = None
+    """When set, the call's random draws restart from this seed: the same prompts, weights and seed give
+    the same completions (a resumed run re-samples exactly what the uninterrupted one would have)."""
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:

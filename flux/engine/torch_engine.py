@@ -220,6 +220,8 @@ class TorchEngine:
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         """Sample one completion per prompt (batched, KV-cached); returns them in prompt order."""
         sampling.validate()
+        if sampling.seed is not None:
+            self.generator.manual_seed(sampling.seed)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt, and no empty prompt")
         if self._closed:

@@ -83,7 +83,9 @@ class RolloutConfig:
 class LearnerConfig:
     """The learner: optimisation and checkpoints."""
 
-    backend: str = _doc("Training backend: `torch` (plain PyTorch) or `megatron`.", "torch")
+    backend: str = _doc("Training backend: `torch` (plain PyTorch) or `megatron` (megatron-core: Llama, "
+                        "Qwen2, Qwen3; tensor parallel 1 through `flux train`; needs `flux-rlhf[megatron]`; "
+                        "docs/megatron.md).", "torch")
     groups_per_step: int = _doc("Prompt groups per optimizer step; B = groups_per_step * group_size.", 8)
     lr: float = _doc("AdamW learning rate.", 1e-3)
     critic_lr: float = _doc("Learning rate of the critic (PPO's value model; 0 = same as lr).", 0.0)

@@ -56,6 +56,7 @@ class Controller:
         self.counts = {"admitted": 0, "produced": 0, "trained": 0, "dropped": 0, "requeued": 0}
         self.group_fate: dict[int, str] = {}
         self.group_prompt: dict[int, int] = {}  # group id -> prompt index, to re-queue it on resume
+        self.peer_drops: dict[str, dict] = {}  # actor -> malformed messages it dropped, by reason
         self.trained_samples = self.trained_tokens = 0
         self.dropped_stale = 0
         self.t_start = time.time()
@@ -84,6 +85,8 @@ class Controller:
             m = self.members.get(msg.name)
             if m:
                 m.busy_frac, m.stats = msg.busy_frac, msg.stats
+                if msg.stats.get("drops"):
+                    self.peer_drops[m.name] = dict(msg.stats["drops"])
         elif isinstance(msg, P.AdmitRequest):
             return self.admit(msg)
         elif isinstance(msg, P.GroupDone):
@@ -220,7 +223,8 @@ class Controller:
                 "reason": stopped or "", "step": self.last_step, "max_steps": self.cfg.max_steps,
                 "version": self.admission.version, "mode": aa.mode, "async_ratio": self.admission.async_ratio,
                 "staleness_ema": self.pid.ema, "target_staleness": aa.target_staleness, "buffer_depth": depth,
-                "groups": dict(self.counts), "members": [me, *alive, *self.gone.values()]}
+                "groups": dict(self.counts), "members": [me, *alive, *self.gone.values()],
+                "dropped_messages": {"controller": self.drops.counts, **self.peer_drops}}
 
     def member_row(self, m: Member, now: float, state: str = "alive", reason: str = "") -> dict:
         """One actor in status.json; a busy fraction only where one is measured (learner, generators)."""

@@ -1,0 +1,121 @@
+"""Thousands of malformed messages thrown at a live run's sockets: counted and dropped, no actor crashes,
+the run finishes every step.
+
+Per socket that accepts connections (the controller's ROUTER, the buffer's PULL and ROUTER): random
+bytes, truncated and mutated real messages, wrong protocol versions, unknown types, fields of the wrong
+type, arrays whose declared length disagrees with their frame, huge declared lengths, missing and
+extra frames, and well-formed messages of a type that socket never expects. (Well-formed messages of
+an expected type from an impostor are an authentication matter: local sockets listen on 127.0.0.1.)
+"""
+
+import json
+import random
+import subprocess
+
+import msgpack
+import numpy as np
+import zmq
+
+from flux import protocol as P
+from tests.test_e2e import SMALL, assert_nothing_left, metrics, train_cmd, wait_for
+
+PER_SOCKET = 2500
+
+
+def unexpected_messages(socket: str) -> list[P.Message]:
+    """Real messages of the types `socket` never takes: mutated or whole, they must be ignored."""
+    group = P.TrajectoryGroup(
+        group_id=1, prompt_index=2, generator="fuzz", sample_count=2, prompt_ids=np.array([5, 6], np.int32),
+        response_ids=np.array([7, 8, 9], np.int32), response_lens=np.array([1, 2], np.int32),
+        logprobs=np.array([-1.0, -1.0, -1.0], np.float32), versions=np.array([0, 0, 0], np.int32),
+        rewards=np.array([0.0, 1.0], np.float32), finish=np.array([1, 1], np.uint8), gen_seconds=0.0, meta={})
+    beat, stop = P.Heartbeat("generator", "fuzz", 0.5, {}), P.Stop("fuzz")
+    request, register = P.BatchRequest(0, 0, 1), P.Register("generator", "fuzz", 1, "host")
+    return {"controller_router": [group, stop, request],
+            "buffer_pull": [beat, stop, request, register],
+            "buffer_router": [group, beat, stop, register]}[socket]
+
+
+def malformed(rng: random.Random, messages: list[P.Message]) -> list[bytes]:
+    kind = rng.randrange(9)
+    frames = [bytes(f) for f in P.encode(rng.choice(messages))]
+    head = msgpack.unpackb(frames[0])
+    if kind == 0:
+        return [rng.randbytes(rng.randrange(0, 200)) for _ in range(rng.randrange(1, 4))]
+    if kind == 1:  # a real message, bit-flipped and cut short
+        i = rng.randrange(len(frames))
+        f = bytearray(frames[i])
+        if f:
+            f[rng.randrange(len(f))] ^= 1 << rng.randrange(8)
+            f = f[: rng.randrange(len(f))]
+        frames[i] = bytes(f)
+        return frames
+    if kind == 2:
+        head["v"] = rng.choice([0, 2, 99, "1", None])
+    elif kind == 3:
+        head["type"] = rng.choice(["Nope", "", 7, None, "Message"])
+    elif kind == 4:  # a field of the wrong type
+        if head.get("fields"):
+            key = rng.choice(sorted(head["fields"]))
+            head["fields"][key] = rng.choice(["x", -1, 1e308, None, [1, 2], {"a": 1}, float("nan")])
+        else:
+            head["fields"] = "not a map"
+    elif kind == 5:  # declared array length disagrees with the frame, or is huge
+        if head.get("arrays"):
+            entry = rng.choice(head["arrays"])
+            entry[2] = [rng.choice([10**12, 2**62, 0, 3])]
+        else:
+            head["arrays"] = [["x", "<f4", [2**40]]]
+    elif kind == 6:  # missing or extra frames
+        return frames[:-1] if len(frames) > 1 and rng.random() < 0.5 else [*frames, rng.randbytes(16)]
+    elif kind == 7:  # a header map of the wrong shape, or bigger than the limit claims
+        return [msgpack.packb(rng.choice([[1, 2, 3], "header", 12, {"v": 1}]))]
+    else:  # a well-formed message of a type this socket does not take
+        return frames
+    return [msgpack.packb(head), *frames[1:]]
+
+
+def test_fuzzed_sockets_of_a_live_run(default_model, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    steps = 25
+    with open(tmp_path / "launcher.out", "w") as log:
+        proc = subprocess.Popen(train_cmd("--max-steps", str(steps), *SMALL, "--set", "eval.num_prompts=1",
+                                          "--out", str(run_dir)), stdout=log, stderr=subprocess.STDOUT)
+    ctx = zmq.Context()
+    try:
+        wait_for(lambda: metrics(run_dir), 120, "the first step")
+        spec = json.loads((run_dir / "spec.json").read_text())
+        rng = random.Random(0)
+        sent = 0
+        for where, kind in (("controller_router", zmq.DEALER), ("buffer_pull", zmq.PUSH),
+                            ("buffer_router", zmq.DEALER)):
+            messages = unexpected_messages(where)
+            sock = ctx.socket(kind)
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.connect(spec[where])
+            for i in range(PER_SOCKET):
+                frames = malformed(rng, messages)
+                # DEALER frames need the empty delimiter; leave it out now and then (a bad envelope)
+                if kind == zmq.DEALER and i % 50:
+                    frames = [b"", *frames]
+                sock.send_multipart(frames)
+                sent += 1
+            sock.close()
+        code = proc.wait(timeout=240)
+    finally:
+        ctx.term()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (tmp_path / "launcher.out").read_text()
+    assert code == 0, out
+    assert [r["step"] for r in metrics(run_dir)] == list(range(steps))
+    assert "crashed" not in out and "Traceback" not in out
+    status = json.loads((run_dir / "status.json").read_text())
+    dropped = status["dropped_messages"]
+    total = sum(sum(v.values()) for v in dropped.values())
+    assert dropped["controller"] and dropped.get("buffer"), dropped
+    assert total > PER_SOCKET, (total, sent, dropped)
+    assert_nothing_left(run_dir)

@@ -31,13 +31,22 @@ class FluxTrainer:
         config = config or FluxConfig()
         self.config = dataclasses.replace(config, **overrides).validate() if overrides else config.validate()
 
-    def fit(self, prompts: str | None = None, max_steps: int | None = None, out: str | None = None) -> FitResult:
-        """Train on `prompts` (JSONL path or `builtin:<task>`); raises RuntimeError if the run fails."""
-        from flux.launcher import run
+    def fit(self, prompts: str | None = None, max_steps: int | None = None, out: str | None = None,
+            resume: str | Path | None = None) -> FitResult:
+        """Train on `prompts` (JSONL path or `builtin:<task>`); raises RuntimeError if the run fails.
+
+        `resume=RUN_DIR` continues that run from its latest checkpoint, in its directory (as
+        `flux train --resume`); this trainer's config then applies, so pass the run's own config
+        (`flux.load_config(RUN_DIR/config.yaml)`) unless you mean to change it.
+        """
+        from flux.launcher import latest_checkpoint, run
 
         changes = {k: v for k, v in (("prompts", prompts), ("max_steps", max_steps), ("out", out)) if v}
+        checkpoint = ""
+        if resume:
+            checkpoint, changes["out"] = latest_checkpoint(resume), str(resume)
         cfg = dataclasses.replace(self.config, **changes).validate()
-        code, spec = run(cfg)
+        code, spec = run(cfg, resume_from=checkpoint)
         path = Path(spec.run_dir) / "metrics.jsonl"
         rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
         if code != 0:

@@ -24,16 +24,15 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's flux, installed or not
 from flux.plot import pyplot, save, smooth, window_rate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import run_train
 
 MODES = ("sync", "async", "adaptive")
 STEP_RUN = "adaptive+step"
@@ -177,27 +176,6 @@ def format_table(summaries: dict[str, dict], errors: dict[str, str] | None = Non
 
 
 # ---- running ----------------------------------------------------------------------------------------
-
-def run_train(name: str, sets: list[str], max_steps: int, out: Path) -> tuple[list[dict], dict, str | None]:
-    """One `flux train` subprocess. Returns (metrics rows, resolved config, error or None)."""
-    cmd = [sys.executable, "-m", "flux.cli", "train", "--out", str(out), "--max-steps", str(max_steps)]
-    for item in sets:
-        cmd += ["--set", item]
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    print(f"{name}: running {max_steps} steps in {out}", file=sys.stderr, flush=True)
-    with open(out / "bench.log", "w") as log:
-        proc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    metrics = out / "metrics.jsonl"
-    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
-    cfg = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
-    print(f"{name}: exit {proc.returncode} after {time.monotonic() - t0:.0f}s", file=sys.stderr, flush=True)
-    if proc.returncode != 0 or not rows:
-        tail = (out / "bench.log").read_text(errors="replace").strip().splitlines()
-        return rows, cfg, (tail or [f"exit code {proc.returncode}"])[-1]
-    return rows, cfg, None
-
 
 def plot_modes(runs: dict[str, list[dict]], target: float, path: str) -> None:
     """Reward vs wall time; staleness (target dashed) and async ratio vs step, one line per mode."""

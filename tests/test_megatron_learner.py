@@ -68,6 +68,19 @@ def train(learner, steps: int = 3) -> dict:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def process_groups_released():
+    """The learners here make a single-rank gloo group and megatron's groups in the pytest process; later
+    test modules get the process without them."""
+    yield
+    if "megatron.core" in sys.modules:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def learner(default_model):
     from flux.learner.megatron_learner import MegatronLearner

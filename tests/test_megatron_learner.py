@@ -285,3 +285,14 @@ def test_gpu_bf16_real_size(tmp_path):
     tb.proximal_logprobs = got
     losses = [learner.step(grpo(), tb)["loss"] for _ in range(5)]
     assert losses[-1] < losses[0], losses
+
+
+def test_check_setup_names_what_is_unsupported(monkeypatch, tmp_path):
+    import json
+
+    import flux.learner.megatron_learner as ml
+
+    monkeypatch.setattr(ml, "megatron_available", lambda: True)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_attention_heads": 4}))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        ml.check_setup(tmp_path)

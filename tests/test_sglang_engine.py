@@ -294,6 +294,25 @@ def test_an_unreachable_server_is_a_one_line_error():
         SGLangEngine(url)
 
 
+def test_a_generator_picks_its_url_and_waits_for_a_starting_server(mock):
+    from flux.engine import build_engine
+
+    server, url = mock
+    other = MockSGLang(vocab_size=VOCAB)
+    other_url = other.start()
+    other.broken = "starting"  # /health answers 503 until the model is loaded
+    threading.Timer(0.3, lambda: setattr(other, "broken", "")).start()
+    cfg = FluxConfig(rollout={"engine": "sglang", "num_generators": 2, "sglang_url": f"{url},{other_url}",
+                              "sglang_pause_mode": "retract"}).validate()
+    try:
+        engine = build_engine(cfg, "unused", name="gen1")
+        assert engine.url == other_url and engine.pause_mode == "retract" and other.version == "0"
+        engine.close()
+    finally:
+        other.stop()
+    assert server.calls == []  # gen1 left gen0's server alone
+
+
 def test_setup_checks_the_url_or_the_package():
     cfg = FluxConfig(rollout={"engine": "sglang", "sglang_url": f"http://127.0.0.1:{free_port()}"}).validate()
     with pytest.raises(SGLangError, match="cannot reach"):

@@ -137,20 +137,12 @@ class SGLangServer:
             if log_file is not None:
                 log_file.close()  # the server holds its own copy of the descriptor
         self._finalizer = weakref.finalize(self, _stop_group, self.proc, 10.0)
-        client, end = SGLangClient(self.url), time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise SGLangError(f"the SGLang server exited with code {self.proc.returncode} while starting"
-                                  f"{self._last_words()}")
-            try:
-                if client.request("/health", timeout=5.0)[0] == 200:
-                    return self.url
-            except SGLangError:
-                pass  # not listening yet
-            time.sleep(0.25)
-        self.stop()
-        raise SGLangError(f"the SGLang server at {self.url} was not healthy after {timeout_s:.0f}s"
-                          f"{self._last_words()}")
+        try:
+            wait_until_healthy(self.url, timeout_s, self)
+        except SGLangError:
+            self.stop()
+            raise
+        return self.url
 
     def _last_words(self) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -164,6 +156,25 @@ class SGLangServer:
             self._finalizer.detach()
             self._finalizer = None
             _stop_group(self.proc, deadline_s)
+
+
+def wait_until_healthy(url: str, timeout_s: float, server: SGLangServer | None = None) -> None:
+    """Poll `/health` until it answers 200 (a starting server answers 503, or nothing at all)."""
+    client, end = SGLangClient(url), time.monotonic() + timeout_s
+    while True:
+        if server is not None and server.proc.poll() is not None:
+            raise SGLangError(f"the SGLang server exited with code {server.proc.returncode} while starting"
+                              f"{server._last_words()}")
+        try:
+            if client.request("/health", timeout=5.0)[0] == 200:
+                return
+        except SGLangError:
+            if server is None and time.monotonic() > end:
+                raise
+        if time.monotonic() > end:
+            raise SGLangError(f"the SGLang server at {url} was not healthy after {timeout_s:.0f}s"
+                              f"{server._last_words() if server else ''}")
+        time.sleep(0.25)
 
 
 def _stop_group(proc: subprocess.Popen, deadline_s: float) -> None:
@@ -560,6 +571,7 @@ def build(cfg, model_path: str, *, index: int = 0, log_dir: str | Path | None = 
     urls, server = server_urls(r), None
     if urls:
         url = urls[index % len(urls)]
+        wait_until_healthy(url, r.sglang_startup_timeout_s)
     else:
         server = SGLangServer(model_path, host=cfg.net.host, port=r.sglang_port + index if r.sglang_port else 0,
                               args=r.sglang_args, module=r.sglang_module,

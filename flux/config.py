@@ -34,7 +34,8 @@ def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclass
 class RolloutConfig:
     """Generators: how many, which engine, how they sample."""
 
-    engine: str = _doc("Rollout engine: `torch` (built-in, CPU or GPU) or `sglang` (GPU).", "torch")
+    engine: str = _doc("Rollout engine: `torch` (built-in, CPU or GPU) or `sglang` (an SGLang server "
+                       "per generator, GPU; see docs/engines.md).", "torch")
     num_generators: int = _doc("Generator processes started on this machine.", 1)
     group_size: int = _doc("Samples per prompt (n); GRPO/RLOO advantages are computed within a group.", 16)
     groups_per_call: int = _doc("Prompt groups a generator batches into one `generate` call.", 4)

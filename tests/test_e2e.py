@@ -256,7 +256,7 @@ def test_cli_ctrl_c_before_the_actors_start_exits_130(monkeypatch):
     import flux.launcher
     from flux.cli import main
 
-    def interrupted(cfg, stream=None):
+    def interrupted(cfg, stream=None, resume_from=""):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(flux.launcher, "run", interrupted)

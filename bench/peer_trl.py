@@ -1,12 +1,12 @@
 """Flux against a synchronous peer: TRL's `GRPOTrainer` on the same model, task and batch, on CPU.
 
-    python bench/peer_trl.py [--steps 100] [--seed 0] [--trl-threads 2] [--set KEY=VALUE ...]
+    python bench/peer_trl.py [--steps 100] [--seed 0] [--trl-threads 1 2] [--set KEY=VALUE ...]
                              [--json bench/results/peer_trl.json] [--plot bench/results/peer_trl.png]
 
-Three runs, back to back and never in parallel (they would compete for the cores), each for the same
-number of optimizer steps of the same number of samples:
+Runs back to back and never in parallel (they would compete for the cores), each for the same number
+of optimizer steps of the same number of samples:
 
-    trl            `trl.GRPOTrainer`, one process: HF `generate`, then the update, then generate again
+    trl-<n>t       `trl.GRPOTrainer` with n torch threads, one process: HF `generate`, then the update
     flux-sync      `flux train`, adaptive_async.mode=sync
     flux-adaptive  `flux train`, adaptive_async.mode=adaptive (the default)
 
@@ -24,8 +24,8 @@ for (Flux: the controller's first admission; TRL: `on_train_begin`), so process 
 loading are out of it. `wall s` is the run's last step since its process started work (Flux: the
 controller's start; TRL: the worker's start, imports included), and `process s` is the whole subprocess
 as this script timed it. Flux runs 1 torch thread per actor (learner and generator on their own cores);
-TRL is one process and gets `--trl-threads` (default 2, the whole machine; `--trl-threads 1 2` runs it
-once with each, and `× TRL` is over the faster of them).
+TRL is one process; it runs once per `--trl-threads` value (default 1 and 2, the whole machine: on a
+shared machine two OpenMP threads can be several times slower than one), and `× TRL` is over the faster.
 
 TRL is an optional dependency of this bench only (`pip install -e ".[bench]"`); it runs in a subprocess
 of this script (`--trl-worker`), so its imports and threads stay out of the Flux runs. Without TRL the
@@ -317,27 +317,31 @@ def run_trl(name: str, args, threads: int, out: Path) -> tuple[list[dict], dict,
 # ---- plot and main ----------------------------------------------------------------------------------
 
 def plot(runs: dict[str, list[dict]], summaries: dict[str, dict], path: str) -> None:
-    """Reward (moving mean) vs wall time for every run, and a bar of each run's samples/s."""
+    """Reward (moving mean) vs wall time and vs step for every run, and a bar of each run's samples/s."""
     from flux.plot import pyplot, save, smooth
 
     plt = pyplot()
-    fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    for i, (name, rows) in enumerate(runs.items()):
+    fig, (ax_w, ax_s, ax_b) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [3, 3, 2]})
+    color = {name: f"C{i}" for i, name in enumerate(summaries)}
+    for name, rows in runs.items():
         w = max(1, len(rows) // 20)
-        wall, reward = [r["wall_s"] for r in rows], [r["reward_mean"] for r in rows]
-        ax_r.plot(wall, reward, c=f"C{i}", alpha=0.25, lw=0.8)
-        ax_r.plot(wall, smooth(reward, w), c=f"C{i}", label=f"{name} ({w}-step mean)")
-    ax_r.set(xlabel="wall time since process start (s)", ylabel="mean reward", title="reward vs wall time")
-    ax_r.legend()
+        reward = [r["reward_mean"] for r in rows]
+        for ax, x in ((ax_w, [r["wall_s"] for r in rows]), (ax_s, [r["step"] for r in rows])):
+            ax.plot(x, reward, c=color[name], alpha=0.25, lw=0.8)
+            ax.plot(x, smooth(reward, w), c=color[name], label=f"{name} ({w}-step mean)")
+    ax_w.set(xlabel="wall time since the process started (s)", ylabel="mean reward",
+             title="reward vs wall time")
+    ax_s.set(xlabel="step (same samples per step)", ylabel="mean reward", title="reward vs step")
     names = list(summaries)
     rates = [summaries[n]["samples_per_s"] for n in names]
-    bars = ax_b.bar(names, rates, color=[f"C{list(runs).index(n)}" if n in runs else "grey" for n in names])
     ratio = ratios(summaries)
-    ax_b.bar_label(bars, [f"{v:.0f}" + (f" ({ratio[n]:.2f}× TRL)" if n in ratio else "")
-                          for n, v in zip(names, rates)])
-    ax_b.set(ylabel="samples/s (training)", title="throughput")
-    for ax in (ax_r, ax_b):
+    bars = ax_b.bar(names, rates, color=[color[n] for n in names])
+    labels = [f"{v:.0f}" + (f"\n{ratio[n]:.2f}× TRL" if n in ratio else "") for n, v in zip(names, rates)]
+    ax_b.bar_label(bars, labels, fontsize=9)
+    ax_b.set(ylabel="samples/s (training)", title="throughput", ylim=(0, 1.2 * max(rates)))
+    for ax in (ax_w, ax_s, ax_b):
         ax.grid(alpha=0.3)
+    ax_w.legend(fontsize=8)
     fig.tight_layout()
     save(fig, path)
 
@@ -367,7 +371,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run (same for all three)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--trl-threads", type=int, nargs="+", default=[2],
+    ap.add_argument("--trl-threads", type=int, nargs="+", default=[1, 2],
                     help="torch threads of the TRL process; several values: one TRL run each (trl-1t, ...)")
     ap.add_argument("--only", nargs="+", choices=[TRL, *FLUX_RUNS], default=[TRL, *FLUX_RUNS])
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

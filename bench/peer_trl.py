@@ -1,6 +1,7 @@
 """Flux against a synchronous peer: TRL's `GRPOTrainer` on the same model, task and batch, on CPU.
 
-    python bench/peer_trl.py [--steps 100] [--seed 0] [--trl-threads 1 2] [--set KEY=VALUE ...]
+    python bench/peer_trl.py [--steps 100] [--repeats 1] [--seed 0] [--trl-threads 1 2] [--set KEY=VALUE ...]
+                             [--only trl flux-sync flux-adaptive flux-async]
                              [--json bench/results/peer_trl.json] [--plot bench/results/peer_trl.png]
 
 Runs back to back and never in parallel (they would compete for the cores), each for the same number
@@ -9,6 +10,11 @@ of optimizer steps of the same number of samples:
     trl-<n>t       `trl.GRPOTrainer` with n torch threads, one process: HF `generate`, then the update
     flux-sync      `flux train`, adaptive_async.mode=sync
     flux-adaptive  `flux train`, adaptive_async.mode=adaptive (the default)
+    flux-async     `flux train`, adaptive_async.mode=async (only with --only ... flux-async)
+
+`--repeats N` runs the whole sequence N times, interleaved, so that load from other processes on a
+shared machine falls on every system alike; the table then gives medians (samples/s range alongside),
+the JSON every repeat, and the plot the last repeat's curves.
 
 The TRL run is configured from the resolved Flux config (`trl_config_kwargs`, overrides included): the
 embedded model (already SFT-warm-started), the training split of the sort task, the run's reward through
@@ -38,6 +44,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,7 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, mean, run_train
 
 TRL = "trl"
-FLUX_RUNS = {"flux-sync": "sync", "flux-adaptive": "adaptive"}  # name → adaptive_async.mode
+# name → adaptive_async.mode; flux-async (the most overlap Flux allows) runs only when asked for
+FLUX_RUNS = {"flux-sync": "sync", "flux-adaptive": "adaptive", "flux-async": "async"}
+DEFAULT_RUNS = [TRL, "flux-sync", "flux-adaptive"]
 # Columns TRL passes to a reward function that are not the prompt record's own.
 TRL_REWARD_EXTRAS = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
 # Flux's loss aggregation (`algo.agg`) → TRL's `loss_type` with the same normalisation.
@@ -145,6 +154,22 @@ def summarize(rows: list[dict], process_s: float | None = None, evals: dict | No
     }
 
 
+def combine(repeats: list[dict]) -> dict:
+    """Several repeats of one system (summaries) → one: the median of every timing, the mean of reward
+    and eval, and each repeat's samples/s in `samples_per_s_all` so the spread shows."""
+    out = {}
+    for key, first in repeats[0].items():
+        values = [r.get(key) for r in repeats]
+        if key in ("steps", "samples") or any(v is None for v in values):
+            out[key] = first
+        elif key.startswith(("reward_", "eval_")):
+            out[key] = mean(values)
+        else:
+            out[key] = statistics.median(values)
+    out["samples_per_s_all"] = [r["samples_per_s"] for r in repeats]
+    return out
+
+
 def ratios(summaries: dict[str, dict]) -> dict[str, float]:
     """samples/s of every run over the fastest TRL run's (the peer at its best; empty without one)."""
     peers = [s["samples_per_s"] for name, s in summaries.items() if name.startswith(TRL)]
@@ -158,16 +183,23 @@ def _num(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _spread(s: dict) -> str:
+    """min–max samples/s over the repeats ("-" for one run)."""
+    rates = s.get("samples_per_s_all", [])
+    return f"{min(rates):.0f}–{max(rates):.0f}" if len(rates) > 1 else "-"
+
+
 def format_table(summaries: dict[str, dict], errors: dict[str, str] | None = None) -> str:
     """Fixed-width table, one row per run; `× TRL` is samples/s over the fastest TRL run's."""
     ratio = ratios(summaries)
     lines = [(f"{'system':<14} {'steps':>5} {'samples':>7} {'wall s':>6} {'process s':>9} {'samples/s':>9} "
-             f"{'× TRL':>6} {'reward first 5 → last 10%':>25} {'held-out eval before → after':>28}")]
+              f"{'range':>9} {'× TRL':>6} {'reward first 5 → last 10%':>25} "
+              f"{'held-out eval before → after':>28}")]
     for name, s in summaries.items():
         reward = f"{s['reward_first']:.3f} → {s['reward_last']:.3f}"
         evals = f"{_num(s['eval_before'], '.3f')} → {_num(s['eval_after'], '.3f')}"
         lines.append(f"{name:<14} {s['steps']:>5} {s['samples']:>7} {s['wall_s']:>6.0f} "
-                     f"{_num(s['process_s'], '.0f'):>9} {s['samples_per_s']:>9.1f} "
+                     f"{_num(s['process_s'], '.0f'):>9} {s['samples_per_s']:>9.1f} {_spread(s):>9} "
                      f"{_num(ratio.get(name), '.2f'):>6} {reward:>25} {evals:>28}")
     for name, err in (errors or {}).items():
         lines.append(f"{name:<14} failed: {err}")
@@ -177,11 +209,11 @@ def format_table(summaries: dict[str, dict], errors: dict[str, str] | None = Non
 def markdown_table(summaries: dict[str, dict]) -> str:
     """The same numbers as a Markdown table (for the README)."""
     ratio = ratios(summaries)
-    lines = [("| system | steps | samples | wall s | samples/s | × TRL | reward, first 5 → last 10% "
-             "| held-out eval, before → after |"), "|---|---|---|---|---|---|---|---|"]
+    lines = [("| system | steps | samples | wall s | samples/s | range | × TRL "
+              "| reward, first 5 → last 10% | held-out eval, before → after |"), "|---" * 9 + "|"]
     for name, s in summaries.items():
         lines.append(f"| {name} | {s['steps']} | {s['samples']} | {s['wall_s']:.0f} "
-                     f"| {s['samples_per_s']:.1f} "
+                     f"| {s['samples_per_s']:.1f} | {_spread(s)} "
                      f"| {_num(ratio.get(name), '.2f')} | {s['reward_first']:.3f} → {s['reward_last']:.3f} "
                      f"| {_num(s['eval_before'], '.3f')} → {_num(s['eval_after'], '.3f')} |")
     return "\n".join(lines)
@@ -373,7 +405,10 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl-threads", type=int, nargs="+", default=[1, 2],
                     help="torch threads of the TRL process; several values: one TRL run each (trl-1t, ...)")
-    ap.add_argument("--only", nargs="+", choices=[TRL, *FLUX_RUNS], default=[TRL, *FLUX_RUNS])
+    ap.add_argument("--only", nargs="+", choices=[TRL, *FLUX_RUNS], default=DEFAULT_RUNS,
+                    help=f"systems to run, in this order (default: {' '.join(DEFAULT_RUNS)})")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run the whole sequence this many times, interleaved; the table shows medians")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="Flux config override, applied to every run, TRL's mapping included (repeatable)")
     ap.add_argument("--json", default="bench/results/peer_trl.json")
@@ -388,39 +423,44 @@ def main() -> int:
 
     tmp = None if args.runs_dir else tempfile.TemporaryDirectory()
     root = Path(args.runs_dir or tmp.name)
-    runs: dict[str, list[dict]] = {}
-    summaries: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}  # the last repeat's rows, for the plot
+    repeats: dict[str, list[dict]] = {}
     errors: dict[str, str] = {}
     versions: dict = {}
     try:
-        for name, threads in plan(args.only, args.trl_threads):
-            load, cpu0 = os.getloadavg()[0], _children_cpu_s()
-            if threads:
-                rows, evals, seconds, err = run_trl(name, args, threads, root / name)
-                versions = evals.pop("versions", versions)
-            else:
-                sets = [f"seed={args.seed}", *args.overrides, f"adaptive_async.mode={FLUX_RUNS[name]}"]
-                t0 = time.monotonic()
-                rows, _, err = run_train(name, sets, args.steps, root / name)
-                seconds, evals = time.monotonic() - t0, None
-            if err:
-                errors[name] = err
-                continue
-            runs[name], summaries[name] = rows, summarize(rows, seconds, evals)
-            # Other processes on the machine stretch wall time but barely CPU time: both are recorded.
-            summaries[name].update(cpu_s=_children_cpu_s() - cpu0, load_1m_before=load)
+        for rep in range(args.repeats):
+            for name, threads in plan(args.only, args.trl_threads):
+                out = root / f"r{rep}" / name
+                load, cpu0 = os.getloadavg()[0], _children_cpu_s()
+                if threads:
+                    rows, evals, seconds, err = run_trl(name, args, threads, out)
+                    versions = evals.pop("versions", versions)
+                else:
+                    sets = [f"seed={args.seed}", *args.overrides, f"adaptive_async.mode={FLUX_RUNS[name]}"]
+                    t0 = time.monotonic()
+                    rows, _, err = run_train(name, sets, args.steps, out)
+                    seconds, evals = time.monotonic() - t0, None
+                if err:
+                    errors[f"{name} (repeat {rep + 1})"] = err
+                    continue
+                # Other processes on the machine stretch wall time but barely CPU time: both are recorded.
+                summary = summarize(rows, seconds, evals)
+                summary.update(cpu_s=_children_cpu_s() - cpu0, load_1m_before=load)
+                runs[name] = rows
+                repeats.setdefault(name, []).append(summary)
     finally:
         if tmp is not None:
             tmp.cleanup()
 
+    summaries = {name: combine(reps) for name, reps in repeats.items()}
     print(format_table(summaries, errors))
     for name, s in summaries.items():
         parts = [f"{k} {s[k + '_mean']:.3f} s" for k in TIMING if k + "_mean" in s]
-        print(f"{name}: mean per step {', '.join(parts)}; {s['cpu_s']:.0f} CPU s; "
-              f"1-min load {s['load_1m_before']:.1f} before it started")
+        loads = ", ".join(f"{r['load_1m_before']:.1f}" for r in repeats[name])
+        print(f"{name}: per step {', '.join(parts)}; {s['cpu_s']:.0f} CPU s; 1-min load before: {loads}")
     result = {"machine": {**machine(), **versions},
               "args": {k: v for k, v in vars(args).items() if k not in ("trl_worker", "out")},
-              "runs": summaries, "errors": errors, "ratio_vs_trl": ratios(summaries),
+              "runs": summaries, "repeats": repeats, "errors": errors, "ratio_vs_trl": ratios(summaries),
               "markdown": markdown_table(summaries)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))

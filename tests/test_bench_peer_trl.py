@@ -20,12 +20,8 @@ _spec.loader.exec_module(bench)
 
 def rows_of(n: int, rate: float, **extra) -> list[dict]:
     """n per-step rows: reward i/n, 128 samples a step, 0.5 s a step, eval 0.5 → 0.9 on Flux's rows."""
-    out = []
-    for i in range(n):
-        row = {"step": i, "reward_mean": i / n, "samples": 128, "wall_s": 3.0 + 0.5 * i, "samples_per_s": rate,
-               **extra}
-        out.append(row)
-    return out
+    return [{"step": i, "reward_mean": i / n, "samples": 128, "wall_s": 3.0 + 0.5 * i, "samples_per_s": rate,
+             **extra} for i in range(n)]
 
 
 def test_trl_reward_adapts_the_signature_and_rebuilds_the_record():
@@ -44,7 +40,8 @@ def test_trl_reward_adapts_the_signature_and_rebuilds_the_record():
     # the record is the dataset row: prompt + columns, none of TRL's extras
     assert seen[1] == {"prompt": "sort 381=", "answer": "138", "task": "sort"}
     # a conversational completion is scored on its last message
-    assert reward(prompts=["p"], completions=[[{"role": "assistant", "content": "012"}]], answer=["012"]) == [1.0]
+    chat = [[{"role": "assistant", "content": "012"}]]
+    assert reward(prompts=["p"], completions=chat, answer=["012"]) == [1.0]
     assert bench.trl_reward(char_match).__name__ == "char_match"
 
 
@@ -53,8 +50,9 @@ def test_trl_config_follows_the_flux_config():
     assert (kw["num_generations"], kw["max_completion_length"], kw["temperature"]) == (16, 8, 1.0)
     assert kw["per_device_train_batch_size"] == 128 and kw["gradient_accumulation_steps"] == 1
     assert (kw["steps_per_generation"], kw["num_iterations"], kw["max_steps"], kw["seed"]) == (1, 1, 60, 3)
-    assert (kw["learning_rate"], kw["max_grad_norm"], kw["weight_decay"], kw["adam_beta2"]) == (1e-3, 1.0, 0.0, 0.99)
-    assert kw["lr_scheduler_type"] == "cosine_with_min_lr" and kw["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}
+    assert (kw["learning_rate"], kw["max_grad_norm"], kw["weight_decay"]) == (1e-3, 1.0, 0.0)
+    assert kw["adam_beta2"] == 0.99 and kw["lr_scheduler_type"] == "cosine_with_min_lr"
+    assert kw["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}
     assert (kw["beta"], kw["epsilon"], kw["epsilon_high"], kw["loss_type"]) == (0.0, 0.2, 0.2, "dapo")
     assert kw["scale_rewards"] == "group"
     assert kw["use_cpu"] and not kw["bf16"] and not kw["gradient_checkpointing"] and kw["report_to"] == "none"
@@ -87,7 +85,7 @@ def test_summary_table_and_ratio_against_trl():
     assert bench.ratios({"flux-sync": flux}) == {}
     table = bench.format_table(summaries, {"flux-adaptive": "boom"})
     lines = table.splitlines()
-    assert len(lines) == 4 and "× TRL" in lines[0]
+    assert len(lines) == 4 and "× TRL" in lines[0] and "range" in lines[0]
     assert lines[1].startswith("trl") and "1.00" in lines[1] and "0.540 → 0.700" in lines[1]
     assert lines[2].startswith("flux-sync") and "2.50" in lines[2] and "250.0" in lines[2]
     assert lines[3] == f"{'flux-adaptive':<14} failed: boom"
@@ -101,6 +99,22 @@ def test_summary_table_and_ratio_against_trl():
     assert "- → -" in bench.format_table({"flux-sync": bare})
 
 
+def test_repeats_combine_to_medians_with_the_spread_shown():
+    reps = []
+    for rate, wall, reward in ((300.0, 60.0, 0.7), (600.0, 30.0, 0.8), (500.0, 40.0, 0.9)):
+        s = bench.summarize(rows_of(10, rate, step_s=wall / 100))
+        s.update(wall_s=wall, reward_last=reward, cpu_s=20.0, load_1m_before=rate / 100)
+        reps.append(s)
+    c = bench.combine(reps)
+    assert (c["samples_per_s"], c["wall_s"]) == (500.0, 40.0) and c["step_s_mean"] == pytest.approx(0.4)
+    assert c["reward_last"] == pytest.approx(0.8) and c["samples_per_s_all"] == [300.0, 600.0, 500.0]
+    assert (c["steps"], c["samples"], c["eval_before"], c["process_s"]) == (10, 1280, None, None)
+    assert "300–600" in bench.format_table({"trl": c})
+    assert "| 300–600 |" in bench.markdown_table({"trl": c})
+    assert bench.combine(reps[:1])["samples_per_s_all"] == [300.0]
+    assert "300–" not in bench.format_table({"trl": bench.combine(reps[:1])})
+
+
 def test_runs_in_order_one_trl_run_per_thread_count():
     assert bench.plan(["trl", "flux-sync", "flux-adaptive"], [2]) == [
         ("trl", 2), ("flux-sync", 0), ("flux-adaptive", 0)]
@@ -109,7 +123,8 @@ def test_runs_in_order_one_trl_run_per_thread_count():
 
 def test_trl_accepts_the_config():
     pytest.importorskip("trl")
-    args = bench.grpo_config(bench.trl_config_kwargs(load_config(None, []), steps=2, seed=0, out_dir="unused"))
+    kw = bench.trl_config_kwargs(load_config(None, []), steps=2, seed=0, out_dir="unused")
+    args = bench.grpo_config(kw)
     assert args.generation_batch_size == 128 and args.num_generations == 16
     assert args.steps_per_generation == 1 and args.beta == 0.0 and args.loss_type == "dapo"
     assert not args.gradient_checkpointing and args.report_to in ([], "none", ["none"])

@@ -7,6 +7,9 @@ The conversation (socket types in capitals):
     controller PUB    -> every SUB           NewVersion, Control, Stop
     generator  PUSH   -> buffer PULL         TrajectoryGroup
     learner    DEALER -> buffer ROUTER       BatchRequest -> Batch
+    remote generator DEALER -> controller's CURVE ROUTER   RunInfoRequest -> RunInfo, then as any generator
+    remote generator DEALER -> weight server ROUTER        WeightFetch -> WeightManifest | WeightChunk...
+                                                           | WeightUnavailable
 
 Wire format (ZeroMQ multipart): ``[envelope | topic] header array_0 array_1 ...``
 
@@ -86,7 +89,8 @@ def _checker(tp: Any) -> Callable[[Any], bool]:
     # `type(v) is int` on purpose: bool is an int subclass and must not pass for one.
     simple = {int: lambda v: type(v) is int and v >= 0,
               float: lambda v: type(v) is float and math.isfinite(v),
-              str: lambda v: type(v) is str, bool: lambda v: type(v) is bool, dict: lambda v: type(v) is dict}
+              str: lambda v: type(v) is str, bool: lambda v: type(v) is bool, dict: lambda v: type(v) is dict,
+              list: lambda v: type(v) is list}
     if tp in simple:
         return simple[tp]
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -398,6 +402,102 @@ class Batch(Message):
                 versions=self.versions[t0:t1], rewards=self.rewards[s0:s1], finish=self.finish[s0:s1],
                 gen_seconds=self.gen_seconds[i], meta=self.metas[i]))
         return out
+
+
+# ---------------------------------------------------------------- remote generators (CURVE endpoints)
+@message
+@dataclass(slots=True)
+class RunInfoRequest(Message):
+    """Remote generator -> controller (its CURVE ROUTER), before registering: what does this run need?"""
+    name: str
+    host: str
+
+
+@message
+@dataclass(slots=True)
+class RunInfo(Message):
+    """Controller -> remote generator: the run's resolved config and its other CURVE endpoints.
+
+    ``name`` is the requested name, made unique in the run (register under it). ``ports`` holds the TCP
+    ports of ``pub`` (controller PUB), ``pull`` (buffer PULL) and ``weights`` (weight server) on the host
+    the generator connected to. ``model_path`` is the model directory on the controller's machine and
+    ``prompts_digest`` the sha256 of the run's prompt records: a remote copy must match it.
+    """
+    run_id: str
+    name: str
+    version: int
+    model_path: str
+    num_prompts: int
+    prompts_digest: str
+    config: dict
+    ports: dict
+
+    def validate(self) -> None:
+        _require(bool(self.name), "empty name")
+        _require(set(self.ports) == {"pub", "pull", "weights"}
+                 and all(type(p) is int and 0 < p < 65536 for p in self.ports.values()),
+                 "ports must be {pub, pull, weights: int in 1..65535}")
+
+
+@message
+@dataclass(slots=True)
+class WeightFetch(Message):
+    """Generator -> weight server: chunks [first, first + count) of ``version``; count 0 asks for its
+    WeightManifest. Resuming after a dropped connection is asking again from the first missing chunk."""
+    version: int
+    first: int
+    count: int
+
+
+@message
+@dataclass(slots=True)
+class WeightManifest(Message):
+    """Weight server -> generator: version ``version`` is ``nbytes`` of data in ``n_chunks`` chunks of
+    ``chunk_bytes`` (the last may be shorter). ``checksum`` is the learner's wrapping uint64 sum of the
+    data words (weights.py); ``tensors`` the layout [[name, dtype, shape, offset, nbytes], ...]."""
+    version: int
+    nbytes: int
+    chunk_bytes: int
+    n_chunks: int
+    checksum: int
+    tensors: list
+
+    def validate(self) -> None:
+        _require(self.chunk_bytes >= 8 and self.chunk_bytes % 8 == 0 and self.nbytes % 8 == 0,
+                 "chunk_bytes and nbytes must be multiples of 8 (checksums sum 64-bit words)")
+        _require(self.n_chunks == -(-self.nbytes // self.chunk_bytes), "n_chunks != ceil(nbytes / chunk_bytes)")
+        _require(self.checksum < 2**64, "checksum must fit in 64 bits")
+        for t in self.tensors:
+            _require(type(t) is list and len(t) == 5 and type(t[0]) is str and type(t[1]) is str
+                     and type(t[2]) is list and all(type(d) is int and d >= 0 for d in t[2])
+                     and all(type(x) is int and x >= 0 for x in t[3:]) and t[3] + t[4] <= self.nbytes,
+                     "each tensor is [name, dtype, shape, offset, nbytes] inside the data")
+
+
+@message
+@dataclass(slots=True)
+class WeightChunk(Message):
+    """Weight server -> generator: chunk ``index`` of ``version``; ``checksum`` is the wrapping uint64 sum
+    of its 64-bit words. Shape: data (chunk_bytes,), or shorter for the last chunk."""
+    ARRAYS: ClassVar[dict[str, str]] = {"data": "|u1"}
+    version: int
+    index: int
+    checksum: int
+    data: np.ndarray
+
+    def validate(self) -> None:
+        _require(len(self.data) >= 8 and len(self.data) % 8 == 0, "a chunk is a non-empty run of 64-bit words")
+        _require(self.checksum < 2**64, "checksum must fit in 64 bits")
+
+
+@message
+@dataclass(slots=True)
+class WeightUnavailable(Message):
+    """Weight server -> generator: it cannot serve ``version`` (superseded, or not announced yet);
+    ``newest`` is the newest version it knows of (0: none)."""
+    version: int
+    newest: int
+    reason: str
 
 
 # ---------------------------------------------------------------- consistency checks

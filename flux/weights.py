@@ -212,6 +212,33 @@ def load_weights(handle: dict, retries: int = 3, device: int | None = None) -> d
     be reused right after; ``.clone()`` them where separate storages matter (e.g. safetensors).
     ``device`` overrides the CUDA device index recorded in a "cuda_ipc" handle.
     """
+    blob, manifest, _ = _load(handle, retries, device)
+    return _unpack(blob, manifest)
+
+
+def load_raw(handle: dict, retries: int = 3) -> tuple[list, np.ndarray, int]:
+    """The version's bytes as its slot holds them, on the CPU: (manifest, uint8 data, checksum).
+
+    What the TCP weight stream serves (flux/weight_stream.py); ``unpack`` turns the pair back into a
+    state dict. The checksum is the learner's (``_sum64`` of the data; computed here for CUDA slots).
+    """
+    blob, manifest, checksum = _load(handle, retries, None)
+    data = blob.cpu().numpy()
+    return manifest, data, _sum64(data) if checksum is None else checksum
+
+
+def unpack(data: np.ndarray, manifest: list) -> dict[str, torch.Tensor]:
+    """A state dict whose tensors are views of ``data`` (uint8, the layout of ``manifest``)."""
+    return _unpack(torch.from_numpy(data), manifest)
+
+
+def checksum(data: np.ndarray) -> int:
+    """The wrapping uint64 sum of ``data``'s 64-bit words (uint8, length a multiple of 8)."""
+    return _sum64(data)
+
+
+def _load(handle: dict, retries: int, device: int | None) -> tuple[torch.Tensor, list, int | None]:
+    """(private blob, manifest, the slot's checksum or None) of the version ``handle`` announces."""
     name, version, kind = handle.get("name"), handle.get("version"), handle.get("kind")
     if kind not in ("shm", "cuda_ipc") or type(name) is not str or "/" in name or name in ("", ".", ".."):
         raise WeightsError(f"not a loadable weights handle: kind={kind!r} name={name!r}")
@@ -239,7 +266,7 @@ def _header(fd: int) -> tuple:
     return HEADER.unpack(raw)
 
 
-def _read(fd: int, handle: dict, device: int | None) -> dict[str, torch.Tensor]:
+def _read(fd: int, handle: dict, device: int | None) -> tuple[torch.Tensor, list, int | None]:
     _, seq, version, meta_len, data_len, checksum, flags = _header(fd)
     if seq % 2:
         raise TornRead("the slot is being written")
@@ -266,7 +293,7 @@ def _read(fd: int, handle: dict, device: int | None) -> dict[str, torch.Tensor]:
         raise TornRead("the slot was rewritten during the copy")
     if flags & FLAG_CHECKSUM and _sum64(blob.numpy()) != checksum:
         raise TornRead("checksum mismatch")
-    return _unpack(blob, msgpack.unpackb(meta))
+    return blob, msgpack.unpackb(meta), (checksum if flags & FLAG_CHECKSUM else None)
 
 
 def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:

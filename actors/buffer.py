@@ -33,19 +33,25 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     sub.connect(spec.controller_pub)
     sub.subscribe(b"Stop")
     P.send(ctl, P.Register("buffer", "buffer", os.getpid(), socket.gethostname()))
+    remote_pull = gate = None
+    if spec.remote:  # remote generators push to a CURVE PULL of their own (flux/remote.py)
+        from flux.remote import open_curve_pull
+
+        remote_pull, gate = open_curve_pull(ctx, spec, log)
 
     composer = Composer(eta_max=cfg.adaptive_async.eta_max, skip_zero_variance=cfg.dynamic_sampling)
     waiting: tuple | None = None  # (identity, BatchRequest) held until it can be served
     report = Rate(cfg.net.heartbeat_s)
     poller = zmq.Poller()
-    for s in (pull, router, ctl, sub):
+    pulls = [s for s in (pull, remote_pull) if s is not None]
+    for s in (*pulls, router, ctl, sub):
         poller.register(s, zmq.POLLIN)
     while not stop.is_set():
         ready = dict(poller.poll(50))
-        if pull in ready:
-            while True:
+        for source in pulls:
+            while source in ready:
                 try:
-                    _, msg = P.recv(pull, drops, zmq.NOBLOCK)
+                    _, msg = P.recv(source, drops, zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 if isinstance(msg, P.TrajectoryGroup):
@@ -75,8 +81,10 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     log.info("buffer stopping (%s): %d groups left unserved, %d dropped stale",
              stop.reason, composer.depth, composer.dropped_stale)
     P.send(ctl, P.Goodbye("buffer", "buffer", stop.reason or "stopped", True))
-    for s in (pull, router, ctl, sub):
+    for s in (*pulls, router, ctl, sub):
         s.close()
+    if gate is not None:
+        gate.stop()
     ctx.term()
     return 0
 

@@ -1,7 +1,8 @@
 """The controller: the run's clock. Policy version, PID loop, admission credits, membership, stop.
 
     loop:
-        serve requests on ROUTER (register, admit, heartbeats, group done, published, step reports)
+        serve requests on ROUTER (register, admit, heartbeats, group done, published, step reports),
+            and remote generators' on the CURVE ROUTER (net.remote, flux/remote.py)
         declare silent actors dead; re-queue a dead generator's unfinished groups
         on every learner step: update the async ratio, send one metrics line to the sinks (metrics.jsonl, ...)
         about once per heartbeat period: rewrite status.json (membership and the control loop's numbers)
@@ -37,6 +38,11 @@ class Member:
     busy_frac: float = 0.0
     stats: dict = field(default_factory=dict)
     outstanding: dict = field(default_factory=dict)  # group_id -> (prompt_index, n_samples)
+    remote: bool = False  # attached over the CURVE endpoint (`flux generator --connect`)
+
+
+# What a remote peer may say: a generator's part of the conversation, nothing of the learner's or buffer's.
+REMOTE_TYPES = (P.RunInfoRequest, P.Register, P.Heartbeat, P.AdmitRequest, P.GroupDone, P.Goodbye)
 
 
 class Controller:
@@ -57,6 +63,14 @@ class Controller:
         self.group_fate: dict[int, str] = {}
         self.group_prompt: dict[int, int] = {}  # group id -> prompt index, to re-queue it on resume
         self.peer_drops: dict[str, dict] = {}  # actor -> malformed messages it dropped, by reason
+        self.produced_by: dict[str, int] = {}  # generator -> groups it pushed to the buffer
+        self.handed_out: set[str] = set()  # names given to remote generators in a RunInfo
+        self.prompts_digest = ""
+        if spec.remote:
+            from flux.data import load_prompts
+            from flux.remote import prompts_digest
+
+            self.prompts_digest = prompts_digest(load_prompts(cfg.prompts))
         self.trained_samples = self.trained_tokens = 0
         self.dropped_stale = 0
         self.t_start = time.time()
@@ -70,16 +84,25 @@ class Controller:
             self.restore(json.loads(Path(spec.resume_from, "controller_state.json").read_text()))
 
     # ---- requests -------------------------------------------------------------------------------
-    def handle(self, ident, msg) -> P.Message | None:
-        """One request → an optional reply."""
+    def handle(self, ident, msg, remote: bool = False) -> P.Message | None:
+        """One request → an optional reply. `remote`: it came in on the CURVE endpoint."""
+        if remote and not self.remote_may_send(msg):
+            return None
         now = time.monotonic()
         name = getattr(msg, "name", None)
         if name in self.members:
             self.members[name].last_seen = now
+        if isinstance(msg, P.RunInfoRequest):
+            return self.run_info(msg)
         if isinstance(msg, P.Register):
-            self.members[msg.name] = Member(msg.role, msg.name, msg.pid, now, msg.host)
+            self.members[msg.name] = Member(msg.role, msg.name, msg.pid, now, msg.host, remote=remote)
             self.gone.pop(msg.name, None)
-            self.log.info("%s %s registered (pid %d)", msg.role, msg.name, msg.pid)
+            self.log.info("%s %s registered (pid %d%s)", msg.role, msg.name, msg.pid,
+                          f" on {msg.host}, remote" if remote else "")
+            if remote:
+                from flux.remote import stream_handle
+
+                return P.Welcome(self.spec.run_id, self.admission.version, stream_handle(self.weights))
             return P.Welcome(self.spec.run_id, self.admission.version, self.weights)
         if isinstance(msg, P.Heartbeat):
             m = self.members.get(msg.name)
@@ -93,6 +116,7 @@ class Controller:
             m = self.members.get(msg.name)
             if m and m.outstanding.pop(msg.group_id, None) is not None:
                 self.counts["produced"] += 1
+                self.produced_by[m.name] = self.produced_by.get(m.name, 0) + 1
         elif isinstance(msg, P.Published):
             self.admission.version = msg.version
             self.weights = msg.weights
@@ -105,6 +129,34 @@ class Controller:
         elif isinstance(msg, P.Goodbye):
             self.on_goodbye(msg)
         return None
+
+    def remote_may_send(self, msg) -> bool:
+        """A remote peer speaks for remote generators only: never as the learner or buffer, never in the
+        name of a local actor. Anything else is counted and dropped."""
+        name = getattr(msg, "name", "")
+        if not isinstance(msg, REMOTE_TYPES) or getattr(msg, "role", "generator") != "generator":
+            self.drops.drop("remote_not_allowed", detail=msg.TYPE)
+            return False
+        member = self.members.get(name)
+        if member is not None and not member.remote and not isinstance(msg, P.RunInfoRequest):
+            self.drops.drop("remote_not_allowed", detail=f"{msg.TYPE} in the name of local {name}")
+            return False
+        return True
+
+    def run_info(self, req: P.RunInfoRequest) -> P.RunInfo:
+        """What a remote generator needs to join: the config, model path, prompts digest, the other ports."""
+        from flux.remote import port_of
+
+        name, k = req.name, 1
+        while name in self.members or name in self.handed_out:
+            k += 1
+            name = f"{req.name}-{k}"
+        self.handed_out.add(name)
+        r = self.spec.remote
+        self.log.info("remote generator %s on %s asks to join", name, req.host)
+        return P.RunInfo(self.spec.run_id, name, self.admission.version, self.spec.model_path, self.spec.num_prompts,
+                         self.prompts_digest, self.cfg.to_dict(),
+                         {k: port_of(r[k]) for k in ("pub", "pull", "weights")})
 
     def admit(self, req: P.AdmitRequest) -> P.Admit:
         member = self.members.get(req.name)
@@ -178,7 +230,7 @@ class Controller:
         for fate in self.group_fate.values():
             fates[fate] += 1
         # re-queued prompts are admitted again as new groups, so each admission has exactly one fate
-        return {**self.counts, "unfinished_at_stop": fates["admitted"]}
+        return {**self.counts, "unfinished_at_stop": fates["admitted"], "by_generator": dict(self.produced_by)}
 
     def state(self) -> dict:
         """Everything needed to continue this run's control loop: step, version, ratio, PID, data cursor,
@@ -223,13 +275,15 @@ class Controller:
                 "reason": stopped or "", "step": self.last_step, "max_steps": self.cfg.max_steps,
                 "version": self.admission.version, "mode": aa.mode, "async_ratio": self.admission.async_ratio,
                 "staleness_ema": self.pid.ema, "target_staleness": aa.target_staleness, "buffer_depth": depth,
-                "groups": dict(self.counts), "members": [me, *alive, *self.gone.values()],
+                "groups": dict(self.counts), "groups_by_generator": dict(self.produced_by),
+                "members": [me, *alive, *self.gone.values()],
                 "dropped_messages": {"controller": self.drops.counts, **self.peer_drops}}
 
     def member_row(self, m: Member, now: float, state: str = "alive", reason: str = "") -> dict:
         """One actor in status.json; a busy fraction only where one is measured (learner, generators)."""
         alive = state == "alive"
-        return {"role": m.role, "name": m.name, "pid": m.pid, "host": m.host, "alive": alive, "state": state,
+        return {"role": m.role, "name": m.name, "pid": m.pid, "host": m.host, "remote": m.remote,
+                "alive": alive, "state": state,
                 "reason": reason, "heartbeat_age_s": round(now - m.last_seen, 3) if alive else None,
                 "busy_frac": m.busy_frac if m.role in ("learner", "generator") else None,
                 "version": m.stats.get("version", self.admission.version if m.role == "learner" else None)}
@@ -282,22 +336,33 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     router.bind(spec.controller_router)
     pub.bind(spec.controller_pub)
     ctl = Controller(spec, log)
+    remote = None
+    if spec.remote:  # remote generators: CURVE ROUTER and PUB, gatekeeper, weight server (flux/remote.py)
+        from flux.remote import RemoteSide
+
+        remote = RemoteSide(ctx, spec, log)
+    poller = zmq.Poller()
+    for sock in (router, remote and remote.router):
+        if sock is not None:
+            poller.register(sock, zmq.POLLIN)
     liveness, report = Rate(0.5), Rate(spec.config.net.heartbeat_s)
     log.info("controller up: ROUTER %s, PUB %s", spec.controller_router, spec.controller_pub)
     while not (stop.is_set() or ctl.done or ctl.failed):
-        if router.poll(50):
+        for sock in dict(poller.poll(50)):
             while True:
                 try:
-                    ident, msg = P.recv(router, ctl.drops, zmq.NOBLOCK)
+                    ident, msg = P.recv(sock, ctl.drops, zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 if msg is None:
                     continue
-                out = ctl.handle(ident, msg)
+                out = ctl.handle(ident, msg, remote=sock is not router)
                 if isinstance(out, P.NewVersion):
+                    if remote is not None:
+                        remote.publish(out)
                     P.send(pub, out)
                 elif out is not None:
-                    P.send(router, out, identity=ident)
+                    P.send(sock, out, identity=ident)
         if liveness.due():
             ctl.check_liveness()
         if report.due():
@@ -308,12 +373,16 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     with open(os.path.join(spec.run_dir, "groups.json"), "w") as f:
         json.dump({"reason": reason, **accounting}, f, indent=1)
     for _ in range(3):  # PUB may drop the first send to a slow joiner; Stop is idempotent
-        P.send(pub, P.Stop(reason))
+        for sock in (pub, remote and remote.pub):
+            if sock is not None:
+                P.send(sock, P.Stop(reason))
         time.sleep(0.05)
     ctl.metrics.close()
     write_status(spec.run_dir, ctl.status(stopped=reason))
     router.close()
     pub.close()
+    if remote is not None:
+        remote.close()
     ctx.term()
     return 1 if ctl.failed else 0
 

@@ -9,7 +9,9 @@
     current weights and sent as a two-sample group with rewards (1, 0))
 
 An I/O thread owns the SUB socket and the heartbeat: new weights are queued on the engine the moment
-they are announced (the engine swaps them in between decode steps), and Stop ends the loop.
+they are announced (the engine swaps them in between decode steps), and Stop ends the loop. A remote
+generator (`flux generator --connect`, flux/remote.py) runs this same actor over CURVE sockets; its new
+weights come over the weight stream, handed to the engine only once whole and verified.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import zmq
 
 from flux import protocol as P
-from flux.runtime import RunSpec, StopFlag, actor_main, set_threads
+from flux.runtime import RunSpec, StopFlag, actor_main, connect, set_threads
 
 
 class ControllerLink:
@@ -36,11 +38,23 @@ class ControllerLink:
         self.drops = P.DropCounter(name)
         self.req = ctx.socket(zmq.DEALER)
         self.req.setsockopt(zmq.LINGER, 0)
-        self.req.connect(spec.controller_router)
+        connect(self.req, spec.controller_router, spec)
         self.newest = 0  # newest version announced (engine.version lags until it swaps)
         self.version_arrived = threading.Event()
         self._ctx = ctx
         self._io = threading.Thread(target=self._io_loop, name="gen-io", daemon=True)
+        self.fetcher = None
+        if spec.remote.get("weights"):  # remote: versions arrive over the weight stream (flux/weight_stream.py)
+            from flux.weight_stream import WeightFetcher
+
+            net = spec.config.net
+            self.fetcher = WeightFetcher(ctx, spec.remote["weights"], spec.curve, self._deliver, log,
+                                         window=net.weight_window, stall_s=net.heartbeat_timeout_s)
+            self.fetcher.start()
+
+    def _deliver(self, version: int, state: dict) -> None:
+        self.engine.load_weights(version, state)
+        self.version_arrived.set()
 
     def request(self, msg, timeout_s: float = 10.0):
         P.send(self.req, msg)
@@ -64,6 +78,10 @@ class ControllerLink:
         return welcome.version
 
     def queue_weights(self, version: int, handle: dict) -> None:
+        self.newest = max(self.newest, version)
+        if handle["kind"] == "stream" and self.fetcher is not None:
+            self.fetcher.want(version)  # the engine gets it once every chunk is in and the checksum holds
+            return
         from flux.weights import StaleWeights, load_weights
 
         def source():
@@ -72,7 +90,6 @@ class ControllerLink:
             except StaleWeights:  # overwritten by a newer version, which is announced right after
                 return None
 
-        self.newest = max(self.newest, version)
         self.engine.load_weights(version, source)
         self.version_arrived.set()
 
@@ -80,10 +97,10 @@ class ControllerLink:
         sub, hb = self._ctx.socket(zmq.SUB), self._ctx.socket(zmq.DEALER)
         for s in (sub, hb):
             s.setsockopt(zmq.LINGER, 0)
-        sub.connect(self.spec.controller_pub)
+        connect(sub, self.spec.controller_pub, self.spec)
         sub.subscribe(b"NewVersion")
         sub.subscribe(b"Stop")
-        hb.connect(self.spec.controller_router)
+        connect(hb, self.spec.controller_router, self.spec)
         period = self.spec.config.net.heartbeat_s
         t0, last = time.monotonic(), 0.0
         while not self.stop.is_set():
@@ -97,9 +114,11 @@ class ControllerLink:
             if time.monotonic() - last >= period:
                 last = time.monotonic()
                 busy = min(1.0, self.engine.busy_seconds / max(1e-6, last - t0))
-                P.send(hb, P.Heartbeat("generator", self.name, busy,
-                                       {"version": self.engine.version, "tokens": self.engine.tokens_generated,
-                                        "drops": self.drops.counts}))
+                stats = {"version": self.engine.version, "tokens": self.engine.tokens_generated,
+                         "drops": self.drops.counts}
+                if self.fetcher is not None:
+                    stats["weight_stream"] = dict(self.fetcher.stats)
+                P.send(hb, P.Heartbeat("generator", self.name, busy, stats))
         sub.close()
         hb.close()
 
@@ -157,7 +176,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 2000)
-    push.connect(spec.buffer_pull)
+    connect(push, spec.buffer_pull, spec)
     link = ControllerLink(ctx, spec, name, engine, stop, log)
     link.start()
     log.info("%s up: %d prompts, engine %s", name, len(records), r.engine)
@@ -207,6 +226,9 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     engine.close()
     if link._io.ident is not None:  # started (a Stop can come before registration finished)
         link._io.join(2)
+    if link.fetcher is not None:
+        link.fetcher.stop()
+        log.info("%s: weight stream %s", name, link.fetcher.stats)
     push.close()
     link.req.close()
     ctx.term()

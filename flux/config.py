@@ -144,6 +144,19 @@ class NetConfig:
     host: str = _doc("Address every socket binds to (127.0.0.1 unless you ask for another).", "127.0.0.1")
     heartbeat_s: float = _doc("Seconds between heartbeats.", 0.5)
     heartbeat_timeout_s: float = _doc("An actor silent this long is declared dead.", 5.0)
+    remote: bool = _doc("Open the run to remote generators (`flux generator --connect`): CURVE-encrypted "
+                        "endpoints that only keys in `keys`/authorized may use (docs/remote.md). Local actors "
+                        "keep their own endpoints on `host`.", False)
+    remote_host: str = _doc("Address the remote (CURVE) endpoints bind to: 127.0.0.1 unless you ask for "
+                            "another, e.g. 0.0.0.0 or one interface's address.", "127.0.0.1")
+    remote_port: int = _doc("Port of the controller's CURVE endpoint, the one address remote generators "
+                            "connect to (0 = a free port, printed by `flux train`; the other remote endpoints "
+                            "always take free ports and are told to generators).", 0)
+    keys: str = _doc("Key directory made by `flux keys DIR` (server key pair, authorized/ client keys); "
+                     "needed with `remote`.", "")
+    weight_chunk_kb: int = _doc("Chunk size of the weight stream to remote generators, KiB (a multiple of "
+                                "64 bytes).", 4096)
+    weight_window: int = _doc("Weight chunks a remote generator keeps requested ahead (flow control).", 4)
 
 
 @dataclass
@@ -204,7 +217,8 @@ class FluxConfig:
         r, lr, a, s = self.rollout, self.learner, self.adaptive_async, self.staleness
         checks = [
             ("rollout.engine", r.engine in ("torch", "sglang"), "must be `torch` or `sglang`"),
-            ("rollout.num_generators", r.num_generators >= 1, "must be >= 1"),
+            ("rollout.num_generators", r.num_generators >= (0 if self.net.remote else 1),
+             "must be >= 1 (0 only with net.remote: generators then all attach with `flux generator`)"),
             ("rollout.group_size", r.group_size >= 1, "must be >= 1"),
             ("rollout.groups_per_call", r.groups_per_call >= 1, "must be >= 1"),
             ("rollout.max_new_tokens", r.max_new_tokens >= 1, "must be >= 1"),
@@ -257,6 +271,11 @@ class FluxConfig:
             ("eval.every", self.eval.every >= 0, "must be >= 0"),
             ("net.heartbeat_timeout_s", self.net.heartbeat_timeout_s > self.net.heartbeat_s > 0,
              "need heartbeat_timeout_s > heartbeat_s > 0"),
+            ("net.remote_port", 0 <= self.net.remote_port < 65536, "must be a port (0 = a free one)"),
+            ("net.keys", bool(self.net.keys.strip()) or not self.net.remote,
+             "net.remote needs a key directory: make one with `flux keys DIR`"),
+            ("net.weight_chunk_kb", self.net.weight_chunk_kb >= 1, "must be >= 1"),
+            ("net.weight_window", self.net.weight_window >= 1, "must be >= 1"),
             ("logging.sinks", all(isinstance(p, str) and ":" in p for p in self.logging.sinks),
              "must be a list of dotted paths `module:factory`"),
             ("max_steps", self.max_steps >= 1, "must be >= 1"),

@@ -111,6 +111,14 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
             check_setup(cfg.rollout)
         except SGLangError as e:
             raise SetupError(f"rollout.engine=sglang: {e}") from None
+    remote = {}
+    if cfg.net.remote:  # CURVE endpoints for `flux generator --connect` (flux/remote.py)
+        from flux.remote import remote_endpoints
+
+        try:
+            remote = remote_endpoints(cfg)
+        except ValueError as e:
+            raise SetupError(str(e)) from None
     model_path = resolve_model_path(cfg.model_path)
     if not (Path(model_path) / "config.json").is_file():
         raise SetupError(f"model_path: {model_path} is not an HF model directory (no config.json)")
@@ -142,7 +150,7 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
 
     spec = RunSpec(run_id=uuid.uuid4().hex[:8], run_dir=str(run_dir), model_path=str(model_path),
                    controller_router=addr(), controller_pub=addr(), buffer_pull=addr(), buffer_router=addr(),
-                   num_prompts=len(records), config=cfg, resume_from=str(resume_from or ""))
+                   num_prompts=len(records), config=cfg, resume_from=str(resume_from or ""), remote=remote)
     (run_dir / "spec.json").write_text(spec.to_json())
     return spec
 
@@ -242,6 +250,9 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
     spec = prepare(cfg, resume_from)
     stream.write(f"flux: run {spec.run_id} in {spec.run_dir}"
                  + (f", resumed from {resume_from}" if resume_from else "") + "\n")
+    if spec.remote:
+        stream.write(f"flux: remote generators attach with: flux generator --connect {spec.remote['connect']} "
+                     f"--key {spec.remote['keys']}/NAME.key_secret\n")
     stream.flush()
     actors: list[Actor] = []
     progress = Progress(spec.run_dir, cfg.max_steps, stream)

@@ -15,7 +15,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from flux.config import FluxConfig, _build
@@ -38,6 +38,11 @@ class RunSpec:
     config: FluxConfig
     resume_from: str = ""
     """A checkpoint directory to continue from (`flux train --resume`), or empty for a fresh run."""
+    remote: dict = field(default_factory=dict)
+    """The CURVE endpoints of a run open to remote generators (`net.remote`): router, pub, pull, weights,
+    keys, connect; in a remote generator's own spec only `weights`. Empty: no remote side."""
+    curve: dict = field(default_factory=dict)
+    """A remote generator's CURVE client keys (`flux.auth.client_keys`); empty for local actors."""
 
     def to_json(self) -> str:
         d = dict(self.__dict__)
@@ -53,6 +58,16 @@ class RunSpec:
     @property
     def shm_prefix(self) -> str:
         return f"flux-{self.run_id}-"
+
+
+def connect(sock, address: str, spec: RunSpec) -> None:
+    """Connect an actor's socket to one of the run's addresses, as a CURVE client when the spec has keys
+    (a remote generator); local actors connect in the clear to 127.0.0.1."""
+    if spec.curve:
+        from flux.auth import secure_client
+
+        secure_client(sock, spec.curve)
+    sock.connect(address)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -185,7 +200,7 @@ class Heartbeater(threading.Thread):
 
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.spec.controller_router)
+        connect(sock, self.spec.controller_router, self.spec)
         while not self.halt.wait(self.spec.config.net.heartbeat_s):
             P.send(sock, P.Heartbeat(self.role, self.actor, min(1.0, max(0.0, self.busy_frac())), self.stats()))
         sock.close()
@@ -220,7 +235,7 @@ def _say_dying(spec: RunSpec, role: str, name: str, reason: str) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 500)
-    sock.connect(spec.controller_router)
+    connect(sock, spec.controller_router, spec)
     P.send(sock, P.Goodbye(role, name, reason[:500], False))
     sock.close()
     ctx.term()

@@ -1,0 +1,232 @@
+"""Remote generators: a run's CURVE side, and `flux generator --connect` that attaches to it.
+
+On the training machine (`flux train --set net.remote=true --set net.keys=DIR`):
+
+    controller   CURVE ROUTER (the one address to hand out) and CURVE PUB, a ZAP gatekeeper, and the
+                 weight server thread (flux/weight_stream.py)
+    buffer       CURVE PULL for trajectory groups, its own gatekeeper
+
+On a remote machine (`flux generator --connect tcp://HOST:PORT --key DIR/NAME.key_secret`):
+
+    RunInfoRequest -> RunInfo     the resolved config, model path, prompts digest, the other ports
+    check the model and prompts   the same paths, or --model / --prompts; the prompts must match the run's
+    run the generator actor       actors/generator.py, unchanged, over CURVE sockets; new weights arrive
+                                  over the weight stream; SIGTERM -> Goodbye -> exit
+
+Local actors keep their 127.0.0.1 endpoints without CURVE: a remote peer never reaches them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+from flux import protocol as P
+from flux.auth import (
+    Gatekeeper,
+    KeysError,
+    check_key_dir,
+    client_keys,
+    curve_socket,
+    secure_client,
+)
+from flux.runtime import RunSpec, free_port
+
+HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class RemoteError(RuntimeError):
+    """A remote generator cannot attach: the message says why and what to do."""
+
+
+# ---------------------------------------------------------------- training machine
+def remote_endpoints(cfg) -> dict:
+    """The CURVE endpoints of a run with `net.remote` (RunSpec.remote). Raises ValueError."""
+    key_dir = check_key_dir(cfg.net.keys)
+    host = cfg.net.remote_host
+    port = cfg.net.remote_port
+    if port:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError as e:
+                raise ValueError(f"net.remote_port: cannot listen on {host}:{port} ({e.strerror})") from None
+    else:
+        port = free_port(host)
+    shown = socket.gethostname() if host in ("0.0.0.0", "::", "*") else host
+    return {"keys": str(key_dir), "router": f"tcp://{host}:{port}", "pub": f"tcp://{host}:{free_port(host)}",
+            "pull": f"tcp://{host}:{free_port(host)}", "weights": f"tcp://{host}:{free_port(host)}",
+            "connect": f"tcp://{shown}:{port}"}
+
+
+def prompts_digest(records: list[dict]) -> str:
+    """sha256 of the prompt records: a remote generator's copy must be the run's, index for index."""
+    return hashlib.sha256(json.dumps(records, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def stream_handle(handle: dict | None) -> dict | None:
+    """What remote generators are told of a version: it is on the weight stream (not in local shm)."""
+    if handle is None:
+        return None
+    return {"kind": "stream", "version": handle["version"], "nbytes": handle.get("nbytes", 0)}
+
+
+def port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+class RemoteSide:
+    """The controller's CURVE endpoints: ROUTER (the address handed out), PUB, gatekeeper, weight server."""
+
+    def __init__(self, ctx: zmq.Context, spec: RunSpec, log):
+        keys, net = spec.remote["keys"], spec.config.net
+        self.gate = Gatekeeper(ctx, keys, log)
+        self.gate.start()
+        self.router, self.pub = curve_socket(ctx, zmq.ROUTER, keys), curve_socket(ctx, zmq.PUB, keys)
+        for s in (self.router, self.pub):
+            s.setsockopt(zmq.LINGER, 1000)
+        self.router.bind(spec.remote["router"])
+        self.pub.bind(spec.remote["pub"])
+        from flux.weight_stream import WeightServer
+
+        self.weights = WeightServer(ctx, spec.remote["weights"], keys, net.weight_chunk_kb * 1024, log)
+        self.weights.start()
+        self.weights.ready.wait(10)
+        log.info("remote endpoints up (CURVE, keys %s): ROUTER %s, PUB %s, weights %s; generators attach with "
+                 "`flux generator --connect %s --key KEY`", keys, spec.remote["router"], spec.remote["pub"],
+                 spec.remote["weights"], spec.remote["connect"])
+
+    def publish(self, msg: P.NewVersion) -> None:
+        """A new version: the weight server holds it before remote generators hear of it."""
+        self.weights.announce(msg.weights)
+        P.send(self.pub, P.NewVersion(msg.version, stream_handle(msg.weights)))
+
+    def close(self) -> None:
+        self.weights.stop()
+        self.router.close()
+        self.pub.close()
+        self.gate.stop()
+
+
+def open_curve_pull(ctx: zmq.Context, spec: RunSpec, log) -> tuple[zmq.Socket, Gatekeeper]:
+    """The buffer's CURVE PULL for remote generators' trajectory groups, and its process's gatekeeper."""
+    gate = Gatekeeper(ctx, spec.remote["keys"], log)
+    gate.start()
+    pull = curve_socket(ctx, zmq.PULL, spec.remote["keys"])
+    pull.setsockopt(zmq.LINGER, 0)
+    pull.bind(spec.remote["pull"])
+    return pull, gate
+
+
+# ---------------------------------------------------------------- remote machine
+def ask_run_info(address: str, curve: dict, name: str, timeout_s: float = 20.0) -> P.RunInfo:
+    """RunInfoRequest -> RunInfo over CURVE; a refused key or a failed handshake is a RemoteError at once."""
+    from zmq.utils.monitor import recv_monitor_message
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    secure_client(sock, curve)
+    monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+    sock.connect(address)
+    drops = P.DropCounter("attach")
+    try:
+        P.send(sock, P.RunInfoRequest(name, socket.gethostname()))
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            if monitor.poll(0):
+                event = recv_monitor_message(monitor)["event"]
+                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    raise RemoteError(f"{address} refused this key: its public key is not authorised there "
+                                      "(on the training machine, put the client's .key file in KEYS/authorized/)")
+                raise RemoteError(f"the CURVE handshake with {address} failed: wrong server key (server.key of "
+                                  "the run's key directory), or not a Flux remote endpoint")
+            if sock.poll(100):
+                _, msg = P.recv(sock, drops)
+                if isinstance(msg, P.RunInfo):
+                    return msg
+        raise RemoteError(f"no answer from {address} within {timeout_s:g}s: is the run up, with net.remote=true "
+                          "and that port reachable?")
+    finally:
+        sock.disable_monitor()
+        monitor.close()
+        sock.close()
+
+
+def spec_from_info(info: P.RunInfo, address: str, curve: dict, out: Path, model: str | None = None,
+                   prompts: str | None = None, engine: str | None = None) -> RunSpec:
+    """This machine's RunSpec for the run: the run's config, with the model and prompts found here."""
+    from flux.config import FluxConfig, _build
+    from flux.data import DataError, load_prompts
+    from flux.tiny import resolve_model_path
+
+    cfg = _build(FluxConfig, info.config, "")
+    if prompts:
+        cfg.prompts = prompts
+    if engine:
+        cfg.rollout.engine = engine
+    model_path = model or info.model_path
+    if not model and not Path(info.model_path, "config.json").is_file() and cfg.model_path.startswith("builtin:"):
+        model_path = resolve_model_path(cfg.model_path)  # the embedded default is built the same way here
+    if not Path(model_path, "config.json").is_file():
+        raise RemoteError(f"the run's model {model_path} is not on this machine: pass --model DIR (a copy of "
+                          f"the run's base model {cfg.model_path})")
+    try:
+        records = load_prompts(cfg.prompts)
+    except (DataError, ValueError) as e:
+        raise RemoteError(f"prompts: {e} (pass --prompts FILE, a copy of the run's prompts)") from None
+    if prompts_digest(records) != info.prompts_digest:
+        raise RemoteError(f"the prompts at {cfg.prompts} ({len(records)} records) are not the run's "
+                          f"({info.num_prompts} records): pass --prompts FILE, an exact copy")
+    host = address.removeprefix("tcp://").rsplit(":", 1)[0]
+    return RunSpec(run_id=info.run_id, run_dir=str(out), model_path=str(model_path), controller_router=address,
+                   controller_pub=f"tcp://{host}:{info.ports['pub']}", buffer_pull=f"tcp://{host}:{info.ports['pull']}",
+                   buffer_router="", num_prompts=info.num_prompts, config=cfg,
+                   remote={"weights": f"tcp://{host}:{info.ports['weights']}"}, curve=curve)
+
+
+def run_generator(connect: str, key: str, server_key: str | None = None, name: str | None = None,
+                  engine: str | None = None, model: str | None = None, prompts: str | None = None,
+                  out: str | None = None, timeout_s: float = 20.0, stream=sys.stdout) -> int:
+    """`flux generator`: attach to a running job, generate until it stops or a signal comes. Exit code."""
+    from flux.runtime import StopFlag, _say_dying, install_stop_handlers, setup_logging
+
+    if not connect.startswith("tcp://") or ":" not in connect.removeprefix("tcp://"):
+        raise RemoteError(f"--connect {connect}: expected tcp://HOST:PORT")
+    try:
+        curve = client_keys(key, server_key)
+    except KeysError as e:
+        raise RemoteError(str(e)) from None
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    out_dir = Path(out or f"runs/generator-{name}").resolve()
+    log = setup_logging(out_dir, name)
+    stop = StopFlag()
+    install_stop_handlers(stop, watch_parent=False)
+    try:
+        info = ask_run_info(connect, curve, name, timeout_s)
+    except RemoteError as e:
+        log.error("cannot attach to %s: %s", connect, e)
+        raise
+    spec = spec_from_info(info, connect, curve, out_dir, model, prompts, engine)
+    stream.write(f"flux: generator {info.name} attached to run {info.run_id} at {connect} (version {info.version}); "
+                 f"logs in {out_dir}/logs\n")
+    stream.flush()
+    from actors.generator import body
+
+    try:
+        code = body(spec, info.name, stop, log)
+    except Exception as e:
+        log.exception("generator %s crashed", info.name)
+        _say_dying(spec, "generator", info.name, f"{type(e).__name__}: {e}")
+        stream.write(f"flux: generator {info.name} crashed: {type(e).__name__}: {e}\n")
+        return 1
+    stream.write(f"flux: generator {info.name} left the run ({stop.reason or 'stopped'})\n")
+    return code

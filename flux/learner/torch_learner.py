@@ -1,22 +1,26 @@
 """The plain-PyTorch training backend: an HF causal LM, AdamW, micro-batched gradient accumulation.
 
-One process, one device. `logprobs`, `step`, `export_weights`, `save`/`load` are the whole surface the
-learner actor uses; a distributed variant wraps the same calls.
+One device per process. `logprobs`, `step`, `export_weights`, `save`/`load` are the whole surface the
+learner actor uses. With `ranks` (a `RankGroup` of several processes) the learner is one replica of a
+data-parallel group: log-probs and gradients are computed on this rank's rows and summed over the ranks
+(flux/learner/data_parallel.py explains why that is exact).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from flux.hf import from_pretrained as _from_pretrained
+from flux.learner.data_parallel import RankGroup
 
 # Files a tokenizer may consist of; copied next to a checkpoint so it is self-contained.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -56,7 +60,7 @@ class TrainBatch:
         return int(self.response_mask.sum().item())
 
     @classmethod
-    def from_samples(cls, samples: Sequence[tuple[Any, Any, Any, Any, Any]], pad_id: int) -> "TrainBatch":
+    def from_samples(cls, samples: Sequence[tuple[Any, Any, Any, Any, Any]], pad_id: int) -> TrainBatch:
         """Right-pad `(prompt_ids, response_ids, behaviour_logprobs, versions, advantage)` tuples.
 
         behaviour_logprobs and versions have one entry per response token; advantage is a float (one per
@@ -88,7 +92,7 @@ class TrainBatch:
                 adv[i] = a
         return cls(ids, attn, resp, blp, adv, ver)
 
-    def select(self, rows: slice | Tensor, cols: slice = slice(None)) -> "TrainBatch":
+    def select(self, rows: slice | Tensor, cols: slice = slice(None)) -> TrainBatch:
         """The sub-batch of `rows`, keeping the (b, L) fields' columns `cols`."""
         def take(x: Tensor | None, per_token: bool = True) -> Tensor | None:
             if x is None:
@@ -97,7 +101,7 @@ class TrainBatch:
             return x[:, cols] if per_token and x.dim() == 2 else x
         return replace(self, **{f.name: take(getattr(self, f.name)) for f in fields(self)})
 
-    def to(self, device: torch.device | str) -> "TrainBatch":
+    def to(self, device: torch.device | str) -> TrainBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: (None if v is None else v.to(device)) for k, v in moved.items()})
 
@@ -128,6 +132,12 @@ class TorchLearner:
     Micro-batches (for `logprobs` and the default of `step`) hold at most `micro_batch_size` sequences,
     or, with `micro_batch_tokens`, at most that many padded tokens (rows × longest row), packed
     longest-first so similar lengths share a micro-batch. Neither: the whole batch at once.
+
+    Data parallel (`ranks` with world > 1): every rank builds the learner with the same arguments and
+    calls the same methods on the same whole batch, in the same order. Weights start as rank 0's;
+    `logprobs` computes this rank's rows and returns the whole batch's; `step` trains on this rank's
+    micro-batches (default: its share of the rows, balanced by token count) and every rank ends with the
+    single-process full-batch step. Saving is the caller's choice (one rank is enough: replicas are equal).
     """
 
     def __init__(self, model_path: str, *, lr: float = 1e-4, weight_decay: float = 0.0,
@@ -135,8 +145,9 @@ class TorchLearner:
                  micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
                  temperature: float = 1.0, reference: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, ranks: RankGroup | None = None):
         torch.manual_seed(seed)
+        self.ranks = ranks or RankGroup()
         self.model_path = str(model_path)
         self.device = torch.device(device)
         self.max_grad_norm = max_grad_norm
@@ -156,6 +167,9 @@ class TorchLearner:
             self.ref_model.requires_grad_(False)
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
                                            betas=betas, weight_decay=weight_decay)
+        self.ranks.broadcast_module(self.model)
+        if self.ref_model is not None:
+            self.ranks.broadcast_module(self.ref_model)
 
     def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
         return _from_pretrained(path, dtype)
@@ -164,6 +178,8 @@ class TorchLearner:
     def micro_batches(self, batch: TrainBatch) -> list[Tensor]:
         """Row-index tensors that partition the batch according to the micro-batch setting."""
         b = len(batch)
+        if b == 0:
+            return []
         if self.micro_batch_tokens:
             lengths = batch.attention_mask.sum(-1)
             order = torch.argsort(lengths, descending=True, stable=True).tolist()
@@ -188,17 +204,24 @@ class TorchLearner:
     def _forward(self, model: torch.nn.Module, mb: TrainBatch) -> Tensor:
         return token_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask, self.temperature)
 
+    def _my_rows(self, batch: TrainBatch) -> Tensor:
+        """The rows this rank computes (all of them in one process), balanced by token count."""
+        return torch.tensor(self.ranks.rows(batch.attention_mask.sum(-1).tolist()), dtype=torch.long)
+
     def _logprobs_with(self, model: torch.nn.Module, batch: TrainBatch) -> Tensor:
         out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        mine = self._my_rows(batch)
+        sub = batch.select(mine) if self.ranks.world > 1 else batch
         with torch.no_grad():
-            for rows in self.micro_batches(batch):
-                mb, cols = self._trimmed(batch, rows)
+            for rows in self.micro_batches(sub):
+                mb, cols = self._trimmed(sub, rows)
                 if mb.input_ids.shape[1] == 0:
                     continue
                 mb = mb.to(self.device)
                 lp = self._forward(model, mb)
-                out[rows, cols] = lp.cpu()
-        return out.to(batch.input_ids.device)
+                out[mine[rows], cols] = lp.cpu()
+        # Each row comes from exactly one rank and is 0 on the others: the sum is exact.
+        return self.ranks.sum_(out).to(batch.input_ids.device)
 
     def logprobs(self, batch: TrainBatch) -> Tensor:
         """Current policy's per-token log-probs, no grad. Shape: (b, L) float32, 0 outside the response."""
@@ -215,6 +238,10 @@ class TorchLearner:
              ) -> dict[str, float]:
         """One optimizer step over `batch`, accumulating gradients over micro-batches.
 
+        With data parallelism `batch` is the whole batch on every rank and `micro_batches` this rank's
+        (row indices into `batch`); the weights below are shares of the whole batch, and the gradients
+        are summed over the ranks before clipping.
+
         For each micro-batch `loss, stats = loss_fn(logprobs=..., mask=..., batch=mb)`, where logprobs
         (with grad) and mask are (b_mb, L_mb) and mb is the micro-batch's `TrainBatch`. Each micro-batch
         loss is weighted by its share of the batch's response tokens before backward: for a token-mean
@@ -227,7 +254,7 @@ class TorchLearner:
         """
         self.model.train()
         self._zero_grad()
-        parts = micro_batches if micro_batches is not None else self.micro_batches(batch)
+        parts = micro_batches if micro_batches is not None else self._my_micro_batches(batch)
         total = float(batch.response_mask.sum())
         acc: dict[str, float] = {}
         loss_sum = 0.0
@@ -244,6 +271,8 @@ class TorchLearner:
             loss_sum += float(loss.detach()) * share
             for k, v in stats.items():
                 acc[k] = max(acc.get(k, v), v) if k.endswith("_max") else acc.get(k, 0.0) + v * share
+        self.ranks.all_reduce_gradients([p for p in self.model.parameters() if p.requires_grad])
+        acc, loss_sum = self.ranks.merge_stats(acc, loss_sum)
         grad_norm = self._clip_gradients()
         skipped = not torch.isfinite(torch.tensor(grad_norm))
         if skipped:
@@ -253,6 +282,12 @@ class TorchLearner:
             self.step_count += 1
         return {**acc, "loss": loss_sum, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
                 "step_skipped": float(skipped)}
+
+    def _my_micro_batches(self, batch: TrainBatch) -> list[Tensor]:
+        if self.ranks.world == 1:
+            return self.micro_batches(batch)
+        mine = self._my_rows(batch)
+        return [mine[rows] for rows in self.micro_batches(batch.select(mine))]
 
     def _zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -330,7 +365,7 @@ class ValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.value_head.bias)
 
     @classmethod
-    def from_pretrained(cls, path: str, dtype: torch.dtype) -> "ValueModel":
+    def from_pretrained(cls, path: str, dtype: torch.dtype) -> ValueModel:
         model = cls(_from_pretrained(path, dtype, "AutoModel"))
         head = Path(path) / "value_head.pt"
         if head.is_file():

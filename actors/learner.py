@@ -8,6 +8,11 @@
         learner.step(algorithm loss)                  → version += 1   (PPO: critic.step(value loss))
         publish weights (shared memory), tell the controller, report metrics
     save the final HF checkpoint; goodbye
+
+With `learner.ranks` = M > 1 there are M learner processes (flux/learner/data_parallel.py): rank 0 runs
+this loop (`lead`) and hands each batch to ranks 1..M-1 (`follow`); every rank then trains on its share
+of the batch in lockstep (`Trainer.train`). Only rank 0 talks to the buffer and the controller,
+publishes, evaluates and saves.
 """
 
 from __future__ import annotations
@@ -73,19 +78,27 @@ def preference_rows(advantages) -> torch.Tensor:
     return torch.tensor([i for pair in zip(chosen, rejected) for i in pair], dtype=torch.long)
 
 
-def micro_batches(tb, size: int, pairs: bool = False):
-    """Micro-batches of about `size` samples with near-equal token counts (None = the whole batch).
+def micro_batches(tb, size: int, pairs: bool = False, rank: int = 0, ranks: int = 1):
+    """This rank's micro-batches: row-index tensors of about `size` samples with near-equal token counts.
 
-    With `pairs`, rows (2i, 2i+1) are a preference pair and always land in the same micro-batch.
+    With several `ranks`, the batch's rows are first split across the ranks by token count (so the ranks
+    finish together), then this rank's rows into micro-batches; a rank may get none (`[]`). With one rank,
+    None = the whole batch at once (`size` 0 or at least the batch). With `pairs`, rows (2i, 2i+1) are a
+    preference pair and always land in the same micro-batch.
     """
-    if not size or size >= len(tb):
-        return None
     lengths = tb.attention_mask.sum(-1).tolist()
-    if not pairs:
-        return [torch.tensor(rows) for rows in balance(lengths, math.ceil(len(lengths) / size))]
-    pair_lengths = [lengths[i] + lengths[i + 1] for i in range(0, len(lengths), 2)]
-    parts = balance(pair_lengths, math.ceil(len(lengths) / max(2, size)))
-    return [torch.tensor([r for p in part for r in (2 * p, 2 * p + 1)]) for part in parts]
+    units = [[2 * i, 2 * i + 1] for i in range(len(lengths) // 2)] if pairs else [[i] for i in range(len(lengths))]
+    if ranks > 1:
+        shards = balance([sum(lengths[r] for r in u) for u in units], ranks)  # fewer units than ranks: some idle
+        units = [units[u] for u in shards[rank]] if rank < len(shards) else []
+        if not units:
+            return []
+    elif not size or size >= len(tb):
+        return None
+    rows = sum(len(u) for u in units)
+    parts = balance([sum(lengths[r] for r in u) for u in units],
+                    math.ceil(rows / max(2 if pairs else 1, size or rows)))
+    return [torch.tensor([r for u in part for r in units[u]]) for part in parts]
 
 
 def lr_at(step: int, total: int, lr: float, schedule: str, min_ratio: float) -> float:
@@ -96,36 +109,125 @@ def lr_at(step: int, total: int, lr: float, schedule: str, min_ratio: float) -> 
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class Trainer:
+    """What every learner rank holds and does: the model(s), the algorithm, one optimizer step on a batch.
+
+    Rank 0 hands each step's batch to the other ranks; all of them then call `train` in lockstep (each
+    computes its own rows, see flux/learner/data_parallel.py). Everything else a learner does — the
+    buffer, the controller, publishing, evaluation, checkpoints — is rank 0's alone (`lead`).
+    """
+
+    def __init__(self, spec: RunSpec, ranks):
+        from flux.algorithms import get_algorithm
+        from flux.learner import build_learner
+        from flux.learner.torch_learner import TorchCritic
+
+        cfg, lc = spec.config, spec.config.learner
+        self.cfg, self.ranks = cfg, ranks
+        self.algorithm = get_algorithm(cfg.algorithm)
+        self.params = self.algorithm.params(cfg.algo)
+        self.loss_fn = self.algorithm.bind(self.params)
+        torch.manual_seed(cfg.seed)
+        dp = {"ranks": ranks} if ranks.world > 1 else {}  # (config: data parallel is torch-backend only)
+        self.learner = build_learner(lc.backend, spec.model_path, lr=lc.lr, weight_decay=lc.weight_decay,
+                                     max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
+                                     temperature=cfg.rollout.temperature,
+                                     reference=self.algorithm.wants_reference(self.params), seed=cfg.seed, **dp)
+        self.critic = None
+        if self.algorithm.value_loss is not None:
+            self.critic = TorchCritic(spec.model_path, lr=lc.critic_lr or lc.lr, weight_decay=lc.weight_decay,
+                                      max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
+                                      seed=cfg.seed, **dp)
+            self.value_loss_fn = self.algorithm.bind_value(self.params)
+
+    def load(self, path: str) -> None:
+        self.learner.load(path)
+        if self.critic is not None:
+            self.critic.load(f"{path}/critic")
+
+    def save(self, path: str) -> str:
+        saved = str(self.learner.save(path))
+        if self.critic is not None:
+            self.critic.save(f"{path}/critic")
+        return saved
+
+    def train(self, step: int, tb, group_rewards, group_lengths):
+        """Advantages, log-probs, one optimizer step (PPO: and one critic step). Returns (batch, stats)."""
+        cfg, lc, algorithm, params = self.cfg, self.cfg.learner, self.algorithm, self.params
+        learner, critic = self.learner, self.critic
+        adv_inputs = {"group_lengths": group_lengths, "max_new_tokens": cfg.rollout.max_new_tokens}
+        if not algorithm.token_level:
+            tb.advantages, _ = algorithm.compute_advantages(group_rewards, tb, params, **adv_inputs)
+        if algorithm.preference:  # train on the (chosen, rejected) rows only, each pair adjacent
+            tb = tb.select(preference_rows(tb.advantages))
+        tb.proximal_logprobs = learner.logprobs(tb)  # the policy at the start of this step
+        if learner.ref_model is not None:
+            tb.ref_logprobs = learner.ref_logprobs(tb)
+        if critic is not None:
+            tb.values = critic.logprobs(tb)  # the critic's values at the start of this step
+        if algorithm.token_level:
+            tb.advantages, tb.returns = algorithm.compute_advantages(group_rewards, tb, params, **adv_inputs)
+        for group in learner.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.max_steps, lc.lr, lc.lr_schedule, lc.min_lr_ratio)
+        parts = micro_batches(tb, lc.micro_batch_size, pairs=algorithm.preference, rank=self.ranks.rank,
+                              ranks=self.ranks.world)
+        stats = learner.step(self.loss_fn, tb, parts) if len(tb) else {"step_skipped": 1.0}
+        if critic is not None and len(tb):
+            stats.update({f"critic_{k}" if k in ("loss", "grad_norm", "lr", "step_skipped") else k: v
+                          for k, v in critic.step(self.value_loss_fn, tb, parts).items()})
+        return tb, stats
+
+
 def body(spec: RunSpec, name: str, stop, log) -> int:
     cfg = spec.config
     set_threads(cfg.learner.threads)
+    from flux.learner.data_parallel import RankGroup
+
+    # Before the models load, so that joining waits only for the other ranks' imports.
+    ranks = RankGroup.from_env(timeout_s=cfg.learner.dist_timeout_s)
+    if ranks.world != cfg.learner.ranks:
+        raise RuntimeError(f"learner.ranks={cfg.learner.ranks} but this process was started as one of "
+                           f"{ranks.world}")
+    try:
+        trainer = Trainer(spec, ranks)
+        start = version = 0
+        if spec.resume_from:  # every rank loads the model, optimizer and critic; the step and version
+            trainer.load(spec.resume_from)
+            with open(f"{spec.resume_from}/controller_state.json") as f:
+                state = json.load(f)
+            start, version = int(state["step"]), int(state["version"])
+        if ranks.rank > 0:
+            return follow(trainer, start, stop, log)
+        return lead(spec, name, stop, log, trainer, start, version)
+    finally:
+        ranks.close()
+
+
+def follow(trainer: Trainer, start: int, stop, log) -> int:
+    """Ranks 1..M-1: train on each batch rank 0 hands out, until it says stop."""
+    step = start
+    for step in range(start, trainer.cfg.max_steps):
+        work = trainer.ranks.broadcast(None, stop)
+        if work is None:
+            break
+        trainer.train(step, *work)
+    log.info("learner rank %d leaves after step %d", trainer.ranks.rank, step + 1)
+    return 0
+
+
+def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, version: int) -> int:
+    """Rank 0 (with one rank: the learner): the learner loop of the module docstring."""
     from transformers import AutoTokenizer
 
-    from flux.algorithms import get_algorithm
     from flux.engine.base import SamplingParams
     from flux.engine.torch_engine import TorchEngine
     from flux.evaluation import eval_records, evaluate
-    from flux.learner import build_learner
-    from flux.learner.torch_learner import TorchCritic
     from flux.rewards import load_function
     from flux.staleness import batch_staleness
     from flux.weights import WeightPublisher
 
-    algorithm = get_algorithm(cfg.algorithm)
-    params = algorithm.params(cfg.algo)
-    loss_fn = algorithm.bind(params)
-    torch.manual_seed(cfg.seed)
-    lc, aa, sc = cfg.learner, cfg.adaptive_async, cfg.staleness
-    learner = build_learner(lc.backend, spec.model_path, lr=lc.lr, weight_decay=lc.weight_decay,
-                            max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
-                            temperature=cfg.rollout.temperature, reference=algorithm.wants_reference(params),
-                            seed=cfg.seed)
-    critic = None
-    if algorithm.value_loss is not None:
-        critic = TorchCritic(spec.model_path, lr=lc.critic_lr or lc.lr, weight_decay=lc.weight_decay,
-                             max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
-                             seed=cfg.seed)
-        value_loss_fn = algorithm.bind_value(params)
+    cfg, lc, aa, sc = spec.config, spec.config.learner, spec.config.adaptive_async, spec.config.staleness
+    learner, ranks = trainer.learner, trainer.ranks
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     reward_fn = load_function(cfg.reward)
@@ -153,50 +255,26 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         evaluator = evaluator or TorchEngine(model, seed=cfg.seed)
         return evaluate(evaluator, tokenizer, held_out, reward_fn, eval_sampling)
 
-    version = start = 0
-    if spec.resume_from:  # model, optimizer, critic; the step and version the controller was at
-        learner.load(spec.resume_from)
-        if critic is not None:
-            critic.load(f"{spec.resume_from}/critic")
-        with open(f"{spec.resume_from}/controller_state.json") as f:
-            state = json.load(f)
-        start, version = int(state["step"]), int(state["version"])
-        # The generators start from the base model: give them the checkpoint's weights as `version`.
+    if spec.resume_from:  # the generators start from the base model: give them the checkpoint's weights
         P.send(ctl, P.Published(version, publisher.publish(version, learner.export_weights())))
         log.info("resumed from %s at step %d, version %d", spec.resume_from, start, version)
     last_eval = run_eval()
-    log.info("learner up: %s, B=%d, eval %s", algorithm.name, cfg.batch_samples, last_eval)
+    log.info("learner up: %s, B=%d, %d rank(s), eval %s", trainer.algorithm.name, cfg.batch_samples,
+             ranks.world, last_eval)
     step = start
     for step in range(start, cfg.max_steps):
         t_wait = time.monotonic()
         batch = buffer.get(step, version, lc.groups_per_step)
-        if batch is None:
+        # The other ranks get the same batch (None: stop) and train on their share of it in lockstep.
+        work = ranks.broadcast(None if batch is None else to_train_batch(batch, pad_id))
+        if work is None:
             break
         t0 = time.monotonic()
-        tb, group_rewards, group_lengths = to_train_batch(batch, pad_id)
-        rewards = torch.cat(group_rewards)
-        adv_inputs = dict(group_lengths=group_lengths, max_new_tokens=cfg.rollout.max_new_tokens)
-        if not algorithm.token_level:
-            tb.advantages, _ = algorithm.compute_advantages(group_rewards, tb, params, **adv_inputs)
-        if algorithm.preference:  # train on the (chosen, rejected) rows only, each pair adjacent
-            tb = tb.select(preference_rows(tb.advantages))
-        tb.proximal_logprobs = learner.logprobs(tb)  # the policy at the start of this step
-        if learner.ref_model is not None:
-            tb.ref_logprobs = learner.ref_logprobs(tb)
-        if critic is not None:
-            tb.values = critic.logprobs(tb)  # the critic's values at the start of this step
-        if algorithm.token_level:
-            tb.advantages, tb.returns = algorithm.compute_advantages(group_rewards, tb, params, **adv_inputs)
+        tb, stats = trainer.train(step, *work)
+        rewards = torch.cat(work[1])
         stale = batch_staleness(tb.proximal_logprobs, tb.behaviour_logprobs, tb.response_mask, tb.versions,
                                 version, eta_max=max(1, aa.eta_max), d_ref=sc.d_ref, w_lag=sc.w_lag,
                                 metric=sc.metric)
-        for group in learner.optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.max_steps, lc.lr, lc.lr_schedule, lc.min_lr_ratio)
-        parts = micro_batches(tb, lc.micro_batch_size, pairs=algorithm.preference)
-        stats = learner.step(loss_fn, tb, parts) if len(tb) else {"step_skipped": 1.0}
-        if critic is not None:
-            stats.update({f"critic_{k}" if k in ("loss", "grad_norm", "lr", "step_skipped") else k: v
-                          for k, v in critic.step(value_loss_fn, tb, parts).items()})
         if not stats.get("step_skipped"):
             version += 1
             handle = publisher.publish(version, learner.export_weights())
@@ -208,16 +286,13 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
             last_eval = run_eval()
         saved = {}
         if last or (lc.checkpoint_every and (step + 1) % lc.checkpoint_every == 0):
-            path = f"{spec.run_dir}/checkpoints/step_{step + 1}"
-            saved = {"checkpoint": str(learner.save(path))}
-            if critic is not None:
-                critic.save(f"{path}/critic")
+            saved = {"checkpoint": trainer.save(f"{spec.run_dir}/checkpoints/step_{step + 1}")}
         metrics = {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "staleness_mean": stale["staleness"], **{k: v for k, v in stale.items() if k != "staleness"},
             **{k: float(v) for k, v in stats.items()},
             "learner_busy_frac": busy / max(1e-6, time.monotonic() - t_start),
-            "samples": int(len(batch.response_lens)), "tokens": int(batch.response_lens.sum()),
+            "samples": len(batch.response_lens), "tokens": int(batch.response_lens.sum()),
             "response_len_mean": float(batch.response_lens.mean()),
             "step_s": step_s, "batch_wait_s": t0 - t_wait,
             "dropped_in_batch": int(batch.dropped_stale),

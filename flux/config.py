@@ -97,7 +97,13 @@ class LearnerConfig:
     micro_batch_size: int = _doc("Samples per forward/backward (0 = whole batch at once).", 0)
     threads: int = _doc("torch intra-op threads in the learner process.", 1)
     checkpoint_every: int = _doc("Save an HF checkpoint every N steps (0 = only at the end).", 0)
-    ranks: int = _doc("Learner processes (data parallel). Only 1 is supported so far.", 1)
+    ranks: int = _doc("Learner processes (data parallel, `backend: torch` only): each holds the whole model, "
+                      "trains on its share of every batch (rows split by token count) and the gradients are "
+                      "summed over the ranks (gloo on CPU), so a step equals the one-process step on the whole "
+                      "batch. Rank 0 talks to the buffer and controller, publishes weights, evaluates and "
+                      "saves. micro_batch_size applies per rank.", 1)
+    dist_timeout_s: float = _doc("`ranks > 1`: seconds a learner rank waits in a torch.distributed collective "
+                                 "(or to join the group) before failing the run; bounds a hung rank.", 300.0)
 
 
 @dataclass
@@ -254,7 +260,10 @@ class FluxConfig:
             ("learner.micro_batch_size", lr.micro_batch_size >= 0, "must be >= 0"),
             ("learner.threads", lr.threads >= 1, "must be >= 1"),
             ("learner.checkpoint_every", lr.checkpoint_every >= 0, "must be >= 0"),
-            ("learner.ranks", lr.ranks == 1, "only 1 learner rank is supported so far"),
+            ("learner.ranks", lr.ranks >= 1, "must be >= 1"),
+            ("learner.ranks", lr.ranks == 1 or lr.backend == "torch",
+             "several ranks need learner.backend=torch (megatron runs one learner process)"),
+            ("learner.dist_timeout_s", lr.dist_timeout_s > 0, "must be > 0"),
             ("adaptive_async.mode", a.mode in ("sync", "async", "adaptive"),
              "must be `sync`, `async` or `adaptive`"),
             ("adaptive_async.min_async_ratio", 0 <= a.min_async_ratio <= a.max_async_ratio <= 1,

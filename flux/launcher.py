@@ -156,12 +156,17 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
 
 
 def start(spec: RunSpec, actors: list[Actor]) -> list[Actor]:
-    """Controller first (everyone connects to it), then buffer, learner and the generators.
+    """Controller first (everyone connects to it), then buffer, learner ranks and the generators.
 
+    Learner rank 0 is `learner`, rank r > 0 `learner<r>`; each gets torch.distributed's RANK, WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT (rank 0 hosts the group's store on a free local port).
     Appends to `actors` as it goes, so a Ctrl-C in the middle still leaves the caller every started one.
     """
-    roles = [("controller", "controller"), ("buffer", "buffer"), ("learner", "learner")]
+    ranks = spec.config.learner.ranks
+    roles = [("controller", "controller"), ("buffer", "buffer")]
+    roles += [("learner", f"learner{r or ''}") for r in range(ranks)]
     roles += [("generator", f"gen{i}") for i in range(spec.config.rollout.num_generators)]
+    dist_env = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     logs = Path(spec.run_dir) / "logs"
     logs.mkdir(exist_ok=True)
     # Actors run the same code as the launcher, whatever the working directory or other checkouts.
@@ -171,10 +176,12 @@ def start(spec: RunSpec, actors: list[Actor]) -> list[Actor]:
            "PYTHONPATH": path}
     for role, name in roles:
         err = logs / f"{name}.stderr"
+        # Set for every learner, even a single one, so that none inherits a RANK from the user's shell.
+        rank_env = {**dist_env, "RANK": name.removeprefix("learner") or "0"} if role == "learner" else {}
         proc = subprocess.Popen(
             [sys.executable, "-m", f"actors.{role}", "--spec", str(Path(spec.run_dir) / "spec.json"),
              "--name", name],
-            stdout=subprocess.DEVNULL, stderr=open(err, "wb"), env=env, preexec_fn=die_with_parent,
+            stdout=subprocess.DEVNULL, stderr=open(err, "wb"), env={**env, **rank_env}, preexec_fn=die_with_parent,
             start_new_session=True)  # Ctrl-C reaches the launcher only; it stops the actors in order
         actors.append(Actor(name, role, proc, err))
     return actors
@@ -283,7 +290,7 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
                              f"{last_words(a) or 'no message'}; stopping the run\n")
                 code = 1
                 break
-            if any(a.role in ("learner", "controller") for a in exited):
+            if any(a.name == "learner" or a.role == "controller" for a in exited):  # learner rank 0
                 # Normal end: the learner finished, the controller broadcast Stop; let the rest drain.
                 end = time.monotonic() + STOP_DEADLINE_S
                 while time.monotonic() < end and any(a.proc.poll() is None for a in actors):

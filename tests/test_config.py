@@ -112,7 +112,8 @@ OUT_OF_RANGE = [
     ("rollout.threads", 0), ("rollout.slowdown", -0.1), ("learner.backend", "jax"),
     ("learner.groups_per_step", 0), ("learner.lr", 0.0), ("learner.lr", -1e-3),
     ("learner.micro_batch_size", -1),
-    ("learner.threads", 0), ("learner.checkpoint_every", -1), ("learner.ranks", 2),
+    ("learner.threads", 0), ("learner.checkpoint_every", -1), ("learner.ranks", 0),
+    ("learner.dist_timeout_s", 0.0),
     ("adaptive_async.mode", "fast"), ("adaptive_async.min_async_ratio", -0.1),
     ("adaptive_async.max_async_ratio", 1.5), ("adaptive_async.target_staleness", 1.5),
     ("adaptive_async.target_staleness", -0.1), ("adaptive_async.eta_max", -1),
@@ -131,6 +132,14 @@ def test_out_of_range_is_named(key, value):
     owners = {"adaptive_async.max_async_ratio": "adaptive_async.min_async_ratio",
               "net.heartbeat_s": "net.heartbeat_timeout_s"}
     assert f"config: {owners.get(key, key)}:" in message, message
+
+
+def test_several_learner_ranks_need_the_torch_backend():
+    assert load_config(None, ["learner.ranks=2"]).learner.ranks == 2
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["learner.ranks=2", "learner.backend=megatron"])
+    assert str(e.value) == ("config: learner.ranks: several ranks need learner.backend=torch "
+                            "(megatron runs one learner process) (got 2)")
 
 
 def test_min_above_max_ratio_and_initial_outside():

@@ -7,8 +7,8 @@ installed and the device is CUDA), tensor-parallel layers and the vocab-parallel
 per-token log-probs through the model's labels path. What Flux keeps: the micro-batching, loss weighting and
 `step` of `TorchLearner` (losses from the algorithm registry, unchanged), AdamW over each rank's shards
 with a gradient norm taken over the whole tensor-parallel model, and checkpoints in HF format. Megatron's
-own DDP and distributed optimizer belong with data parallelism (learner.ranks > 1), which Flux does not
-have yet.
+own DDP and distributed optimizer belong with data parallelism, which Flux has for the torch backend only
+(flux/learner/data_parallel.py): learner.ranks > 1 with this backend is a config error.
 
 Ranks: every rank of the tensor-parallel group builds a `MegatronLearner` with the same arguments and
 calls the same methods in the same order (SPMD); `export_weights` and `save` gather the shards. One

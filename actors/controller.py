@@ -65,6 +65,9 @@ class Controller:
         self.peer_drops: dict[str, dict] = {}  # actor -> malformed messages it dropped, by reason
         self.produced_by: dict[str, int] = {}  # generator -> groups it pushed to the buffer
         self.handed_out: set[str] = set()  # names given to remote generators in a RunInfo
+        # net.weight_stream=plain: the weight server serves these tokens only (one per remote generator)
+        self.weight_tokens: set[str] = set()
+        self.token_of: dict[str, str] = {}
         self.prompts_digest = ""
         if spec.remote:
             from flux.data import load_prompts
@@ -152,11 +155,17 @@ class Controller:
             k += 1
             name = f"{req.name}-{k}"
         self.handed_out.add(name)
+        token = ""
+        if self.cfg.net.weight_stream == "plain":
+            import secrets
+
+            token = self.token_of[name] = secrets.token_hex(16)
+            self.weight_tokens.add(token)
         r = self.spec.remote
         self.log.info("remote generator %s on %s asks to join", name, req.host)
         return P.RunInfo(self.spec.run_id, name, self.admission.version, self.spec.model_path, self.spec.num_prompts,
                          self.prompts_digest, self.cfg.to_dict(),
-                         {k: port_of(r[k]) for k in ("pub", "pull", "weights")})
+                         {k: port_of(r[k]) for k in ("pub", "pull", "weights")}, token)
 
     def admit(self, req: P.AdmitRequest) -> P.Admit:
         member = self.members.get(req.name)
@@ -291,6 +300,7 @@ class Controller:
     def forget(self, member: Member, state: str, reason: str) -> None:
         """A member `exited` (said goodbye) or is `dead` (crashed, silent); `flux status` still lists it."""
         self.gone[member.name] = self.member_row(member, time.monotonic(), state, reason)
+        self.weight_tokens.discard(self.token_of.pop(member.name, ""))  # no more weights for it
 
     def on_goodbye(self, msg: P.Goodbye) -> None:
         self.log.info("%s %s says goodbye (%s, ok=%s)", msg.role, msg.name, msg.reason, msg.ok)
@@ -340,7 +350,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     if spec.remote:  # remote generators: CURVE ROUTER and PUB, gatekeeper, weight server (flux/remote.py)
         from flux.remote import RemoteSide
 
-        remote = RemoteSide(ctx, spec, log)
+        remote = RemoteSide(ctx, spec, log, ctl.weight_tokens)
     poller = zmq.Poller()
     for sock in (router, remote and remote.router):
         if sock is not None:

@@ -48,8 +48,10 @@ class ControllerLink:
             from flux.weight_stream import WeightFetcher
 
             net = spec.config.net
-            self.fetcher = WeightFetcher(ctx, spec.remote["weights"], spec.curve, self._deliver, log,
-                                         window=net.weight_window, stall_s=net.heartbeat_timeout_s)
+            curve = spec.curve if net.weight_stream == "curve" else None  # plain: a token instead
+            self.fetcher = WeightFetcher(ctx, spec.remote["weights"], curve, self._deliver, log,
+                                         window=net.weight_window, stall_s=net.heartbeat_timeout_s,
+                                         token=spec.remote.get("token", ""))
             self.fetcher.start()
 
     def _deliver(self, version: int, state: dict) -> None:

@@ -163,6 +163,11 @@ class NetConfig:
     weight_chunk_kb: int = _doc("Chunk size of the weight stream to remote generators, KiB (a multiple of "
                                 "64 bytes).", 4096)
     weight_window: int = _doc("Weight chunks a remote generator keeps requested ahead (flow control).", 4)
+    weight_stream: str = _doc("How weights reach remote generators: `curve` (encrypted and authenticated, like "
+                              "every remote endpoint) or `plain` (unencrypted TCP, for a trusted network: a "
+                              "request needs the token its generator got over CURVE, withdrawn when it leaves; "
+                              "several times faster where CURVE's encryption is the bottleneck, docs/remote.md).",
+                              "curve")
 
 
 @dataclass
@@ -285,6 +290,7 @@ class FluxConfig:
              "net.remote needs a key directory: make one with `flux keys DIR`"),
             ("net.weight_chunk_kb", self.net.weight_chunk_kb >= 1, "must be >= 1"),
             ("net.weight_window", self.net.weight_window >= 1, "must be >= 1"),
+            ("net.weight_stream", self.net.weight_stream in ("curve", "plain"), "must be `curve` or `plain`"),
             ("logging.sinks", all(isinstance(p, str) and ":" in p for p in self.logging.sinks),
              "must be a list of dotted paths `module:factory`"),
             ("max_steps", self.max_steps >= 1, "must be >= 1"),

@@ -422,6 +422,8 @@ class RunInfo(Message):
     ports of ``pub`` (controller PUB), ``pull`` (buffer PULL) and ``weights`` (weight server) on the host
     the generator connected to. ``model_path`` is the model directory on the controller's machine and
     ``prompts_digest`` the sha256 of the run's prompt records: a remote copy must match it.
+    ``weights_token`` is this generator's pass to an unencrypted weight stream (net.weight_stream: plain;
+    empty with CURVE).
     """
     run_id: str
     name: str
@@ -431,6 +433,7 @@ class RunInfo(Message):
     prompts_digest: str
     config: dict
     ports: dict
+    weights_token: str
 
     def validate(self) -> None:
         _require(bool(self.name), "empty name")
@@ -443,10 +446,12 @@ class RunInfo(Message):
 @dataclass(slots=True)
 class WeightFetch(Message):
     """Generator -> weight server: chunks [first, first + count) of ``version``; count 0 asks for its
-    WeightManifest. Resuming after a dropped connection is asking again from the first missing chunk."""
+    WeightManifest. Resuming after a dropped connection is asking again from the first missing chunk.
+    ``token``: the generator's RunInfo.weights_token (an unencrypted stream serves no one without one)."""
     version: int
     first: int
     count: int
+    token: str = ""
 
 
 @message

@@ -86,7 +86,7 @@ def port_of(address: str) -> int:
 class RemoteSide:
     """The controller's CURVE endpoints: ROUTER (the address handed out), PUB, gatekeeper, weight server."""
 
-    def __init__(self, ctx: zmq.Context, spec: RunSpec, log):
+    def __init__(self, ctx: zmq.Context, spec: RunSpec, log, weight_tokens: set[str]):
         keys, net = spec.remote["keys"], spec.config.net
         self.gate = Gatekeeper(ctx, keys, log)
         self.gate.start()
@@ -97,12 +97,14 @@ class RemoteSide:
         self.pub.bind(spec.remote["pub"])
         from flux.weight_stream import WeightServer
 
-        self.weights = WeightServer(ctx, spec.remote["weights"], keys, net.weight_chunk_kb * 1024, log)
+        plain = net.weight_stream == "plain"  # unencrypted; each request must carry a granted token
+        self.weights = WeightServer(ctx, spec.remote["weights"], None if plain else keys, net.weight_chunk_kb * 1024,
+                                    log, tokens=weight_tokens if plain else None)
         self.weights.start()
         self.weights.ready.wait(10)
-        log.info("remote endpoints up (CURVE, keys %s): ROUTER %s, PUB %s, weights %s; generators attach with "
-                 "`flux generator --connect %s --key KEY`", keys, spec.remote["router"], spec.remote["pub"],
-                 spec.remote["weights"], spec.remote["connect"])
+        log.info("remote endpoints up (CURVE, keys %s): ROUTER %s, PUB %s, weights %s (%s); generators attach "
+                 "with `flux generator --connect %s --key KEY`", keys, spec.remote["router"], spec.remote["pub"],
+                 spec.remote["weights"], "unencrypted, tokens" if plain else "CURVE", spec.remote["connect"])
 
     def publish(self, msg: P.NewVersion) -> None:
         """A new version: the weight server holds it before remote generators hear of it."""
@@ -190,7 +192,8 @@ def spec_from_info(info: P.RunInfo, address: str, curve: dict, out: Path, model:
     return RunSpec(run_id=info.run_id, run_dir=str(out), model_path=str(model_path), controller_router=address,
                    controller_pub=f"tcp://{host}:{info.ports['pub']}", buffer_pull=f"tcp://{host}:{info.ports['pull']}",
                    buffer_router="", num_prompts=info.num_prompts, config=cfg,
-                   remote={"weights": f"tcp://{host}:{info.ports['weights']}"}, curve=curve)
+                   remote={"weights": f"tcp://{host}:{info.ports['weights']}", "token": info.weights_token},
+                   curve=curve)
 
 
 def run_generator(connect: str, key: str, server_key: str | None = None, name: str | None = None,

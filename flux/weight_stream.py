@@ -59,7 +59,7 @@ def _load_raw(handle: dict) -> tuple[list, np.ndarray, int]:
     # Imports torch: only a run with remote generators pays for it, in the weight server's thread.
     from flux.weights import load_raw
 
-    return load_raw(handle)
+    return load_raw(handle, verify=False)  # the server checks the learner's checksum as it sums the chunks
 
 
 class WeightServer(threading.Thread):
@@ -68,15 +68,20 @@ class WeightServer(threading.Thread):
     The learner rewrites a shared-memory slot two versions later, so the bytes of a download are copied
     out once into a snapshot: on the first request for a version, and at every announcement once a
     remote generator has asked (so a slow client finds its version still there).
+
+    With `tokens` (a set the controller keeps: one token per remote generator, handed out over CURVE and
+    withdrawn when it leaves or dies), a request is served only if it carries one of them: the
+    unencrypted stream of `net.weight_stream: plain`. The set is only read here (atomic under the GIL).
     """
 
     def __init__(self, ctx: zmq.Context, address: str, key_dir: str | Path | None, chunk_bytes: int,
-                 logger: logging.Logger = log, load: Callable[[dict], tuple] = _load_raw):
+                 logger: logging.Logger = log, load: Callable[[dict], tuple] = _load_raw,
+                 tokens: set[str] | None = None):
         super().__init__(name="weight-server", daemon=True)
         if chunk_bytes < 64 or chunk_bytes % 64:
             raise ValueError("chunk_bytes must be a positive multiple of 64")
         self.ctx, self.address, self.key_dir, self.chunk_bytes = ctx, address, key_dir, chunk_bytes
-        self.log, self.load = logger, load
+        self.log, self.load, self.tokens = logger, load, tokens
         self.snapshot: Snapshot | None = None
         self.endpoint = ""  # the bound address (a port 0 resolved), once `ready` is set
         self.ready, self.halt = threading.Event(), threading.Event()
@@ -134,6 +139,9 @@ class WeightServer(threading.Thread):
             sock.close()
 
     def serve(self, sock: zmq.Socket, ident, req: P.WeightFetch) -> None:
+        if self.tokens is not None and req.token not in self.tokens:
+            self.drops.drop("no_token", detail="a weights request without a valid token (not answered)")
+            return
         self._eager = True
         self.stats["requests"] += 1
         snap = self.current(req.version)
@@ -190,10 +198,12 @@ class WeightFetcher(threading.Thread):
 
     def __init__(self, ctx: zmq.Context, address: str, curve: dict | None,
                  deliver: Callable[[int, dict], None] | None = None, logger: logging.Logger = log,
-                 window: int = 4, stall_s: float = 5.0, max_resumes: int = 20, max_corrupt: int = 3):
+                 window: int = 4, stall_s: float = 5.0, max_resumes: int = 20, max_corrupt: int = 3,
+                 token: str = ""):
         super().__init__(name="weight-fetcher", daemon=True)
         self.ctx, self.address, self.curve, self.deliver, self.log = ctx, address, curve or {}, deliver, logger
         self.window, self.stall_s, self.max_resumes, self.max_corrupt = window, stall_s, max_resumes, max_corrupt
+        self.token = token
         self.target, self.delivered = -1, -1
         self.halt = threading.Event()
         self.drops = P.DropCounter("weight-fetcher")
@@ -262,11 +272,11 @@ class WeightFetcher(threading.Thread):
                         run_len += 1
                     else:
                         if run_start is not None:
-                            self._send(P.WeightFetch(version, run_start, run_len))
+                            self._send(P.WeightFetch(version, run_start, run_len, self.token))
                         run_start, run_len = cursor, 1
                 cursor += 1
             if run_start is not None:  # "chunk i onward": one request per contiguous run
-                self._send(P.WeightFetch(version, run_start, run_len))
+                self._send(P.WeightFetch(version, run_start, run_len, self.token))
 
         ask_more()
         last = time.monotonic()
@@ -348,7 +358,7 @@ class WeightFetcher(threading.Thread):
         if self._sock is None:
             self._reconnect()
         for attempt in range(self.max_resumes + 1):
-            self._send(P.WeightFetch(version, 0, 0))
+            self._send(P.WeightFetch(version, 0, 0, self.token))
             end = time.monotonic() + self.stall_s
             while time.monotonic() < end and not self.halt.is_set() and self.target <= version:
                 if not self._sock.poll(50):

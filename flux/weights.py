@@ -212,17 +212,18 @@ def load_weights(handle: dict, retries: int = 3, device: int | None = None) -> d
     be reused right after; ``.clone()`` them where separate storages matter (e.g. safetensors).
     ``device`` overrides the CUDA device index recorded in a "cuda_ipc" handle.
     """
-    blob, manifest, _ = _load(handle, retries, device)
+    blob, manifest, _ = _load(handle, retries, device, True)
     return _unpack(blob, manifest)
 
 
-def load_raw(handle: dict, retries: int = 3) -> tuple[list, np.ndarray, int]:
+def load_raw(handle: dict, retries: int = 3, verify: bool = True) -> tuple[list, np.ndarray, int]:
     """The version's bytes as its slot holds them, on the CPU: (manifest, uint8 data, checksum).
 
     What the TCP weight stream serves (flux/weight_stream.py); ``unpack`` turns the pair back into a
     state dict. The checksum is the learner's (``_sum64`` of the data; computed here for CUDA slots).
+    ``verify=False`` leaves checking the data against it to the caller (one pass over the data less).
     """
-    blob, manifest, checksum = _load(handle, retries, None)
+    blob, manifest, checksum = _load(handle, retries, None, verify)
     data = blob.cpu().numpy()
     return manifest, data, _sum64(data) if checksum is None else checksum
 
@@ -237,7 +238,8 @@ def checksum(data: np.ndarray) -> int:
     return _sum64(data)
 
 
-def _load(handle: dict, retries: int, device: int | None) -> tuple[torch.Tensor, list, int | None]:
+def _load(handle: dict, retries: int, device: int | None,
+          verify: bool) -> tuple[torch.Tensor, list, int | None]:
     """(private blob, manifest, the slot's checksum or None) of the version ``handle`` announces."""
     name, version, kind = handle.get("name"), handle.get("version"), handle.get("kind")
     if kind not in ("shm", "cuda_ipc") or type(name) is not str or "/" in name or name in ("", ".", ".."):
@@ -249,7 +251,7 @@ def _load(handle: dict, retries: int, device: int | None) -> tuple[torch.Tensor,
     try:
         for attempt in range(retries + 1):
             try:
-                return _read(fd, handle, device)
+                return _read(fd, handle, device, verify)
             except TornRead:
                 if attempt == retries:
                     raise
@@ -266,7 +268,8 @@ def _header(fd: int) -> tuple:
     return HEADER.unpack(raw)
 
 
-def _read(fd: int, handle: dict, device: int | None) -> tuple[torch.Tensor, list, int | None]:
+def _read(fd: int, handle: dict, device: int | None,
+          verify: bool = True) -> tuple[torch.Tensor, list, int | None]:
     _, seq, version, meta_len, data_len, checksum, flags = _header(fd)
     if seq % 2:
         raise TornRead("the slot is being written")
@@ -291,7 +294,7 @@ def _read(fd: int, handle: dict, device: int | None) -> tuple[torch.Tensor, list
         _pread_into(fd, blob.numpy(), data_off)
     if _header(fd)[1] != seq:
         raise TornRead("the slot was rewritten during the copy")
-    if flags & FLAG_CHECKSUM and _sum64(blob.numpy()) != checksum:
+    if verify and flags & FLAG_CHECKSUM and _sum64(blob.numpy()) != checksum:
         raise TornRead("checksum mismatch")
     return blob, msgpack.unpackb(meta), (checksum if flags & FLAG_CHECKSUM else None)
 

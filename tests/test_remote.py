@@ -91,6 +91,7 @@ def test_a_remote_peer_speaks_only_for_remote_generators(tmp_path, keys):
         info = ctl.handle(None, P.RunInfoRequest("gen0", "far"), remote=True)
         assert info.name == "gen0-2" and info.ports == {"pub": 6, "pull": 7, "weights": 8}
         assert info.config["rollout"]["group_size"] == 4 and len(info.prompts_digest) == 64
+        assert info.weights_token == ""                                   # CURVE stream: no token
         assert ctl.handle(None, P.RunInfoRequest("gen0", "far"), remote=True).name == "gen0-3"
         welcome = ctl.handle(None, P.Register("generator", "gen0-2", 9, "far"), remote=True)
         assert ctl.members["gen0-2"].remote and welcome.weights is None
@@ -106,6 +107,25 @@ def test_a_remote_peer_speaks_only_for_remote_generators(tmp_path, keys):
         assert ctl.drops.total == before + 6
         assert ctl.admission.version == 1 and "gen0" in ctl.members and "learner" not in ctl.members
         assert ctl.handle(None, P.AdmitRequest("gen0-2", 1), remote=True).groups
+    finally:
+        ctl.metrics.close()
+
+
+def test_an_unencrypted_weight_stream_takes_a_token_per_remote_generator(tmp_path, keys):
+    cfg = FluxConfig(net={"remote": True, "keys": str(keys / "run"), "weight_stream": "plain"}).validate()
+    remote = {"keys": str(keys / "run"), "router": "tcp://h:5", "pub": "tcp://h:6", "pull": "tcp://h:7",
+              "weights": "tcp://h:8", "connect": "tcp://h:5"}
+    spec = RunSpec("r1", str(tmp_path), "m", "tcp://a:1", "tcp://a:2", "tcp://a:3", "tcp://a:4", 558, cfg,
+                   remote=remote)
+    ctl = Controller(spec, logging.getLogger("test"))
+    try:
+        a = ctl.handle(None, P.RunInfoRequest("a", "far"), remote=True)
+        b = ctl.handle(None, P.RunInfoRequest("b", "far"), remote=True)
+        assert len(a.weights_token) == 32 and a.weights_token != b.weights_token
+        assert ctl.weight_tokens == {a.weights_token, b.weights_token}
+        ctl.handle(None, P.Register("generator", "a", 9, "far"), remote=True)
+        ctl.handle(None, P.Goodbye("generator", "a", "SIGTERM", True), remote=True)
+        assert ctl.weight_tokens == {b.weights_token}                   # withdrawn when it leaves
     finally:
         ctl.metrics.close()
 
@@ -194,7 +214,8 @@ def test_a_remote_generator_attaches_mid_run_trains_and_leaves(default_model, ke
 def test_with_no_local_generator_a_refused_key_gets_nothing_and_an_authorised_one_runs_the_job(
         default_model, keys, tmp_path):
     run_dir = tmp_path / "run"
-    proc, log = start_train(run_dir, keys / "run", "--max-steps", "4", "--set", "rollout.num_generators=0")
+    proc, log = start_train(run_dir, keys / "run", "--max-steps", "4", "--set", "rollout.num_generators=0",
+                            "--set", "net.weight_stream=plain")  # the other weight path (mid-run test: CURVE)
     gen = None
     try:
         bad, bad_log = start_generator(run_dir, keys / "other" / "bad.key_secret", "intruder",
@@ -217,6 +238,8 @@ def test_with_no_local_generator_a_refused_key_gets_nothing_and_an_authorised_on
     groups = json.loads((run_dir / "groups.json").read_text())
     assert groups["by_generator"] == {"far": groups["produced"]} and groups["trained"] == 8
     assert "left the run (finished)" in gen_log.read_text()
+    streamed = (tmp_path / "gen-far" / "logs" / "far.log").read_text()
+    assert "weight stream {'versions': " in streamed and "'versions': 0," not in streamed, streamed
     assert_nothing_left(run_dir)
     assert processes_mentioning(str(tmp_path / "gen-far")) == []
     assert not os.path.exists(tmp_path / "gen-intruder" / "logs" / "intruder.stderr")

@@ -317,3 +317,29 @@ def test_a_key_added_to_authorized_counts_from_the_next_connection(harness, publ
     assert harness.fetcher(curve=late, stall_s=0.5, max_resumes=1).fetch(1) is None
     shutil.copy(keys / "other" / "authorized" / "bad.key", keys / "keys" / "authorized" / "late.key")
     assert same(harness.fetcher(curve=late).fetch(1), state(1))     # no restart of anything
+
+
+def test_the_plain_stream_serves_only_requests_with_a_granted_token(keys, published):
+    tokens = {"t-good"}
+    ctx = zmq.Context()
+    server = WeightServer(ctx, "tcp://127.0.0.1:0", None, CHUNK, logging.getLogger("test"), tokens=tokens)
+    server.start()
+    assert server.ready.wait(5)
+    fetchers = []
+    try:
+        server.announce(published.publish(1, state(1)))
+
+        def fetcher(token):
+            fetchers.append(WeightFetcher(ctx, server.endpoint, None, token=token, stall_s=0.5, max_resumes=1))
+            return fetchers[-1]
+
+        assert fetcher("").fetch(1) is None and fetcher("t-forged").fetch(1) is None
+        assert server.stats["requests"] == 0 and server.drops.counts["no_token"] >= 2
+        assert same(fetcher("t-good").fetch(1), state(1))
+        tokens.discard("t-good")                          # its generator left: no more weights for it
+        assert fetcher("t-good").fetch(1) is None
+    finally:
+        for f in fetchers:
+            f._close()
+        server.stop()
+        ctx.term()

@@ -55,11 +55,11 @@ class Snapshot:
     sums: np.ndarray
 
 
-def _load_raw(handle: dict) -> tuple[list, np.ndarray, int]:
+def _load_raw(handle: dict, chunk_bytes: int) -> tuple[list, np.ndarray, int, np.ndarray]:
     # Imports torch: only a run with remote generators pays for it, in the weight server's thread.
     from flux.weights import load_raw
 
-    return load_raw(handle, verify=False)  # the server checks the learner's checksum as it sums the chunks
+    return load_raw(handle, chunk_bytes=chunk_bytes)  # chunk sums taken during the copy, in cache
 
 
 class WeightServer(threading.Thread):
@@ -75,7 +75,7 @@ class WeightServer(threading.Thread):
     """
 
     def __init__(self, ctx: zmq.Context, address: str, key_dir: str | Path | None, chunk_bytes: int,
-                 logger: logging.Logger = log, load: Callable[[dict], tuple] = _load_raw,
+                 logger: logging.Logger = log, load: Callable[[dict, int], tuple] = _load_raw,
                  tokens: set[str] | None = None):
         super().__init__(name="weight-server", daemon=True)
         if chunk_bytes < 64 or chunk_bytes % 64:
@@ -174,11 +174,10 @@ class WeightServer(threading.Thread):
         from flux.weights import WeightsError
 
         try:
-            manifest, data, checksum = self.load(handle)
+            manifest, data, checksum, sums = self.load(handle, self.chunk_bytes)
         except WeightsError as e:  # StaleWeights, TornRead: the slot moved on, and a newer version is coming
             self.log.warning("weight server: version %d could not be read (%s: %s)", version, type(e).__name__, e)
             return None
-        sums = chunk_sums(data, self.chunk_bytes)
         if int(sums.sum(dtype=np.uint64)) != checksum:
             self.log.error("weight server: version %d does not match the learner's checksum; not served", version)
             return None

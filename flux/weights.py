@@ -98,6 +98,27 @@ def _sum64(data: np.ndarray) -> int:
     return int(data.view("<u8").sum(dtype=np.uint64)) if len(data) else 0
 
 
+# Checksums are summed block by block right after each block is copied, while it is still in cache:
+# a separate pass over a few hundred MB would read it all back from memory (~30% of a publish or load).
+BLOCK = 2**22
+MASK64 = 2**64 - 1
+
+
+def _pack_summed(data: np.ndarray, manifest: list[list], tensors: dict[str, torch.Tensor]) -> int:
+    """``_pack`` into the CPU buffer ``data`` (uint8), returning ``_sum64(data)`` computed on the way."""
+    dst, total, summed = torch.from_numpy(data), 0, 0
+    with torch.no_grad():
+        for name, _, _, offset, nbytes in manifest:
+            flat = tensors[name].reshape(-1).view(torch.uint8) if nbytes else None
+            for a in range(0, nbytes, BLOCK):
+                b = min(nbytes, a + BLOCK)
+                dst[offset + a:offset + b].copy_(flat[a:b])
+                end = (offset + b) // 8 * 8
+                if end > summed:
+                    total, summed = (total + _sum64(data[summed:end])) & MASK64, end
+    return (total + _sum64(data[summed:])) & MASK64
+
+
 class WeightPublisher:
     """Learner side: publishes versions into ``slots`` round-robin segments named ``{prefix}_...``.
 
@@ -142,9 +163,10 @@ class WeightPublisher:
         else:
             handle_extra = {}
             data = np.frombuffer(buf, np.uint8, count=data_len, offset=data_off)
-            _pack(torch.from_numpy(data), manifest, tensors)
             if self.checksum:
-                checksum, flags = _sum64(data), flags | FLAG_CHECKSUM
+                checksum, flags = _pack_summed(data, manifest, tensors), flags | FLAG_CHECKSUM
+            else:
+                _pack(torch.from_numpy(data), manifest, tensors)
             del data  # a live export of shm.buf would block closing the segment
         HEADER.pack_into(buf, 0, MAGIC, seq, version, len(meta), data_len, checksum, flags)
         struct.pack_into("<Q", buf, SEQ_OFFSET, seq + 1)  # even again: the version is complete
@@ -212,20 +234,24 @@ def load_weights(handle: dict, retries: int = 3, device: int | None = None) -> d
     be reused right after; ``.clone()`` them where separate storages matter (e.g. safetensors).
     ``device`` overrides the CUDA device index recorded in a "cuda_ipc" handle.
     """
-    blob, manifest, _ = _load(handle, retries, device, True)
+    blob, manifest, _, _ = _load(handle, retries, device, BLOCK)
     return _unpack(blob, manifest)
 
 
-def load_raw(handle: dict, retries: int = 3, verify: bool = True) -> tuple[list, np.ndarray, int]:
-    """The version's bytes as its slot holds them, on the CPU: (manifest, uint8 data, checksum).
+def load_raw(handle: dict, retries: int = 3,
+             chunk_bytes: int = BLOCK) -> tuple[list, np.ndarray, int, np.ndarray]:
+    """The version's bytes as its slot holds them, on the CPU: (manifest, uint8 data, checksum, the
+    ``_sum64`` of each ``chunk_bytes`` chunk (uint64; they add up to the checksum)).
 
     What the TCP weight stream serves (flux/weight_stream.py); ``unpack`` turns the pair back into a
-    state dict. The checksum is the learner's (``_sum64`` of the data; computed here for CUDA slots).
-    ``verify=False`` leaves checking the data against it to the caller (one pass over the data less).
+    state dict. The checksum is the learner's, verified here (computed here for CUDA slots).
     """
-    blob, manifest, checksum = _load(handle, retries, None, verify)
+    blob, manifest, checksum, sums = _load(handle, retries, None, chunk_bytes)
     data = blob.cpu().numpy()
-    return manifest, data, _sum64(data) if checksum is None else checksum
+    if sums is None:
+        sums = [_sum64(data[i:i + chunk_bytes]) for i in range(0, len(data), chunk_bytes)]
+    sums = np.array(sums, np.uint64)
+    return manifest, data, int(sums.sum(dtype=np.uint64)) if checksum is None else checksum, sums
 
 
 def unpack(data: np.ndarray, manifest: list) -> dict[str, torch.Tensor]:
@@ -239,8 +265,9 @@ def checksum(data: np.ndarray) -> int:
 
 
 def _load(handle: dict, retries: int, device: int | None,
-          verify: bool) -> tuple[torch.Tensor, list, int | None]:
-    """(private blob, manifest, the slot's checksum or None) of the version ``handle`` announces."""
+          block: int) -> tuple[torch.Tensor, list, int | None, list[int] | None]:
+    """(private blob, manifest, the slot's checksum or None, the sum of each ``block`` bytes or None) of
+    the version ``handle`` announces."""
     name, version, kind = handle.get("name"), handle.get("version"), handle.get("kind")
     if kind not in ("shm", "cuda_ipc") or type(name) is not str or "/" in name or name in ("", ".", ".."):
         raise WeightsError(f"not a loadable weights handle: kind={kind!r} name={name!r}")
@@ -251,7 +278,7 @@ def _load(handle: dict, retries: int, device: int | None,
     try:
         for attempt in range(retries + 1):
             try:
-                return _read(fd, handle, device, verify)
+                return _read(fd, handle, device, block)
             except TornRead:
                 if attempt == retries:
                     raise
@@ -269,7 +296,7 @@ def _header(fd: int) -> tuple:
 
 
 def _read(fd: int, handle: dict, device: int | None,
-          verify: bool = True) -> tuple[torch.Tensor, list, int | None]:
+          block: int = BLOCK) -> tuple[torch.Tensor, list, int | None, list[int] | None]:
     _, seq, version, meta_len, data_len, checksum, flags = _header(fd)
     if seq % 2:
         raise TornRead("the slot is being written")
@@ -290,22 +317,34 @@ def _read(fd: int, handle: dict, device: int | None,
                 raise StaleWeights("the slot moved on while opening its CUDA bucket") from e
             raise
     else:
-        blob = torch.empty(data_len, dtype=torch.uint8)
-        _pread_into(fd, blob.numpy(), data_off)
+        # numpy, not torch.empty: numpy asks for transparent huge pages on big buffers (madvise), so the
+        # fresh copy takes 512x fewer page faults (~3x faster for 400 MB here); torch shares the memory.
+        blob = torch.from_numpy(np.empty(data_len, np.uint8))
+        sums = _pread_into(fd, blob.numpy(), data_off, block if flags & FLAG_CHECKSUM else 0)
     if _header(fd)[1] != seq:
         raise TornRead("the slot was rewritten during the copy")
-    if verify and flags & FLAG_CHECKSUM and _sum64(blob.numpy()) != checksum:
+    if flags & FLAG_CHECKSUM and (_sum64(blob.numpy()) if on_gpu else sum(sums) & MASK64) != checksum:
         raise TornRead("checksum mismatch")
-    return blob, msgpack.unpackb(meta), (checksum if flags & FLAG_CHECKSUM else None)
+    return blob, msgpack.unpackb(meta), (checksum if flags & FLAG_CHECKSUM else None), \
+        (sums if flags & FLAG_CHECKSUM and not on_gpu else None)
 
 
-def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
-    view, done = memoryview(out), 0
+def _pread_into(fd: int, out: np.ndarray, offset: int, block: int = 0) -> list[int]:
+    """Read ``len(out)`` bytes at ``offset`` into ``out``. With ``block`` (a multiple of 8), read block by
+    block and return each block's ``_sum64``, summed as it arrives (in cache); else []."""
+    view, done, sums = memoryview(out), 0, []
+    step = block or len(view)
     while done < len(view):  # one syscall copies up to ~2 GiB
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise WeightsError("the segment is shorter than its header says")
-        done += n
+        end = min(len(view), done + step)
+        start = done
+        while done < end:
+            n = os.preadv(fd, [view[done:end]], offset + done)
+            if n == 0:
+                raise WeightsError("the segment is shorter than its header says")
+            done += n
+        if block:
+            sums.append(_sum64(out[start:end]))
+    return sums
 
 
 def _open_bucket(ipc: dict, device: int | None) -> torch.Tensor:

@@ -103,11 +103,12 @@ def test_rewrite_during_copy_is_detected_and_retried(prefix, monkeypatch):
     h = pub.publish(1, state(1))
     real, calls = W._pread_into, []
 
-    def racing_pread(fd, out, offset):  # a whole rewrite (same version) lands during the copy
-        real(fd, out, offset)
+    def racing_pread(fd, out, offset, *rest):  # a whole rewrite (same version) lands during the copy
+        summed = real(fd, out, offset, *rest)
         calls.append(1)
         if len(calls) <= racing:
             poke(h, W.SEQ_OFFSET, struct.pack("<Q", seq_of(h) + 2))
+        return summed
 
     monkeypatch.setattr(W, "_pread_into", racing_pread)
     racing = 10

@@ -156,8 +156,9 @@ class NetConfig:
     remote_host: str = _doc("Address the remote (CURVE) endpoints bind to: 127.0.0.1 unless you ask for "
                             "another, e.g. 0.0.0.0 or one interface's address.", "127.0.0.1")
     remote_port: int = _doc("Port of the controller's CURVE endpoint, the one address remote generators "
-                            "connect to (0 = a free port, printed by `flux train`; the other remote endpoints "
-                            "always take free ports and are told to generators).", 0)
+                            "connect to; the PUB, buffer PULL and weight server take the next three ports "
+                            "(open port..port+3 in a firewall). 0 = four free ports; `flux train` prints the "
+                            "address, and generators learn the others from it.", 0)
     keys: str = _doc("Key directory made by `flux keys DIR` (server key pair, authorized/ client keys); "
                      "needed with `remote`.", "")
     weight_chunk_kb: int = _doc("Chunk size of the weight stream to remote generators, KiB (a multiple of "

@@ -51,20 +51,22 @@ class RemoteError(RuntimeError):
 def remote_endpoints(cfg) -> dict:
     """The CURVE endpoints of a run with `net.remote` (RunSpec.remote). Raises ValueError."""
     key_dir = check_key_dir(cfg.net.keys)
-    host = cfg.net.remote_host
-    port = cfg.net.remote_port
-    if port:
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError as e:
-                raise ValueError(f"net.remote_port: cannot listen on {host}:{port} ({e.strerror})") from None
+    host, port = cfg.net.remote_host, cfg.net.remote_port
+    if port:  # a fixed range, for firewalls: the ROUTER on the port, PUB, PULL and weights on the next three
+        ports = list(range(port, port + 4))
+        for p in ports:
+            with socket.socket() as s:
+                try:
+                    s.bind((host, p))
+                except OSError as e:
+                    raise ValueError(f"net.remote_port: cannot listen on {host}:{p} ({e.strerror}); the run "
+                                     f"needs ports {port}..{port + 3}") from None
     else:
-        port = free_port(host)
+        ports = [free_port(host) for _ in range(4)]
     shown = socket.gethostname() if host in ("0.0.0.0", "::", "*") else host
-    return {"keys": str(key_dir), "router": f"tcp://{host}:{port}", "pub": f"tcp://{host}:{free_port(host)}",
-            "pull": f"tcp://{host}:{free_port(host)}", "weights": f"tcp://{host}:{free_port(host)}",
-            "connect": f"tcp://{shown}:{port}"}
+    addr = [f"tcp://{host}:{p}" for p in ports]
+    return {"keys": str(key_dir), "router": addr[0], "pub": addr[1], "pull": addr[2], "weights": addr[3],
+            "connect": f"tcp://{shown}:{ports[0]}"}
 
 
 def prompts_digest(records: list[dict]) -> str:

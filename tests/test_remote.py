@@ -243,3 +243,26 @@ def test_with_no_local_generator_a_refused_key_gets_nothing_and_an_authorised_on
     assert_nothing_left(run_dir)
     assert processes_mentioning(str(tmp_path / "gen-far")) == []
     assert not os.path.exists(tmp_path / "gen-intruder" / "logs" / "intruder.stderr")
+
+
+def test_a_fixed_remote_port_takes_the_next_three_too(keys):
+    import socket
+
+    from flux.remote import remote_endpoints
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        base = s.getsockname()[1]
+    cfg = load_config(None, ["net.remote=true", f"net.keys={keys / 'run'}", f"net.remote_port={base}"])
+    try:
+        ends = remote_endpoints(cfg)
+    except ValueError:  # one of the next three happens to be taken on this machine
+        pytest.skip("no four consecutive free ports")
+    assert [ends[k] for k in ("router", "pub", "pull", "weights")] == [
+        f"tcp://127.0.0.1:{base + i}" for i in range(4)]
+    assert ends["connect"] == f"tcp://127.0.0.1:{base}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", base + 2))
+        s.listen()
+        with pytest.raises(ValueError, match=f"{base + 2}"):
+            remote_endpoints(cfg)

@@ -95,6 +95,7 @@ class RemoteSide:
         self.router, self.pub = curve_socket(ctx, zmq.ROUTER, keys), curve_socket(ctx, zmq.PUB, keys)
         for s in (self.router, self.pub):
             s.setsockopt(zmq.LINGER, 1000)
+        self.router.setsockopt(zmq.MAXMSGSIZE, 2**20)  # a generator's requests are small; bigger: disconnected
         self.router.bind(spec.remote["router"])
         self.pub.bind(spec.remote["pub"])
         from flux.weight_stream import WeightServer
@@ -126,6 +127,7 @@ def open_curve_pull(ctx: zmq.Context, spec: RunSpec, log) -> tuple[zmq.Socket, G
     gate.start()
     pull = curve_socket(ctx, zmq.PULL, spec.remote["keys"])
     pull.setsockopt(zmq.LINGER, 0)
+    pull.setsockopt(zmq.MAXMSGSIZE, 2**28)  # one array of one group; a peer sending more is disconnected
     pull.bind(spec.remote["pull"])
     return pull, gate
 

@@ -115,6 +115,7 @@ class WeightServer(threading.Thread):
         else:
             sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, 2**16)  # requests only: a peer sending more is disconnected
         sock.bind(self.address)
         self.endpoint = sock.last_endpoint.decode()
         self.ready.set()

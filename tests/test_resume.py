@@ -45,7 +45,8 @@ def test_a_killed_sync_run_resumes_exactly(default_model, tmp_path):
     spec = str(killed / "spec.json")
     wait_for(lambda: not processes_mentioning(spec), 15, "the killed job's actors to die")
     old_prefix = f"flux-{json.loads((killed / 'spec.json').read_text())['run_id']}-"
-    assert [n for n in os.listdir("/dev/shm") if n.startswith(old_prefix)]  # the kill left its weights
+    # (the killed actors may or may not have had time to unlink their weight slots; either way none may
+    # be left once the resumed run ends)
 
     out = subprocess.run(train_cmd("--resume", str(killed)), capture_output=True, text=True, timeout=150,
                          check=False)

@@ -21,7 +21,6 @@ generator time per token (`--step-slowdown` sets them directly).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 from flux.plot import pyplot, save, smooth, window_rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import run_train
+from common import have_matplotlib, run_train, write_json
 
 MODES = ("sync", "async", "adaptive")
 STEP_RUN = "adaptive+step"
@@ -285,13 +284,8 @@ def main() -> int:
         "speedup_vs_sync": speedups(summaries), "targets": targets,
         "step_change": None if step is None else {k: v for k, v in step.items() if k != "rows"},
     }
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
-    try:
-        import matplotlib  # noqa: F401  (the `bench` extra)
-    except ImportError:
-        print("no plots: matplotlib is not installed (pip install -e \".[bench]\")")
+    write_json(args.json, result)
+    if not have_matplotlib():
         return 1 if errors else 0
     if runs:
         plot_modes(runs, target, args.plot)

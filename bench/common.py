@@ -44,3 +44,20 @@ def machine() -> dict:
     import platform
 
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Write a benchmark's JSON (making its folder) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=1))
+    print(f"wrote {path}")
+
+
+def have_matplotlib() -> bool:
+    """Whether plots can be drawn (matplotlib comes with the `bench` extra); says so when not."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print('no plots: matplotlib is not installed (pip install -e ".[bench]")')
+        return False
+    return True

@@ -53,7 +53,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's flux, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, mean, run_train
+from common import have_matplotlib, machine, mean, run_train, write_json
 
 TRL = "trl"
 # name → adaptive_async.mode; flux-async (the most overlap Flux allows) runs only when asked for
@@ -462,13 +462,8 @@ def main() -> int:
               "args": {k: v for k, v in vars(args).items() if k not in ("trl_worker", "out")},
               "runs": summaries, "repeats": repeats, "errors": errors, "ratio_vs_trl": ratios(summaries),
               "markdown": markdown_table(summaries)}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.json}")
-    try:
-        import matplotlib  # noqa: F401  (the `bench` extra)
-    except ImportError:
-        print("no plot: matplotlib is not installed (pip install -e \".[bench]\")")
+    write_json(args.json, result)
+    if not have_matplotlib():
         return 1 if errors else 0
     if runs:
         plot(runs, summaries, args.plot)

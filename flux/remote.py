@@ -230,6 +230,12 @@ def run_generator(connect: str, key: str, server_key: str | None = None, name: s
 
     try:
         code = body(spec, info.name, stop, log)
+    except zmq.Again:  # a send timed out: the run no longer takes this generator
+        log.error("generator %s: the run at %s stopped accepting it (key revoked, or the run is gone)",
+                  info.name, connect)
+        stream.write(f"flux: generator {info.name}: the run at {connect} stopped accepting it (key revoked, or "
+                     "the run is gone)\n")
+        return 1
     except Exception as e:
         log.exception("generator %s crashed", info.name)
         _say_dying(spec, "generator", info.name, f"{type(e).__name__}: {e}")

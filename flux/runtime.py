@@ -62,11 +62,18 @@ class RunSpec:
 
 def connect(sock, address: str, spec: RunSpec) -> None:
     """Connect an actor's socket to one of the run's addresses, as a CURVE client when the spec has keys
-    (a remote generator); local actors connect in the clear to 127.0.0.1."""
+    (a remote generator); local actors connect in the clear to 127.0.0.1.
+
+    A remote generator's sends give up (zmq.Again) after net.heartbeat_timeout_s: if the run stops
+    accepting it (its key revoked and the connection re-made, the run gone), it fails instead of hanging.
+    """
     if spec.curve:
+        import zmq
+
         from flux.auth import secure_client
 
         secure_client(sock, spec.curve)
+        sock.setsockopt(zmq.SNDTIMEO, int(spec.config.net.heartbeat_timeout_s * 1000))
     sock.connect(address)
 
 

@@ -376,7 +376,10 @@ class WeightFetcher(threading.Thread):
         return None
 
     def _send(self, msg: P.Message) -> None:
-        P.send(self._sock, msg)
+        try:
+            P.send(self._sock, msg)
+        except zmq.Again:  # no peer to queue to (a refused handshake): the stall logic reconnects or gives up
+            pass
 
     def _reconnect(self) -> None:
         from flux.auth import secure_client
@@ -384,6 +387,7 @@ class WeightFetcher(threading.Thread):
         self._close()
         self._sock = self.ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDTIMEO, int(self.stall_s * 1000))  # never block forever (see _send)
         secure_client(self._sock, self.curve)
         self._sock.connect(self.address)
 

@@ -204,7 +204,7 @@ class Controller:
                 # Its generator was declared dead after pushing it: it trained after all. One fate per
                 # group, and its samples count against admission again (its prompt runs twice; none lost).
                 self.counts["requeued"] -= 1
-                self.admission.started += self.cfg.rollout.group_size
+                self.admission.charge(self.cfg.rollout.group_size)
             self.group_fate[gid] = "trained"
             self.counts["trained"] += 1
         self.trained_samples += int(m.get("samples", 0))

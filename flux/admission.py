@@ -43,6 +43,10 @@ class Admission:
         self.started -= n
         assert self.started >= 0, "gave back more credit than was admitted"
 
+    def charge(self, n: int) -> None:
+        """Credit taken again without asking: samples given back earlier turned out to be used after all."""
+        self.started += n
+
 
 @dataclass
 class PromptCursor:

@@ -153,9 +153,9 @@ class Algorithm:
         if missing:
             raise ValueError(f"algorithm {self.name!r}: advantages need {missing}, which the learner lacks here")
         outs = [self.advantages(**{k: c[k] for k in wanted if c.get(k) is not None}, **kwargs) for c in calls]
-        if isinstance(outs[0], tuple):
-            return outs[0] if len(outs) == 1 else (torch.cat([o[0].reshape(-1) for o in outs]), None)
-        return torch.cat([o.reshape(-1) for o in outs]) if not self.token_level else outs[0], None
+        if self.token_level:  # one call over the padded batch; it may also give the returns
+            return outs[0] if isinstance(outs[0], tuple) else (outs[0], None)
+        return torch.cat([(o[0] if isinstance(o, tuple) else o).reshape(-1) for o in outs]), None
 
     def wants_reference(self, params: dict[str, Any] | None = None) -> bool:
         """Whether a reference model must be kept: always if `needs_reference`, else when any `kl*coef`

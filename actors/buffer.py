@@ -1,10 +1,12 @@
 """The replay buffer: trajectories waiting to be trained on, and the batch composer.
 
     loop:
-        pull trajectory groups from generators
+        pull trajectory groups from generators; let in only admitted ones (the Gate: admission token,
+            no duplicates, token ids inside the vocabulary)
         hold the learner's batch request until enough whole groups are ready
-        compose: drop groups older than η_max (counted), freshest first, reply with a Batch
-        report depth and drops to the controller
+        compose: drop groups older than η_max or from a future version (counted), freshest first,
+            reply with a Batch
+        tell the controller at once which groups arrived and which were dropped, and why
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import socket
 import zmq
 
 from flux import protocol as P
-from flux.composer import Composer
+from flux.composer import Composer, Gate
 from flux.runtime import Rate, RunSpec, actor_main
 
 
@@ -40,6 +42,9 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         remote_pull, gate = open_curve_pull(ctx, spec, log)
 
     composer = Composer(eta_max=cfg.adaptive_async.eta_max, skip_zero_variance=cfg.dynamic_sampling)
+    door = Gate(spec.secret, spec.vocab_size)
+    received: list[int] = []
+    dropped_since_batch: list[int] = []
     waiting: tuple | None = None  # (identity, BatchRequest) held until it can be served
     report = Rate(cfg.net.heartbeat_s)
     poller = zmq.Poller()
@@ -51,11 +56,23 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         for source in pulls:
             while source in ready:
                 try:
-                    _, msg = P.recv(source, drops, zmq.NOBLOCK)
+                    _, msg, key = P.recv_from(source, drops, zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if isinstance(msg, P.TrajectoryGroup):
-                    composer.add(msg)
+                if key and not gate.allowed(key):  # a remote generator whose key was removed: cut off
+                    drops.drop("key_revoked", detail=getattr(msg, "generator", ""))
+                elif isinstance(msg, P.TrajectoryGroup):
+                    refused = door.check(msg)
+                    if not refused:
+                        received.append(msg.group_id)
+                        composer.add(msg)
+                    elif refused == "bad_tokens":  # admitted but unusable: dropped, its credit comes back
+                        drops.drop(refused, detail=f"group {msg.group_id} from {msg.generator}")
+                        composer.drop(msg.group_id, refused)
+                    else:
+                        drops.drop(refused, detail=f"group {msg.group_id} from {msg.generator}")
+                elif msg is not None:
+                    drops.drop("unexpected_type", detail=msg.TYPE)
         if router in ready:
             ident, msg = P.recv(router, drops)
             if isinstance(msg, P.BatchRequest):
@@ -66,16 +83,21 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
             _, msg = P.recv(sub, drops)
             if isinstance(msg, P.Stop):
                 stop.set(msg.reason)
+        groups = None
         if waiting is not None:
             ident, req = waiting
             groups = composer.take(req.groups, req.version)
-            dropped = composer.pop_dropped()
-            if dropped:  # at once: the controller gives their credit back, so the learner is not starved
-                P.send(ctl, P.BufferReport(composer.depth, composer.dropped_stale,
-                                           {"dropped_ids": dropped, **composer.stats()}))
-            if groups is not None:
-                P.send(router, P.Batch.from_groups(req.step, groups, len(dropped), dropped), identity=ident)
-                waiting = None
+        dropped = composer.pop_dropped()
+        for gid in dropped.get("future_version", []):  # a version the learner never had: bad contents
+            drops.drop("future_version", detail=f"group {gid}")
+        if received or dropped:  # at once: a dropped group's credit comes back, so the learner is not starved
+            P.send(ctl, P.BufferReport(composer.depth, composer.dropped_stale, composer.stats(), received, dropped))
+            received = []
+            dropped_since_batch += [gid for ids in dropped.values() for gid in ids]
+        if groups is not None:
+            ids, dropped_since_batch = dropped_since_batch, []
+            P.send(router, P.Batch.from_groups(req.step, groups, len(ids), ids), identity=ident)
+            waiting = None
         if report.due():
             P.send(ctl, P.Heartbeat("buffer", "buffer", 0.0, {**composer.stats(), "drops": drops.counts}))
     log.info("buffer stopping (%s): %d groups left unserved, %d dropped stale",

@@ -21,7 +21,9 @@ from pathlib import Path
 import zmq
 
 from flux import protocol as P
-from flux.admission import Admission, PromptCursor
+from flux.admission import Admission, PromptCursor, admission_token
+from flux.checkpoints import finish_checkpoint
+from flux.ledger import Ledger
 from flux.pid import PID
 from flux.runtime import Rate, RunSpec, actor_main
 from flux.sinks import open_sinks
@@ -37,8 +39,8 @@ class Member:
     host: str = ""
     busy_frac: float = 0.0
     stats: dict = field(default_factory=dict)
-    outstanding: dict = field(default_factory=dict)  # group_id -> (prompt_index, n_samples)
     remote: bool = False  # attached over the CURVE endpoint (`flux generator --connect`)
+    key: str = ""  # a remote generator's CURVE public key (z85): the one its messages must come from
 
 
 # What a remote peer may say: a generator's part of the conversation, nothing of the learner's or buffer's.
@@ -46,6 +48,8 @@ REMOTE_TYPES = (P.RunInfoRequest, P.Register, P.Heartbeat, P.AdmitRequest, P.Gro
 
 
 class Controller:
+    """The control loop's state: admission, the group ledger, the PID, membership. `handle` is the dispatch."""
+
     def __init__(self, spec: RunSpec, log):
         cfg = spec.config
         self.spec, self.cfg, self.log = spec, cfg, log
@@ -54,16 +58,11 @@ class Controller:
         self.admission = Admission(cfg.batch_samples, aa.eta_max, ratio)
         self.pid = PID(aa.target_staleness, aa.kp, aa.ki, aa.kd, aa.min_async_ratio, aa.max_async_ratio,
                        bias=aa.initial_async_ratio, ema_horizon=aa.ema_horizon)
-        self.cursor = PromptCursor(spec.num_prompts, cfg.seed)
+        self.ledger = Ledger(self.admission, PromptCursor(spec.num_prompts, cfg.seed), cfg.rollout.group_size)
         self.members: dict[str, Member] = {}
         self.gone: dict[str, dict] = {}  # name -> its last status row, for `flux status`
         self.weights: dict | None = None
-        self.next_group_id = 0
-        self.counts = {"admitted": 0, "produced": 0, "trained": 0, "dropped": 0, "requeued": 0}
-        self.group_fate: dict[int, str] = {}
-        self.group_prompt: dict[int, int] = {}  # group id -> prompt index, to re-queue it on resume
         self.peer_drops: dict[str, dict] = {}  # actor -> malformed messages it dropped, by reason
-        self.produced_by: dict[str, int] = {}  # generator -> groups it pushed to the buffer
         self.handed_out: set[str] = set()  # names given to remote generators in a RunInfo
         # net.weight_stream=plain: the weight server serves these tokens only (one per remote generator)
         self.weight_tokens: set[str] = set()
@@ -83,68 +82,76 @@ class Controller:
         self.drops = P.DropCounter("controller")
         self.last_step: int | None = None
         self.metrics = open_sinks(spec.run_dir, cfg)
+        self.gate = None  # the remote side's Gatekeeper (net.remote): which keys are still authorized
+        self.dispatch = {P.RunInfoRequest: self.run_info, P.Heartbeat: self.heartbeat,
+                         P.AdmitRequest: self.admit, P.GroupDone: self.group_done, P.Published: self.published,
+                         P.StepReport: self.on_step, P.BufferReport: self.on_buffer, P.Goodbye: self.on_goodbye}
         if spec.resume_from:
             self.restore(json.loads(Path(spec.resume_from, "controller_state.json").read_text()))
 
     # ---- requests -------------------------------------------------------------------------------
-    def handle(self, ident, msg, remote: bool = False) -> P.Message | None:
-        """One request → an optional reply. `remote`: it came in on the CURVE endpoint."""
-        if remote and not self.remote_may_send(msg):
+    def handle(self, ident, msg, remote: bool = False, key: str = "") -> P.Message | None:
+        """One request → an optional reply. `remote`: it came in on the CURVE endpoint, from `key`."""
+        if remote and key and not self.key_allowed(key):  # its key was removed: it is cut off
+            self.drops.drop("key_revoked", detail=f"{msg.TYPE} from {getattr(msg, 'name', '?')}")
+            return P.Stop(P.KEY_REMOVED)
+        if remote and not self.remote_may_send(msg, key):
             return None
-        now = time.monotonic()
-        name = getattr(msg, "name", None)
-        if name in self.members:
-            self.members[name].last_seen = now
-        if isinstance(msg, P.RunInfoRequest):
-            return self.run_info(msg)
+        member = self.members.get(getattr(msg, "name", None))
+        if member is not None:
+            member.last_seen = time.monotonic()
         if isinstance(msg, P.Register):
-            self.members[msg.name] = Member(msg.role, msg.name, msg.pid, now, msg.host, remote=remote)
-            self.gone.pop(msg.name, None)
-            self.log.info("%s %s registered (pid %d%s)", msg.role, msg.name, msg.pid,
-                          f" on {msg.host}, remote" if remote else "")
-            if remote:
-                from flux.remote import stream_handle
+            return self.register(msg, remote, key)
+        handler = self.dispatch.get(type(msg))
+        if handler is None:
+            self.drops.drop("unexpected_type", detail=msg.TYPE)
+            return None
+        return handler(msg)
 
-                return P.Welcome(self.spec.run_id, self.admission.version, stream_handle(self.weights))
-            return P.Welcome(self.spec.run_id, self.admission.version, self.weights)
-        if isinstance(msg, P.Heartbeat):
-            m = self.members.get(msg.name)
-            if m:
-                m.busy_frac, m.stats = msg.busy_frac, msg.stats
-                if msg.stats.get("drops"):
-                    self.peer_drops[m.name] = dict(msg.stats["drops"])
-        elif isinstance(msg, P.AdmitRequest):
-            return self.admit(msg)
-        elif isinstance(msg, P.GroupDone):
-            m = self.members.get(msg.name)
-            if m and m.outstanding.pop(msg.group_id, None) is not None:
-                self.counts["produced"] += 1
-                self.produced_by[m.name] = self.produced_by.get(m.name, 0) + 1
-        elif isinstance(msg, P.Published):
-            self.admission.version = msg.version
-            self.weights = msg.weights
-            return P.NewVersion(msg.version, msg.weights)  # broadcast, not a reply (see loop)
-        elif isinstance(msg, P.StepReport):
-            self.on_step(msg)
-        elif isinstance(msg, P.BufferReport):
-            self.on_dropped(msg.stats.get("dropped_ids", []))
-            self.dropped_stale = msg.dropped_stale
-        elif isinstance(msg, P.Goodbye):
-            self.on_goodbye(msg)
-        return None
+    def register(self, msg: P.Register, remote: bool, key: str = "") -> P.Welcome:
+        self.members[msg.name] = Member(msg.role, msg.name, msg.pid, time.monotonic(), msg.host, remote=remote,
+                                        key=key)
+        self.gone.pop(msg.name, None)
+        self.log.info("%s %s registered (pid %d%s)", msg.role, msg.name, msg.pid,
+                      f" on {msg.host}, remote" if remote else "")
+        if remote:
+            from flux.remote import stream_handle
 
-    def remote_may_send(self, msg) -> bool:
+            return P.Welcome(self.spec.run_id, self.admission.version, stream_handle(self.weights))
+        return P.Welcome(self.spec.run_id, self.admission.version, self.weights)
+
+    def heartbeat(self, msg: P.Heartbeat) -> None:
+        m = self.members.get(msg.name)
+        if m:
+            m.busy_frac, m.stats = msg.busy_frac, msg.stats
+            if msg.stats.get("drops"):
+                self.peer_drops[m.name] = dict(msg.stats["drops"])
+
+    def published(self, msg: P.Published) -> P.NewVersion:
+        self.admission.version = msg.version
+        self.weights = msg.weights
+        return P.NewVersion(msg.version, msg.weights)  # broadcast, not a reply (see loop)
+
+    def remote_may_send(self, msg, key: str = "") -> bool:
         """A remote peer speaks for remote generators only: never as the learner or buffer, never in the
-        name of a local actor. Anything else is counted and dropped."""
+        name of a local actor or of a remote one holding another key. Anything else is counted and dropped."""
         name = getattr(msg, "name", "")
         if not isinstance(msg, REMOTE_TYPES) or getattr(msg, "role", "generator") != "generator":
             self.drops.drop("remote_not_allowed", detail=msg.TYPE)
             return False
         member = self.members.get(name)
-        if member is not None and not member.remote and not isinstance(msg, P.RunInfoRequest):
-            self.drops.drop("remote_not_allowed", detail=f"{msg.TYPE} in the name of local {name}")
-            return False
+        if member is not None and not isinstance(msg, P.RunInfoRequest):
+            if not member.remote:
+                self.drops.drop("remote_not_allowed", detail=f"{msg.TYPE} in the name of local {name}")
+                return False
+            if member.key and key != member.key:
+                self.drops.drop("remote_not_allowed", detail=f"{msg.TYPE} in the name of {name}, another key")
+                return False
         return True
+
+    def key_allowed(self, key: str) -> bool:
+        """Is a remote peer's CURVE key still in the run's authorized/ directory? (No remote side: yes.)"""
+        return self.gate is None or self.gate.allowed(key)
 
     def run_info(self, req: P.RunInfoRequest) -> P.RunInfo:
         """What a remote generator needs to join: the config, model path, prompts digest, the other ports."""
@@ -168,47 +175,47 @@ class Controller:
                          {k: port_of(r[k]) for k in ("pub", "pull", "weights")}, token)
 
     def admit(self, req: P.AdmitRequest) -> P.Admit:
-        member = self.members.get(req.name)
         grants = []
-        if member is not None and self.done is None:
-            n = self.cfg.rollout.group_size
-            while len(grants) < req.max_groups and self.admission.try_admit(n):
-                gid, idx = self.next_group_id, self.cursor.next()
-                self.next_group_id += 1
-                member.outstanding[gid] = (idx, n)
-                self.group_fate[gid] = "admitted"
-                self.group_prompt[gid] = idx
-                grants.append({"group_id": gid, "prompt_index": idx})
+        if req.name in self.members and self.done is None:
+            grants = [{"group_id": g.group_id, "prompt_index": g.prompt_index,
+                       "token": admission_token(self.spec.secret, g.group_id, req.name, g.prompt_index, g.n)}
+                      for g in self.ledger.admit(req.name, req.max_groups)]
             if grants:
-                self.counts["admitted"] += len(grants)
                 self.t_first_admit = self.t_first_admit or time.time()
         return P.Admit(grants, self.admission.version)
 
-    def on_dropped(self, group_ids) -> None:
-        """The buffer dropped these groups (too stale, or zero reward variance): their credit comes back."""
-        n = self.cfg.rollout.group_size
-        for gid in group_ids:
-            fate = self.group_fate.get(gid)
-            if fate not in ("trained", "dropped"):
-                self.group_fate[gid] = "dropped"
-                self.counts["dropped"] += 1
-                if fate == "requeued":  # its generator died after sending it; the credit came back then
-                    self.counts["requeued"] -= 1
-                else:
-                    self.admission.give_back(n)
+    def group_done(self, msg: P.GroupDone) -> None:
+        """A generator pushed a group (the buffer's receipt is what counts), or dropped it (its reward
+        failed): then the credit comes back."""
+        if not msg.dropped:
+            return
+        if self.ledger.holds(msg.group_id, msg.name):
+            self.ledger.dropped(msg.group_id, msg.dropped)
+        elif msg.group_id >= self.ledger.next_id:
+            self.drops.drop("unknown_group", detail=f"{msg.name} drops group {msg.group_id}, never admitted")
+
+    def on_buffer(self, msg: P.BufferReport) -> None:
+        """Groups the buffer received (a dead generator no longer matters for them) or dropped."""
+        for gid in msg.received:
+            self.ledger.received(gid)
+        for reason, ids in msg.dropped.items():
+            for gid in ids:
+                self.ledger.dropped(gid, reason)
+        self.dropped_stale = msg.dropped_stale
 
     def on_step(self, rep: P.StepReport) -> None:
         m = rep.metrics
+        skipped = bool(m.get("step_skipped"))
         for gid in m.pop("group_ids", []):
-            if self.group_fate.get(gid) == "requeued":
-                # Its generator was declared dead after pushing it: it trained after all. One fate per
-                # group, and its samples count against admission again (its prompt runs twice; none lost).
-                self.counts["requeued"] -= 1
-                self.admission.charge(self.cfg.rollout.group_size)
-            self.group_fate[gid] = "trained"
-            self.counts["trained"] += 1
-        self.trained_samples += int(m.get("samples", 0))
-        self.trained_tokens += int(m.get("tokens", 0))
+            # A skipped step (non-finite gradient) trained nothing: its groups are dropped and their
+            # credit comes back, so the next batch is admitted at the same version (sync never starves).
+            if skipped:
+                self.ledger.dropped(gid, "step_skipped")
+            else:
+                self.ledger.trained(gid)
+        if not skipped:
+            self.trained_samples += int(m.get("samples", 0))
+            self.trained_tokens += int(m.get("tokens", 0))
         if self.cfg.adaptive_async.mode == "adaptive" and "staleness_mean" in m:
             self.admission.async_ratio = self.pid.update(float(m["staleness_mean"]))
         gens = [g for g in self.members.values() if g.role == "generator"]
@@ -223,49 +230,39 @@ class Controller:
             "generator_busy": {g.name: g.busy_frac for g in gens},
             "dropped_stale": self.dropped_stale,
             "started_samples": self.admission.started,
-            "groups": dict(self.counts),
+            "groups": self.ledger.summary(),
             "wall_s": time.time() - self.t_start,
             "controller": self.state(),
         }
         self.metrics.write(rep.step, line)
         self.last_step = rep.step
-        if "checkpoint" in m:  # the learner saved one: the controller's half of the state goes beside it
-            with open(os.path.join(m["checkpoint"], "controller_state.json"), "w") as f:
-                json.dump(self.state(), f, indent=1)
+        if "checkpoint" in m:  # the learner saved one: the controller's half completes it
+            finish_checkpoint(m["checkpoint"], self.state(), self.cfg.checkpoint.keep_last, self.log)
 
     def accounting(self) -> dict:
-        """Where every admitted group ended: trained, dropped (counted), re-queued, or still in flight."""
-        fates = {"admitted": 0, "trained": 0, "dropped": 0, "requeued": 0}
-        for fate in self.group_fate.values():
-            fates[fate] += 1
-        # re-queued prompts are admitted again as new groups, so each admission has exactly one fate
-        return {**self.counts, "unfinished_at_stop": fates["admitted"], "by_generator": dict(self.produced_by)}
+        """Where every admitted group ended: trained, dropped (by reason), re-queued, or still in flight."""
+        s = self.ledger.summary()
+        return {**{k: v for k, v in s.items() if k != "in_flight"}, "unfinished_at_stop": s["in_flight"],
+                "by_generator": dict(self.ledger.produced_by)}
 
     def state(self) -> dict:
         """Everything needed to continue this run's control loop: step, version, ratio, PID, data cursor,
-        counters, and the prompts admitted but not yet trained or dropped (in admission order)."""
-        in_flight = [self.group_prompt[gid] for gid, fate in sorted(self.group_fate.items()) if fate == "admitted"]
+        and the ledger (counters, the prompts admitted but not yet trained or dropped, in admission order)."""
         return {"step": None if self.last_step is None else self.last_step + 1,
                 "version": self.admission.version, "async_ratio": self.admission.async_ratio,
                 "started_samples": self.admission.started, "pid": self.pid.state(),
-                "cursor": self.cursor.state(), "in_flight": in_flight, "groups": dict(self.counts),
-                "next_group_id": self.next_group_id}
+                "cursor": self.ledger.cursor.state(), "ledger": self.ledger.state()}
 
     def restore(self, state: dict) -> None:
         """Continue from `state()` of a checkpoint. The groups in flight then are lost with the old run:
         their prompts go first, in their original order (so a resumed sync run trains exactly the data
         the uninterrupted one would have), and they count as re-queued."""
-        in_flight = list(state.get("in_flight", []))
-        n = self.cfg.rollout.group_size
         self.admission.version = int(state["version"])
         self.admission.async_ratio = float(state["async_ratio"])
-        self.admission.started = int(state["started_samples"]) - n * len(in_flight)
         for key in ("integral", "ema", "output"):  # the loop's memory; gains and target come from the config
             setattr(self.pid, key, state["pid"][key])
-        self.cursor = PromptCursor.from_state(state["cursor"], first=in_flight)
-        self.counts.update(state["groups"])
-        self.counts["requeued"] += len(in_flight)
-        self.next_group_id = int(state["next_group_id"])
+        in_flight = self.ledger.restore(state["ledger"], int(state["started_samples"]))
+        self.ledger.cursor = PromptCursor.from_state(state["cursor"], first=in_flight)
         self.last_step = None if state.get("step") is None else int(state["step"]) - 1
         self.log.info("resumed at step %s, version %d (%d in-flight prompts re-queued)",
                       state.get("step"), self.admission.version, len(in_flight))
@@ -284,7 +281,7 @@ class Controller:
                 "reason": stopped or "", "step": self.last_step, "max_steps": self.cfg.max_steps,
                 "version": self.admission.version, "mode": aa.mode, "async_ratio": self.admission.async_ratio,
                 "staleness_ema": self.pid.ema, "target_staleness": aa.target_staleness, "buffer_depth": depth,
-                "groups": dict(self.counts), "groups_by_generator": dict(self.produced_by),
+                "groups": self.ledger.summary(), "groups_by_generator": dict(self.ledger.produced_by),
                 "members": [me, *alive, *self.gone.values()],
                 "dropped_messages": {"controller": self.drops.counts, **self.peer_drops}}
 
@@ -295,7 +292,8 @@ class Controller:
                 "alive": alive, "state": state,
                 "reason": reason, "heartbeat_age_s": round(now - m.last_seen, 3) if alive else None,
                 "busy_frac": m.busy_frac if m.role in ("learner", "generator") else None,
-                "version": m.stats.get("version", self.admission.version if m.role == "learner" else None)}
+                "version": m.stats.get("version", self.admission.version if m.role == "learner" else None),
+                "groups_held": self.ledger.held_by(m.name) if m.role == "generator" and alive else None}
 
     def forget(self, member: Member, state: str, reason: str) -> None:
         """A member `exited` (said goodbye) or is `dead` (crashed, silent); `flux status` still lists it."""
@@ -310,22 +308,24 @@ class Controller:
             self.reclaim(member)
         if msg.role == "learner" and msg.ok:
             self.done = msg.reason
-        elif not msg.ok and msg.role != "generator":
+        elif not msg.ok and (msg.role != "generator" or msg.fatal):
             self.failed = f"{msg.role} {msg.name} died: {msg.reason}"
 
     # ---- liveness -------------------------------------------------------------------------------
     def reclaim(self, member: Member) -> None:
-        """A generator is gone: its unfinished groups go back to the front of the queue."""
-        for gid, (idx, n) in member.outstanding.items():
-            self.group_fate[gid] = "requeued"
-            self.counts["requeued"] += 1
-            self.admission.give_back(n)
-            self.cursor.requeue(idx)
-        if member.outstanding:
-            self.log.warning("re-queued %d groups of %s", len(member.outstanding), member.name)
-        member.outstanding.clear()
+        """A generator is gone: the groups it held go back to the front of the queue."""
+        lost = self.ledger.lost(member.name)
+        if lost:
+            self.log.warning("re-queued %d groups of %s (prompts %s)", len(lost), member.name,
+                             [g.prompt_index for g in lost])
 
     def check_liveness(self) -> None:
+        for name, m in list(self.members.items()):
+            if m.remote and m.key and not self.key_allowed(m.key):
+                self.log.warning("generator %s cut off: its key was removed from %s", name, self.gate.authorized)
+                del self.members[name]
+                self.forget(m, "dead", "key removed")
+                self.reclaim(m)
         deadline = time.monotonic() - self.cfg.net.heartbeat_timeout_s
         for name, m in list(self.members.items()):
             if m.last_seen < deadline:
@@ -336,6 +336,7 @@ class Controller:
                 self.reclaim(m)
                 if m.role != "generator":
                     self.failed = f"{m.role} {name} stopped answering"
+
 
 
 def body(spec: RunSpec, name: str, stop, log) -> int:
@@ -351,6 +352,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         from flux.remote import RemoteSide
 
         remote = RemoteSide(ctx, spec, log, ctl.weight_tokens)
+        ctl.gate = remote.gate
     poller = zmq.Poller()
     for sock in (router, remote and remote.router):
         if sock is not None:
@@ -361,12 +363,12 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         for sock in dict(poller.poll(50)):
             while True:
                 try:
-                    ident, msg = P.recv(sock, ctl.drops, zmq.NOBLOCK)
+                    ident, msg, key = P.recv_from(sock, ctl.drops, zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 if msg is None:
                     continue
-                out = ctl.handle(ident, msg, remote=sock is not router)
+                out = ctl.handle(ident, msg, remote=sock is not router, key=key)
                 if isinstance(out, P.NewVersion):
                     if remote is not None:
                         remote.publish(out)

@@ -64,6 +64,9 @@ class ControllerLink:
         while time.monotonic() < deadline and not self.stop.is_set():
             if self.req.poll(100):
                 _, reply = P.recv(self.req, self.drops)
+                if isinstance(reply, P.Stop):  # e.g. this generator's key was removed from the run
+                    self.stop.set(reply.reason)
+                    return None
                 if reply is not None:
                     return reply
         if not self.stop.is_set():
@@ -158,11 +161,11 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     from flux.data import is_preference, load_prompts, render_prompt
     from flux.engine import build_engine
     from flux.engine.base import SamplingParams
-    from flux.rewards import load_function
+    from flux.rewards import guarded_reward
 
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     records = load_prompts(cfg.prompts)
-    reward_fn = load_function(cfg.reward)
+    reward_fn = guarded_reward(cfg, log)
     seed = cfg.seed * 7919 + int.from_bytes(name.encode()[-4:], "little")
     engine = build_engine(cfg, spec.model_path, name=name, seed=seed, log_dir=f"{spec.run_dir}/logs")
     r = cfg.rollout
@@ -190,17 +193,17 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
             continue
         if not link.wait_for_version(admit.version):
             break
-        groups = [(g["group_id"], g["prompt_index"], render_prompt(records[g["prompt_index"]], tokenizer))
-                  for g in admit.groups]
+        groups = [(g["group_id"], g["prompt_index"], g["token"],
+                   render_prompt(records[g["prompt_index"]], tokenizer)) for g in admit.groups]
         t0 = time.monotonic()
         if offline:
-            responses = [resp for _, idx, _ in groups for resp in pair(records[idx])]
-            outs = engine.score([ids for _, _, ids in groups for _ in range(2)], responses, r.temperature)
+            responses = [resp for _, idx, _, _ in groups for resp in pair(records[idx])]
+            outs = engine.score([ids for *_, ids in groups for _ in range(2)], responses, r.temperature)
         else:
             # Seeded by what is sampled (prompts, policy version, generator): a resumed run, or a sync run
             # repeated, draws the same completions.
-            seed = zlib.crc32(repr((cfg.seed, name, admit.version, [idx for _, idx, _ in groups])).encode())
-            outs = engine.generate([ids for _, _, ids in groups for _ in range(r.group_size)],
+            seed = zlib.crc32(repr((cfg.seed, name, admit.version, [idx for _, idx, *_ in groups])).encode())
+            outs = engine.generate([ids for *_, ids in groups for _ in range(r.group_size)],
                                    dataclasses.replace(sampling, seed=seed))
         per_group = 2 if offline else r.group_size
         per_token = slowdown_at(engine.version, r.slowdown_schedule, r.slowdown)
@@ -209,12 +212,15 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
             time.sleep(extra_s)
             engine.busy_seconds += extra_s  # a simulated slower engine is busy, not idle, while it "generates"
         gen_s = time.monotonic() - t0
-        for k, (gid, idx, prompt_ids) in enumerate(groups):
+        for k, (gid, idx, token, prompt_ids) in enumerate(groups):
             comps = outs[k * per_group:(k + 1) * per_group]
             texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
-            rewards = [1.0, 0.0] if offline else [float(reward_fn(t, records[idx])) for t in texts]
+            rewards = [1.0, 0.0] if offline else [reward_fn(t, records[idx]) for t in texts]
+            if None in rewards:  # a reward call failed (counted, logged once): the whole group is dropped
+                P.send(link.req, P.GroupDone(name, gid, len(comps), dropped="reward_failed"))
+                continue
             P.send(push, P.TrajectoryGroup(
-                group_id=gid, prompt_index=idx, generator=name, sample_count=len(comps),
+                group_id=gid, prompt_index=idx, generator=name, sample_count=len(comps), token=token,
                 prompt_ids=np.asarray(prompt_ids, np.int32),
                 response_ids=np.concatenate([c.token_ids for c in comps]),
                 response_lens=np.array([len(c.token_ids) for c in comps], np.int32),
@@ -223,6 +229,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                 rewards=np.array(rewards, np.float32), finish=np.array([c.finished for c in comps], np.uint8),
                 gen_seconds=gen_s / len(groups), meta={"sample": texts[0][:64]}))
             P.send(link.req, P.GroupDone(name, gid, len(comps)))
+        reward_fn.check()  # a reward that keeps failing stops the run, in one line
     log.info("%s stopping (%s)", name, stop.reason)
     P.send(link.req, P.Goodbye("generator", name, stop.reason or "stopped", True))
     engine.close()

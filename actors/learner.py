@@ -28,8 +28,9 @@ import torch
 import zmq
 
 from flux import protocol as P
+from flux.checkpoints import staging_dir
 from flux.composer import balance
-from flux.runtime import Heartbeater, RunSpec, actor_main, set_threads
+from flux.runtime import FluxRunError, Heartbeater, RunSpec, actor_main, set_threads
 
 
 class BatchClient:
@@ -99,6 +100,11 @@ def micro_batches(tb, size: int, pairs: bool = False, rank: int = 0, ranks: int 
     parts = balance([sum(lengths[r] for r in u) for u in units],
                     math.ceil(rows / max(2 if pairs else 1, size or rows)))
     return [torch.tensor([r for u in part for r in units[u]]) for part in parts]
+
+
+def all_finite(tensors) -> bool:
+    """No NaN or inf in any of `tensors` (one reduction per tensor, no copies)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def lr_at(step: int, total: int, lr: float, schedule: str, min_ratio: float) -> float:
@@ -222,7 +228,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     from flux.engine.base import SamplingParams
     from flux.engine.torch_engine import TorchEngine
     from flux.evaluation import eval_records, evaluate
-    from flux.rewards import load_function
+    from flux.rewards import guarded_reward
     from flux.staleness import batch_staleness
     from flux.weights import WeightPublisher
 
@@ -230,7 +236,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     learner, ranks = trainer.learner, trainer.ranks
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    reward_fn = load_function(cfg.reward)
+    reward_fn = guarded_reward(cfg, log)
     held_out = eval_records(cfg.eval.prompts, cfg.eval.num_prompts)
     evaluator = None
     eval_sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.eval.temperature,
@@ -261,7 +267,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     last_eval = run_eval()
     log.info("learner up: %s, B=%d, %d rank(s), eval %s", trainer.algorithm.name, cfg.batch_samples,
              ranks.world, last_eval)
-    step = start
+    step, skipped = start, 0  # skipped: consecutive steps skipped for a non-finite gradient
     for step in range(start, cfg.max_steps):
         t_wait = time.monotonic()
         batch = buffer.get(step, version, lc.groups_per_step)
@@ -271,22 +277,39 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
             break
         t0 = time.monotonic()
         tb, stats = trainer.train(step, *work)
+        if not all_finite([tb.proximal_logprobs[tb.response_mask.bool()]]):
+            raise FluxRunError(f"the policy's weights became non-finite at step {step - 1}: its log-probs on "
+                               f"the batch of step {step} are NaN/inf (learner.lr={lc.lr:g}; try a smaller one)")
         rewards = torch.cat(work[1])
         stale = batch_staleness(tb.proximal_logprobs, tb.behaviour_logprobs, tb.response_mask, tb.versions,
                                 version, eta_max=max(1, aa.eta_max), d_ref=sc.d_ref, w_lag=sc.w_lag,
                                 metric=sc.metric)
-        if not stats.get("step_skipped"):
+        if stats.get("step_skipped"):  # its groups are dropped (the controller gives their credit back)
+            skipped += 1
+            log.warning("step %d skipped: non-finite gradient (%d in a row)", step, skipped)
+            if skipped >= lc.max_skipped_steps:
+                raise FluxRunError(f"{skipped} consecutive optimizer steps skipped for a non-finite gradient "
+                                   f"(steps {step - skipped + 1}..{step}); learner.max_skipped_steps="
+                                   f"{lc.max_skipped_steps}")
+        else:
+            skipped = 0
+            weights = learner.export_weights()
+            if not all_finite(weights.values()):
+                raise FluxRunError(f"the policy's weights became non-finite at step {step} "
+                                   f"(learning rate {lc.lr:g}; try a smaller learner.lr)")
             version += 1
-            handle = publisher.publish(version, learner.export_weights())
-            P.send(ctl, P.Published(version, handle))
+            P.send(ctl, P.Published(version, publisher.publish(version, weights)))
         step_s = time.monotonic() - t0
         busy += step_s
         last = step == cfg.max_steps - 1
         if last or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
             last_eval = run_eval()
         saved = {}
-        if last or (lc.checkpoint_every and (step + 1) % lc.checkpoint_every == 0):
-            saved = {"checkpoint": trainer.save(f"{spec.run_dir}/checkpoints/step_{step + 1}")}
+        every = cfg.checkpoint.every
+        if last or (every and (step + 1) % every == 0):  # staged; the controller completes and renames it
+            final = f"{spec.run_dir}/checkpoints/step_{step + 1}"
+            trainer.save(str(staging_dir(final)))
+            saved = {"checkpoint": final}
         metrics = {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
             "staleness_mean": stale["staleness"], **{k: v for k, v in stale.items() if k != "staleness"},

@@ -167,7 +167,7 @@ class Simulation:
             return
         version = self.admission.version
         groups = self.composer.take(self.c.groups_per_step, version)
-        for _gid in self.composer.pop_dropped():  # too stale: counted, credit back (controller.on_dropped)
+        for _gid in (g for ids in self.composer.pop_dropped().values() for g in ids):  # too stale: credit back
             self.admission.give_back(self.c.group_size)
             self.dropped += 1
         if groups is None:

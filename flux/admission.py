@@ -13,6 +13,8 @@ after version v+1 exists. Fractional a gives a fractional lead: the spectrum is 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import random
 from collections import deque
@@ -46,6 +48,14 @@ class Admission:
     def charge(self, n: int) -> None:
         """Credit taken again without asking: samples given back earlier turned out to be used after all."""
         self.started += n
+
+
+def admission_token(secret: str, group_id: int, generator: str, prompt_index: int, n: int) -> str:
+    """What proves a pushed group was admitted: an HMAC, under the run's secret, of the group id, its
+    generator, prompt and sample count. The buffer recomputes it, so a peer can push only what it was
+    given (and a remote generator, which never sees the secret, cannot forge one)."""
+    text = f"{group_id}:{generator}:{prompt_index}:{n}".encode()
+    return hmac.new(secret.encode(), text, hashlib.sha256).hexdigest()[:32]
 
 
 @dataclass

@@ -17,7 +17,9 @@ Local actors of the run keep their own 127.0.0.1 endpoints, without CURVE (docs/
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from pathlib import Path
 
 import zmq
@@ -115,8 +117,10 @@ def curve_socket(ctx: zmq.Context, kind: int, key_dir: str | Path) -> zmq.Socket
 class Gatekeeper(ThreadAuthenticator):
     """The ZAP handler of one process: lets in the keys of DIR/authorized, logs every refusal.
 
-    The directory is read again whenever an unknown key knocks, so a key added to (or deleted from) it
-    counts from the next connection on. Start it before binding CURVE sockets, stop it before
+    The directory is read again at every handshake, so a key added to (or deleted from) it counts from
+    the next connection on. A connection made before a key was deleted stays open at the ZeroMQ level:
+    the actors that own CURVE sockets ask `allowed(key)` of every message's sender (its ZAP User-Id) and
+    cut off a removed key (docs/remote.md). Start it before binding CURVE sockets, stop it before
     `ctx.term()`.
     """
 
@@ -126,6 +130,7 @@ class Gatekeeper(ThreadAuthenticator):
         self.flux_log = log
         self.refused = 0
         self._keys: set[bytes] = set()
+        self._read_at = -math.inf
         self._seen: set[bytes] = set()
         self._address = "?"
 
@@ -138,14 +143,23 @@ class Gatekeeper(ThreadAuthenticator):
         self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
         await super().handle_zap_message(msg)
 
+    def reload(self) -> set[bytes]:
+        """The keys in DIR/authorized now."""
+        try:
+            self._keys = set(zmq.auth.load_certificates(self.authorized))
+        except OSError:
+            self._keys = set()
+        self._read_at = time.monotonic()
+        return self._keys
+
+    def allowed(self, key: str, max_age_s: float = 0.5) -> bool:
+        """Is the z85 public key `key` still authorized? (The directory is read at most every max_age_s.)"""
+        keys = self._keys if time.monotonic() - self._read_at < max_age_s else self.reload()
+        return key.encode() in keys
+
     def callback(self, domain: str, key: bytes) -> bool:
         """ZAP credentials check of one CURVE client (z85 public key)."""
-        if key not in self._keys:
-            try:
-                self._keys = set(zmq.auth.load_certificates(self.authorized))
-            except OSError:
-                self._keys = set()
-        if key in self._keys:
+        if key in self.reload():
             if key not in self._seen:  # once per key: a generator opens several connections
                 self._seen.add(key)
                 self.flux_log.info("CURVE client %s let in (key %s)", self._address, key.decode())

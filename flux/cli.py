@@ -49,7 +49,7 @@ def train(config, overrides, max_steps, out, resume):
                 raise SetupError("--resume takes the run's own config.yaml and directory; drop CONFIG/--out")
             if not Path(resume, "config.yaml").is_file():
                 raise SetupError(f"--resume {resume}: not a run directory (no config.yaml)")
-            checkpoint = latest_checkpoint(resume)
+            checkpoint = latest_checkpoint(resume, sys.stdout)
             config, out = str(Path(resume, "config.yaml")), resume
         cfg = load_config(config, list(overrides), max_steps=max_steps, out=out)
         code, _ = run(cfg, resume_from=checkpoint)

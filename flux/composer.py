@@ -5,6 +5,7 @@ Pure bookkeeping over `TrajectoryGroup`s, no sockets: the buffer actor feeds it 
 
 from __future__ import annotations
 
+import hmac
 import itertools
 
 import numpy as np
@@ -31,7 +32,7 @@ class Composer:
         self.skip_zero_variance = skip_zero_variance
         self.groups: list[tuple[float, int, object]] = []
         self._arrival = itertools.count()
-        self._dropped: list[int] = []
+        self._dropped: dict[str, list[int]] = {}
         self.dropped_stale = 0
         self.dropped_zero_variance = 0
 
@@ -39,20 +40,29 @@ class Composer:
     def depth(self) -> int:
         return len(self.groups)
 
+    def drop(self, group_id: int, reason: str) -> None:
+        self._dropped.setdefault(reason, []).append(group_id)
+
     def add(self, group) -> None:
         if self.skip_zero_variance and group.sample_count > 1 and np.ptp(group.rewards) == 0:
             self.dropped_zero_variance += 1
-            self._dropped.append(group.group_id)
+            self.drop(group.group_id, "zero_variance")
             return
         self.groups.append((float(group.versions.mean()), next(self._arrival), group))
 
     def take(self, k: int, version: int):
-        """k whole groups for training at `version`, or None if fewer than k usable groups are held."""
+        """k whole groups for training at `version`, or None if fewer than k usable groups are held.
+
+        A group with a token sampled by a version newer than `version` (the learner's own) cannot be real:
+        it is dropped as `future_version` (a lag below 0 would read as perfectly fresh)."""
         fresh = []
         for item in self.groups:
-            if version - int(item[2].versions.min()) > self.eta_max:
+            versions = item[2].versions
+            if version - int(versions.min()) > self.eta_max:
                 self.dropped_stale += 1
-                self._dropped.append(item[2].group_id)
+                self.drop(item[2].group_id, "stale")
+            elif len(versions) and int(versions.max()) > version:
+                self.drop(item[2].group_id, "future_version")
             else:
                 fresh.append(item)
         self.groups = fresh
@@ -63,14 +73,40 @@ class Composer:
         chosen, self.groups = fresh[:k], fresh[k:]
         return [it[2] for it in chosen]
 
-    def pop_dropped(self) -> list[int]:
-        """Ids of the groups dropped since the last call (each reported exactly once)."""
-        out, self._dropped = self._dropped, []
+    def pop_dropped(self) -> dict[str, list[int]]:
+        """{reason: ids} of the groups dropped since the last call (each reported exactly once)."""
+        out, self._dropped = self._dropped, {}
         return out
 
     def stats(self) -> dict:
         return {"depth": self.depth, "dropped_stale": self.dropped_stale,
                 "dropped_zero_variance": self.dropped_zero_variance}
+
+
+class Gate:
+    """The buffer's door: a group gets in only if it was admitted, once, and its tokens fit the model.
+
+    `check` returns "" (let in), a message-level reason (`not_admitted`, `duplicate_group`: counted as a
+    dropped message, nothing was admitted), or `bad_tokens` (admitted, but unusable: the group is dropped
+    and its credit comes back).
+    """
+
+    def __init__(self, secret: str, vocab_size: int):
+        self.secret, self.vocab_size = secret, vocab_size
+        self.seen: set[int] = set()
+
+    def check(self, group) -> str:
+        from flux.admission import admission_token
+
+        want = admission_token(self.secret, group.group_id, group.generator, group.prompt_index, group.sample_count)
+        if not hmac.compare_digest(want, group.token):
+            return "not_admitted"
+        if group.group_id in self.seen:
+            return "duplicate_group"
+        self.seen.add(group.group_id)
+        if self.vocab_size and max(int(group.prompt_ids.max()), int(group.response_ids.max(initial=0))) >= self.vocab_size:
+            return "bad_tokens"
+        return ""
 
 
 def balance(lengths, parts: int) -> list[list[int]]:

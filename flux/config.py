@@ -23,6 +23,9 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the field (and file)."""
 
 
+MOVED = {"learner.checkpoint_every": "checkpoint.every"}  # renamed keys: the error says where they went
+
+
 def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
     """A dataclass field whose docstring lives in its metadata (the docs page is generated from it)."""
     if factory is not dataclasses.MISSING:
@@ -96,7 +99,9 @@ class LearnerConfig:
     max_grad_norm: float = _doc("Gradient clipping norm.", 1.0)
     micro_batch_size: int = _doc("Samples per forward/backward (0 = whole batch at once).", 0)
     threads: int = _doc("torch intra-op threads in the learner process.", 1)
-    checkpoint_every: int = _doc("Save an HF checkpoint every N steps (0 = only at the end).", 0)
+    max_skipped_steps: int = _doc("Stop the run with an error after this many consecutive optimizer steps "
+                                  "skipped for a non-finite gradient (a skipped step's groups are dropped and "
+                                  "counted as `step_skipped`).", 3)
     ranks: int = _doc("Learner processes (data parallel, `backend: torch` only): each holds the whole model, "
                       "trains on its share of every batch (rows split by token count) and the gradients are "
                       "summed over the ranks (gloo on CPU), so a step equals the one-process step on the whole "
@@ -104,6 +109,15 @@ class LearnerConfig:
                       "saves. micro_batch_size applies per rank.", 1)
     dist_timeout_s: float = _doc("`ranks > 1`: seconds a learner rank waits in a torch.distributed collective "
                                  "(or to join the group) before failing the run; bounds a hung rank.", 300.0)
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints: RUN_DIR/checkpoints/step_N, each written whole or not at all (flux/checkpoints.py)."""
+
+    every: int = _doc("Save a checkpoint (HF model, optimizer, controller state) every N steps (0 = only at "
+                      "the end).", 0)
+    keep_last: int = _doc("Keep only the newest N checkpoints (0 = keep all).", 0)
 
 
 @dataclass
@@ -147,7 +161,9 @@ class EvalConfig:
 class NetConfig:
     """Sockets and liveness."""
 
-    host: str = _doc("Address every socket binds to (127.0.0.1 unless you ask for another).", "127.0.0.1")
+    host: str = _doc("Address of the TCP sockets a run opens for itself (SGLang servers, their weight-update "
+                     "groups); the local actors talk over ipc:// sockets in a private directory, remote "
+                     "generators over `remote_host`.", "127.0.0.1")
     heartbeat_s: float = _doc("Seconds between heartbeats.", 0.5)
     heartbeat_timeout_s: float = _doc("An actor silent this long is declared dead.", 5.0)
     remote: bool = _doc("Open the run to remote generators (`flux generator --connect`): CURVE-encrypted "
@@ -194,6 +210,12 @@ class FluxConfig:
                         "builtin:sort")
     reward: str = _doc("Reward function `module:function`, called as fn(completion, record) -> float.",
                        "flux.rewards:char_match")
+    reward_timeout_s: float = _doc("Seconds one reward call may take; a call past it fails (0 = no limit).",
+                                   30.0)
+    reward_max_failure_rate: float = _doc("A reward call that raises, times out or returns NaN/inf/a non-number "
+                                          "drops its sample's group (counted as `reward_failed`); the run stops "
+                                          "with an error when more than this share of the last 200 calls "
+                                          "failed.", 0.5)
     algorithm: str = _doc("Algorithm: `grpo`, `ppo`, `dpo`, `rloo`, `reinforce`, `reinforce_pp`, `dapo`, "
                           "or a dotted path `module:name` to an Algorithm registered outside Flux.", "grpo")
     algo: dict = _doc("Algorithm hyper-parameters overriding its defaults, e.g. {kl_coef: 0.01}.",
@@ -205,6 +227,7 @@ class FluxConfig:
     out: str = _doc("Run directory (created); empty = runs/<timestamp>.", "")
     rollout: RolloutConfig = _doc("Generators.", factory=RolloutConfig)
     learner: LearnerConfig = _doc("Learner.", factory=LearnerConfig)
+    checkpoint: CheckpointConfig = _doc("Checkpoints.", factory=CheckpointConfig)
     adaptive_async: AdaptiveAsyncConfig = _doc("Async ratio control.", factory=AdaptiveAsyncConfig)
     staleness: StalenessConfig = _doc("Staleness definition.", factory=StalenessConfig)
     eval: EvalConfig = _doc("Held-out evaluation.", factory=EvalConfig)
@@ -265,7 +288,9 @@ class FluxConfig:
             ("learner.min_lr_ratio", 0 <= lr.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("learner.micro_batch_size", lr.micro_batch_size >= 0, "must be >= 0"),
             ("learner.threads", lr.threads >= 1, "must be >= 1"),
-            ("learner.checkpoint_every", lr.checkpoint_every >= 0, "must be >= 0"),
+            ("learner.max_skipped_steps", lr.max_skipped_steps >= 1, "must be >= 1"),
+            ("checkpoint.every", self.checkpoint.every >= 0, "must be >= 0"),
+            ("checkpoint.keep_last", self.checkpoint.keep_last >= 0, "must be >= 0"),
             ("learner.ranks", lr.ranks >= 1, "must be >= 1"),
             ("learner.ranks", lr.ranks == 1 or lr.backend == "torch",
              "several ranks need learner.backend=torch (megatron runs one learner process)"),
@@ -295,6 +320,8 @@ class FluxConfig:
             ("logging.sinks", all(isinstance(p, str) and ":" in p for p in self.logging.sinks),
              "must be a list of dotted paths `module:factory`"),
             ("max_steps", self.max_steps >= 1, "must be >= 1"),
+            ("reward_timeout_s", self.reward_timeout_s >= 0, "must be >= 0"),
+            ("reward_max_failure_rate", 0 <= self.reward_max_failure_rate <= 1, "must be in [0, 1]"),
             ("prompts", bool(self.prompts.strip()), "must be a JSONL path or `builtin:<task>`"),
             ("reward", ":" in self.reward, "must be a dotted path `module:function`"),
         ]
@@ -370,6 +397,8 @@ def _build(cls, data: dict, path: str):
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else str(key)
         if key not in names:
+            if dotted in MOVED:
+                raise ConfigError(f"{dotted}: moved to {MOVED[dotted]}")
             raise ConfigError(f"{dotted}: unknown key (known: {', '.join(sorted(names))})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):

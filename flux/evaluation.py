@@ -19,13 +19,16 @@ def eval_records(source: str, limit: int) -> list[dict]:
 
 
 def evaluate(engine, tokenizer, records: list[dict], reward_fn, sampling) -> dict:
-    """Mean reward and exact-answer rate over `records`. Returns {eval_score, eval_exact, eval_n}."""
+    """Mean reward and exact-answer rate over `records`. Returns {eval_score, eval_exact, eval_n,
+    eval_reward_failed}: a reward call that fails (`reward_fn` returned None, see RewardGuard) is left out
+    of the mean and counted."""
     from flux.rewards import exact_match
 
     prompts = [render_prompt(r, tokenizer) for r in records]
     outs = engine.generate(prompts, sampling)
     texts = tokenizer.batch_decode([o.token_ids for o in outs], skip_special_tokens=True)
-    scores = [float(reward_fn(t, r)) for t, r in zip(texts, records)]
+    scores = [reward_fn(t, r) for t, r in zip(texts, records)]
+    ok = [float(s) for s in scores if s is not None]
     exact = [exact_match(t, r) for t, r in zip(texts, records) if "answer" in r]
-    return {"eval_score": sum(scores) / max(1, len(scores)),
-            "eval_exact": sum(exact) / max(1, len(exact)), "eval_n": len(records)}
+    return {"eval_score": sum(ok) / max(1, len(ok)), "eval_exact": sum(exact) / max(1, len(exact)),
+            "eval_n": len(records), "eval_reward_failed": len(scores) - len(ok)}

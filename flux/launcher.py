@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,17 +38,19 @@ class Actor:
     stderr_path: Path
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The newest complete checkpoint of a run: `checkpoints/step_N` holding the model and the
-    controller's state. Raises SetupError when there is none."""
-    found = []
-    for d in Path(run_dir, "checkpoints").glob("step_*"):
-        if d.name[5:].isdigit() and (d / "controller_state.json").is_file() and (d / "trainer_state.json").is_file():
-            found.append((int(d.name[5:]), d))
+def latest_checkpoint(run_dir: str | Path, stream=None) -> Path:
+    """The newest complete checkpoint of a run (flux/checkpoints.py); incomplete ones newer than it (a crash
+    while saving) are named on `stream` and skipped. Raises SetupError when there is none."""
+    from flux.checkpoints import complete_checkpoints
+
+    found, incomplete = complete_checkpoints(run_dir)
     if not found:
         raise SetupError(f"--resume {run_dir}: no complete checkpoint in {Path(run_dir, 'checkpoints')} "
-                         "(checkpoints are written every learner.checkpoint_every steps and at the end)")
-    return max(found)[1]
+                         "(checkpoints are written every checkpoint.every steps and at the end)")
+    if stream is not None:
+        for d in incomplete:
+            stream.write(f"flux: skipping incomplete checkpoint {d} (the run stopped while saving it)\n")
+    return found[-1][1]
 
 
 def keep_metrics_before(run_dir: Path, step: int) -> None:
@@ -143,16 +148,28 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
             cleanup_prefix(f"flux-{json.loads(old.read_text())['run_id']}-")
     else:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    host = cfg.net.host
-
-    def addr() -> str:
-        return f"tcp://{host}:{free_port(host)}"
-
-    spec = RunSpec(run_id=uuid.uuid4().hex[:8], run_dir=str(run_dir), model_path=str(model_path),
-                   controller_router=addr(), controller_pub=addr(), buffer_pull=addr(), buffer_router=addr(),
-                   num_prompts=len(records), config=cfg, resume_from=str(resume_from or ""), remote=remote)
-    (run_dir / "spec.json").write_text(spec.to_json())
+    # The local actors talk over ipc:// sockets in a directory only this user can enter: another user of
+    # the machine cannot connect and speak as an actor. (TCP stays for remote peers, behind CURVE.)
+    run_id = uuid.uuid4().hex[:8]
+    sockets = Path(tempfile.mkdtemp(prefix=f"flux-{run_id}-"))  # mode 0700; short: ipc paths cap near 107 bytes
+    spec = RunSpec(run_id=run_id, run_dir=str(run_dir), model_path=str(model_path),
+                   controller_router=f"ipc://{sockets}/controller", controller_pub=f"ipc://{sockets}/pub",
+                   buffer_pull=f"ipc://{sockets}/buffer-pull", buffer_router=f"ipc://{sockets}/buffer",
+                   num_prompts=len(records), config=cfg, resume_from=str(resume_from or ""), remote=remote,
+                   secret=secrets.token_hex(16), vocab_size=vocab_size(model_path), socket_dir=str(sockets))
+    spec_file = run_dir / "spec.json"
+    spec_file.unlink(missing_ok=True)
+    fd = os.open(spec_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # it holds the run's secret
+    with os.fdopen(fd, "w") as f:
+        f.write(spec.to_json())
     return spec
+
+
+def vocab_size(model_path: str | Path) -> int:
+    """The embedding rows of an HF model directory (config.json `vocab_size`; 0 if it names none)."""
+    config = json.loads(Path(model_path, "config.json").read_text())
+    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 0
+    return int(size) if isinstance(size, int) else 0
 
 
 def start(spec: RunSpec, actors: list[Actor]) -> list[Actor]:
@@ -202,6 +219,8 @@ def stop_all(actors: list[Actor], spec: RunSpec, deadline_s: float = STOP_DEADLI
             a.proc.kill()
             a.proc.wait()
     cleanup_prefix(spec.shm_prefix)
+    if spec.socket_dir:
+        shutil.rmtree(spec.socket_dir, ignore_errors=True)
 
 
 def last_words(actor: Actor) -> str:
@@ -210,8 +229,14 @@ def last_words(actor: Actor) -> str:
         lines = [ln for ln in actor.stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    crash = [ln for ln in lines if " crashed: " in ln]
+    crash = [ln for ln in lines if " crashed: " in ln or " stops the run: " in ln]
     return (crash or lines or [""])[-1].strip()
+
+
+def root_cause(actors: list[Actor]) -> Actor:
+    """Of the actors that failed, the one to blame: a run-stopping error first, then a crash, then any."""
+    said = {a.name: last_words(a) for a in actors}
+    return min(actors, key=lambda a: (" stops the run: " not in said[a.name], " crashed: " not in said[a.name]))
 
 
 class Progress:
@@ -265,6 +290,7 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
     progress = Progress(spec.run_dir, cfg.max_steps, stream)
     code = 0
     lost: set[str] = set()  # generators that died
+    previous = _sigterm_as_interrupt()
     try:
         start(spec, actors)  # inside the try: a Ctrl-C while spawning still stops what started
         while True:
@@ -279,15 +305,24 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
                     progress.close()
                     stream.write(f"flux: generator {a.name} died (exit code {a.proc.returncode}): "
                                  f"{last_words(a) or 'no message'}; its groups are re-queued\n")
-            failed = [a for a in exited if a.proc.returncode != 0 and a.role != "generator"]
+            failed = [a for a in exited if a.proc.returncode != 0
+                      and (a.role != "generator" or " stops the run: " in last_words(a))]
             if not failed and lost and all(a.proc.poll() is not None for a in actors if a.role == "generator"):
                 failed = [a for a in actors if a.name in lost][:1]
             if failed:
-                a = failed[0]
+                # The actors hear Stop and exit; the one that caused it may still be on its way out.
+                end = time.monotonic() + 2.0
+                while time.monotonic() < end and any(a.proc.poll() is None for a in actors):
+                    time.sleep(0.05)
+                a = root_cause([x for x in actors if x.proc.poll() not in (None, 0)] or failed)
                 progress.close()
-                what = "the last generator" if a.role == "generator" else f"{a.role} {a.name}"
-                stream.write(f"flux: {what} died (exit code {a.proc.returncode}): "
-                             f"{last_words(a) or 'no message'}; stopping the run\n")
+                words = last_words(a)
+                if " stops the run: " in words:
+                    stream.write(f"flux: {words}\n")
+                else:
+                    what = "the last generator" if a.role == "generator" else f"{a.role} {a.name}"
+                    stream.write(f"flux: {what} died (exit code {a.proc.returncode}): "
+                                 f"{words or 'no message'}; stopping the run\n")
                 code = 1
                 break
             if any(a.name == "learner" or a.role == "controller" for a in exited):  # learner rank 0
@@ -306,9 +341,25 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
         code = 130
     finally:
         stop_all(actors, spec)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if code == 0:
         summarize(progress.rows, spec, stream)
     return code, spec
+
+
+def _sigterm_as_interrupt():
+    """SIGTERM to the launcher (a scheduler, `kill`, a test) stops the run as Ctrl-C does: drain, stop
+    every actor, clean up. Returns the previous handler (None off the main thread, where none is set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(_signum, _frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def summarize(rows: list[dict], spec: RunSpec, stream) -> None:

@@ -170,7 +170,9 @@ class AdmitRequest(Message):
 @message
 @dataclass(slots=True)
 class Admit(Message):
-    """Controller -> generator: credits, each ``{"group_id": int, "prompt_index": int}``; [] = retry later.
+    """Controller -> generator: credits, each ``{"group_id": int, "prompt_index": int, "token": str}``;
+    [] = retry later. The token (``flux.admission.admission_token``) goes back with the group, so the buffer
+    can tell that it was admitted, to that generator, with that many samples.
 
     ``version`` is the controller's policy version: the generator must run these groups on weights at
     least that new (in sync mode this is what makes every trained token lag 0).
@@ -180,19 +182,22 @@ class Admit(Message):
 
     def validate(self) -> None:
         for g in self.groups:
-            _require(set(g) == {"group_id", "prompt_index"}
-                     and all(type(v) is int and v >= 0 for v in g.values()),
-                     "each admitted group is {group_id: int >= 0, prompt_index: int >= 0}")
+            _require(set(g) == {"group_id", "prompt_index", "token"}
+                     and type(g["group_id"]) is int and type(g["prompt_index"]) is int
+                     and g["group_id"] >= 0 and g["prompt_index"] >= 0 and type(g["token"]) is str,
+                     "each admitted group is {group_id: int >= 0, prompt_index: int >= 0, token: str}")
         _require(len({g["group_id"] for g in self.groups}) == len(self.groups), "duplicate group_id")
 
 
 @message
 @dataclass(slots=True)
 class GroupDone(Message):
-    """Generator -> controller: group ``group_id`` (``n_samples`` samples) was pushed to the buffer."""
+    """Generator -> controller: group ``group_id`` (``n_samples`` samples) was pushed to the buffer, or,
+    with a ``dropped`` reason (e.g. ``reward_failed``), will never be: its credit comes back."""
     name: str
     group_id: int
     n_samples: int
+    dropped: str = ""
 
     def validate(self) -> None:
         _require(self.n_samples >= 1, "n_samples must be >= 1")
@@ -221,20 +226,30 @@ class StepReport(Message):
 @message
 @dataclass(slots=True)
 class BufferReport(Message):
-    """Buffer -> controller, periodically: queue depth and groups dropped as too stale (cumulative)."""
+    """Buffer -> controller, periodically and whenever groups arrive or are dropped: queue depth, groups
+    dropped as too stale (cumulative), the ids ``received`` since the last report, and the ids ``dropped``
+    since then by reason (``{"stale": [3, 4], "bad_tokens": [7]}``)."""
     depth: int
     dropped_stale: int
     stats: dict
+    received: list[int] = dataclasses.field(default_factory=list)
+    dropped: dict = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        _require(all(type(r) is str and type(ids) is list and all(type(i) is int and i >= 0 for i in ids)
+                     for r, ids in self.dropped.items()), "dropped is {reason: [group id >= 0, ...]}")
 
 
 @message
 @dataclass(slots=True)
 class Goodbye(Message):
-    """Any actor -> controller: I am exiting (``ok``) or dying (``not ok``, ``reason`` says why)."""
+    """Any actor -> controller: I am exiting (``ok``) or dying (``not ok``, ``reason`` says why). ``fatal``:
+    the reason stops the whole run (e.g. the policy's weights overflowed), even from a generator."""
     role: str
     name: str
     reason: str
     ok: bool
+    fatal: bool = False
 
     def validate(self) -> None:
         _check_role(self.role)
@@ -266,8 +281,11 @@ class Control(Message):
 @message
 @dataclass(slots=True)
 class Stop(Message):
-    """Controller -> all: drain and exit."""
+    """Controller -> all: drain and exit. Also the reply to a remote generator that is cut off (KEY_REMOVED)."""
     reason: str
+
+
+KEY_REMOVED = "this generator's key was removed from the run's authorized keys"
 
 
 # ---------------------------------------------------------------- generator PUSH -> buffer PULL
@@ -279,6 +297,7 @@ class TrajectoryGroup(Message):
     Shapes: prompt_ids (p,); response_lens, rewards, finish (n,); response_ids, logprobs, versions
     (sum(response_lens),). ``versions`` is the policy version that sampled each token; ``logprobs``
     are the behaviour log-probs; ``finish`` is 1 when a sample stopped at EOS, 0 when truncated.
+    ``token`` is the admission token of the group's credit (see ``Admit``).
     """
     ARRAYS: ClassVar[dict[str, str]] = {
         "prompt_ids": "<i4", "response_ids": "<i4", "response_lens": "<i4", "logprobs": "<f4",
@@ -296,6 +315,7 @@ class TrajectoryGroup(Message):
     finish: np.ndarray
     gen_seconds: float
     meta: dict
+    token: str = ""
 
     def validate(self) -> None:
         _require(self.sample_count >= 1, "sample_count must be >= 1")
@@ -744,13 +764,24 @@ def recv(sock: zmq.Socket, counter: DropCounter,
 
     Raises ``zmq.Again`` with ``flags=zmq.NOBLOCK`` when nothing is waiting, like ``sock.recv``.
     """
+    identity, msg, _ = recv_from(sock, counter, flags)
+    return identity, msg
+
+
+def recv_from(sock: zmq.Socket, counter: DropCounter,
+              flags: int = 0) -> tuple[tuple[bytes, ...] | None, Message | None, str]:
+    """``recv``, plus who sent it on a CURVE socket: the sender's public key (z85, the ZAP User-Id), or ""."""
     frames = sock.recv_multipart(flags=flags, copy=False)
+    try:
+        user = frames[0].get("User-Id") or ""
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        user = ""
     identity = None
     if sock.type in (zmq.ROUTER, zmq.DEALER):
         try:
             envelope, frames = split_envelope(frames)
         except ProtocolError as e:
             counter.drop(e.reason, frames, e.detail)
-            return None, None
+            return None, None, user
         identity = envelope if sock.type == zmq.ROUTER else None
-    return identity, try_decode(frames, counter)
+    return identity, try_decode(frames, counter), user

@@ -102,7 +102,7 @@ class RemoteSide:
 
         plain = net.weight_stream == "plain"  # unencrypted; each request must carry a granted token
         self.weights = WeightServer(ctx, spec.remote["weights"], None if plain else keys, net.weight_chunk_kb * 1024,
-                                    log, tokens=weight_tokens if plain else None)
+                                    log, tokens=weight_tokens if plain else None, allowed=self.gate.allowed)
         self.weights.start()
         self.weights.ready.wait(10)
         log.info("remote endpoints up (CURVE, keys %s): ROUTER %s, PUB %s, weights %s (%s); generators attach "
@@ -240,6 +240,10 @@ def run_generator(connect: str, key: str, server_key: str | None = None, name: s
         log.exception("generator %s crashed", info.name)
         _say_dying(spec, "generator", info.name, f"{type(e).__name__}: {e}")
         stream.write(f"flux: generator {info.name} crashed: {type(e).__name__}: {e}\n")
+        return 1
+    if stop.reason == P.KEY_REMOVED:
+        log.error("generator %s cut off by the run at %s: %s", info.name, connect, P.KEY_REMOVED)
+        stream.write(f"flux: generator {info.name} cut off by the run at {connect}: {P.KEY_REMOVED}\n")
         return 1
     stream.write(f"flux: generator {info.name} left the run ({stop.reason or 'stopped'})\n")
     return code

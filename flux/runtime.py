@@ -43,6 +43,12 @@ class RunSpec:
     keys, connect; in a remote generator's own spec only `weights`. Empty: no remote side."""
     curve: dict = field(default_factory=dict)
     """A remote generator's CURVE client keys (`flux.auth.client_keys`); empty for local actors."""
+    secret: str = ""
+    """The run's secret for admission tokens (flux.admission.admission_token); never sent to a remote peer."""
+    vocab_size: int = 0
+    """The model's vocabulary: a token id at or above it is refused at the buffer (0 = unchecked)."""
+    socket_dir: str = ""
+    """The run-private directory (mode 0700) holding the local actors' ipc:// sockets."""
 
     def to_json(self) -> str:
         d = dict(self.__dict__)
@@ -213,6 +219,10 @@ class Heartbeater(threading.Thread):
         sock.close()
 
 
+class FluxRunError(RuntimeError):
+    """The run cannot go on, for a reason one line says (no traceback is worth showing the user)."""
+
+
 def actor_main(role: str, body) -> None:
     """Run an actor's main; on a crash log the traceback, tell the controller, exit non-zero."""
     import argparse
@@ -227,6 +237,11 @@ def actor_main(role: str, body) -> None:
     install_stop_handlers(stop)
     try:
         code = body(spec, args.name, stop, log)
+    except FluxRunError as e:  # not this actor's fault alone: the whole run stops (a generator's too)
+        log.error("%s %s stops the run: %s", role, args.name, e)
+        _say_dying(spec, role, args.name, str(e), fatal=True)
+        print(f"{args.name} stops the run: {e}", file=sys.stderr)
+        code = 1
     except Exception as e:  # the launcher reports this line; the log file has the traceback
         log.exception("%s %s crashed", role, args.name)
         _say_dying(spec, role, args.name, f"{type(e).__name__}: {e}")
@@ -235,7 +250,7 @@ def actor_main(role: str, body) -> None:
     sys.exit(code)
 
 
-def _say_dying(spec: RunSpec, role: str, name: str, reason: str) -> None:
+def _say_dying(spec: RunSpec, role: str, name: str, reason: str, fatal: bool = False) -> None:
     from flux import protocol as P
     import zmq
 
@@ -243,6 +258,6 @@ def _say_dying(spec: RunSpec, role: str, name: str, reason: str) -> None:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 500)
     connect(sock, spec.controller_router, spec)
-    P.send(sock, P.Goodbye(role, name, reason[:500], False))
+    P.send(sock, P.Goodbye(role, name, reason[:500], False, fatal))
     sock.close()
     ctx.term()

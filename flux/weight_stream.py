@@ -72,16 +72,18 @@ class WeightServer(threading.Thread):
     With `tokens` (a set the controller keeps: one token per remote generator, handed out over CURVE and
     withdrawn when it leaves or dies), a request is served only if it carries one of them: the
     unencrypted stream of `net.weight_stream: plain`. The set is only read here (atomic under the GIL).
+    With `allowed` (the Gatekeeper's check, CURVE stream), a request from a key removed since it connected
+    is not answered.
     """
 
     def __init__(self, ctx: zmq.Context, address: str, key_dir: str | Path | None, chunk_bytes: int,
                  logger: logging.Logger = log, load: Callable[[dict, int], tuple] = _load_raw,
-                 tokens: set[str] | None = None):
+                 tokens: set[str] | None = None, allowed: Callable[[str], bool] | None = None):
         super().__init__(name="weight-server", daemon=True)
         if chunk_bytes < 64 or chunk_bytes % 64:
             raise ValueError("chunk_bytes must be a positive multiple of 64")
         self.ctx, self.address, self.key_dir, self.chunk_bytes = ctx, address, key_dir, chunk_bytes
-        self.log, self.load, self.tokens = logger, load, tokens
+        self.log, self.load, self.tokens, self.allowed = logger, load, tokens, allowed
         self.snapshot: Snapshot | None = None
         self.endpoint = ""  # the bound address (a port 0 resolved), once `ready` is set
         self.ready, self.halt = threading.Event(), threading.Event()
@@ -129,10 +131,12 @@ class WeightServer(threading.Thread):
                     continue
                 while True:
                     try:
-                        ident, msg = P.recv(sock, self.drops, zmq.NOBLOCK)
+                        ident, msg, key = P.recv_from(sock, self.drops, zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    if isinstance(msg, P.WeightFetch):
+                    if key and self.allowed is not None and not self.allowed(key):
+                        self.drops.drop("key_revoked", detail="a weights request from a removed key")
+                    elif isinstance(msg, P.WeightFetch):
                         self.serve(sock, ident, msg)
                     elif msg is not None:
                         self.drops.drop("unexpected_type", detail=msg.TYPE)

@@ -66,8 +66,8 @@ def test_stale_groups_dropped_counted_and_reported_once():
     c.add(group(4, [0, 3]))    # oldest token lag 3: dropped, however fresh the rest
     assert c.take(3, version=3) is None   # only 2 usable groups, but the stale ones are gone already
     assert c.dropped_stale == 2
-    assert sorted(c.pop_dropped()) == [1, 4]
-    assert c.pop_dropped() == []           # each drop reported exactly once
+    assert c.pop_dropped() == {"stale": [1, 4]}
+    assert c.pop_dropped() == {}           # each drop reported exactly once
     assert ids(c.take(2, version=3)) == [3, 2]
     assert c.stats() == {"depth": 0, "dropped_stale": 2, "dropped_zero_variance": 0}
 
@@ -78,7 +78,7 @@ def test_stale_drop_happens_at_take_time_version():
     assert ids(c.take(1, version=1)) == [1]
     c.add(group(2, [0]))
     assert c.take(1, version=2) is None
-    assert c.pop_dropped() == [2] and c.dropped_stale == 1
+    assert c.pop_dropped() == {"stale": [2]} and c.dropped_stale == 1
 
 
 def test_eta_max_zero_keeps_only_current_version():
@@ -86,7 +86,7 @@ def test_eta_max_zero_keeps_only_current_version():
     c.add(group(1, [4]))
     c.add(group(2, [5]))
     assert ids(c.take(1, version=5)) == [2]
-    assert c.pop_dropped() == [1]
+    assert c.pop_dropped() == {"stale": [1]}
 
 
 def test_zero_variance_groups_skipped_only_when_asked():
@@ -96,12 +96,44 @@ def test_zero_variance_groups_skipped_only_when_asked():
     c.add(group(3, [0], rewards=(0, 1, 0, 0)))
     c.add(group(4, [0], rewards=(0.5,)))       # one sample: no variance to speak of, kept
     assert c.depth == 2 and c.dropped_zero_variance == 2 and c.dropped_stale == 0
-    assert c.pop_dropped() == [1, 2]
+    assert c.pop_dropped() == {"zero_variance": [1, 2]}
     assert sorted(ids(c.take(2, version=0))) == [3, 4]
 
     keep = Composer(eta_max=2)
     keep.add(group(1, [0], rewards=(1, 1, 1, 1)))
-    assert keep.depth == 1 and keep.pop_dropped() == []
+    assert keep.depth == 1 and keep.pop_dropped() == {}
+
+
+def test_a_group_from_a_future_version_is_dropped_not_read_as_fresh():
+    """A token sampled by a version newer than the learner's cannot be real; clamping its negative lag to 0
+    would make it the freshest group of all."""
+    c = Composer(eta_max=2)
+    c.add(group(1, [3, 9]))
+    c.add(group(2, [3]))
+    assert ids(c.take(1, version=3)) == [2]
+    assert c.pop_dropped() == {"future_version": [1]} and c.dropped_stale == 0
+
+
+def test_the_gate_lets_in_admitted_groups_once_with_tokens_inside_the_vocabulary():
+    from flux.admission import admission_token
+    from flux.composer import Gate
+
+    gate = Gate("secret", vocab_size=8)
+
+    def admitted(g, generator="gen0"):
+        g.token = admission_token("secret", g.group_id, generator, g.prompt_index, g.sample_count)
+        return g
+
+    assert gate.check(group(1, [0])) == "not_admitted"                       # no token
+    assert gate.check(admitted(group(2, [0]), generator="gen1")) == "not_admitted"   # another's credit
+    forged = admitted(group(3, [0]))
+    forged.prompt_index = 4                                                   # not the admitted prompt
+    assert gate.check(forged) == "not_admitted"
+    assert gate.check(admitted(group(4, [0]))) == ""
+    assert gate.check(admitted(group(4, [0]))) == "duplicate_group"
+    wide = admitted(group(5, [0]))
+    wide.response_ids[-1] = 8                                                 # one id past the vocabulary
+    assert gate.check(wide) == "bad_tokens"
 
 
 def test_balance_concrete():

@@ -112,7 +112,7 @@ OUT_OF_RANGE = [
     ("rollout.threads", 0), ("rollout.slowdown", -0.1), ("learner.backend", "jax"),
     ("learner.groups_per_step", 0), ("learner.lr", 0.0), ("learner.lr", -1e-3),
     ("learner.micro_batch_size", -1),
-    ("learner.threads", 0), ("learner.checkpoint_every", -1), ("learner.ranks", 0),
+    ("learner.threads", 0), ("checkpoint.every", -1), ("checkpoint.keep_last", -1), ("learner.max_skipped_steps", 0), ("learner.ranks", 0),
     ("learner.dist_timeout_s", 0.0),
     ("adaptive_async.mode", "fast"), ("adaptive_async.min_async_ratio", -0.1),
     ("adaptive_async.max_async_ratio", 1.5), ("adaptive_async.target_staleness", 1.5),

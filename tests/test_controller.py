@@ -14,7 +14,8 @@ from flux.runtime import RunSpec
 def ctl(tmp_path):
     cfg = FluxConfig(rollout={"group_size": 4}, learner={"groups_per_step": 2},
                      adaptive_async={"mode": "sync"}).validate()
-    spec = RunSpec("r1", str(tmp_path), "m", "tcp://a:1", "tcp://a:2", "tcp://a:3", "tcp://a:4", 10, cfg)
+    spec = RunSpec("r1", str(tmp_path), "m", "tcp://a:1", "tcp://a:2", "tcp://a:3", "tcp://a:4", 10, cfg,
+                   secret="s3cret")
     c = Controller(spec, logging.getLogger("test"))
     c.handle(None, P.Register("generator", "gen0", 1, "h"))
     c.handle(None, P.Register("generator", "gen1", 2, "h"))
@@ -33,11 +34,11 @@ def test_sync_admits_exactly_one_batch_per_version(ctl):
 
 def test_a_dead_generators_groups_are_requeued_and_their_credit_returned(ctl):
     grants = ctl.handle(None, P.AdmitRequest("gen0", 2)).groups
-    ctl.handle(None, P.GroupDone("gen0", grants[0]["group_id"], 4))  # pushed: it is the buffer's now
+    ctl.handle(None, P.BufferReport(0, 0, {}, received=[grants[0]["group_id"]]))  # the buffer has it now
     ctl.members["gen0"].last_seen -= 60                              # silent past the heartbeat timeout
     ctl.check_liveness()
     assert "gen0" not in ctl.members and ctl.failed is None           # a generator's death is survivable
-    assert ctl.counts["requeued"] == 1 and ctl.admission.started == 4
+    assert ctl.ledger.counts["requeued"] == 1 and ctl.admission.started == 4
     # the re-queued prompt is served first, under a new group id, to a live generator
     regrant = ctl.handle(None, P.AdmitRequest("gen1", 2)).groups
     assert regrant[0]["prompt_index"] == grants[1]["prompt_index"]
@@ -49,10 +50,50 @@ def test_a_dead_generators_groups_are_requeued_and_their_credit_returned(ctl):
 def test_dropped_groups_give_their_credit_back_once(ctl):
     grants = ctl.handle(None, P.AdmitRequest("gen0", 2)).groups
     gid = grants[0]["group_id"]
-    ctl.handle(None, P.BufferReport(0, 1, {"dropped_ids": [gid]}))
-    ctl.handle(None, P.BufferReport(0, 1, {"dropped_ids": [gid]}))   # reported twice: counted once
-    assert ctl.counts["dropped"] == 1 and ctl.admission.started == 4
+    ctl.handle(None, P.BufferReport(0, 1, {}, dropped={"stale": [gid]}))
+    ctl.handle(None, P.BufferReport(0, 1, {}, dropped={"stale": [gid]}))   # reported twice: counted once
+    assert ctl.ledger.counts["dropped"] == 1 and ctl.admission.started == 4
+    assert ctl.accounting()["dropped_by"] == {"stale": 1}
     assert len(ctl.handle(None, P.AdmitRequest("gen1", 2)).groups) == 1   # the freed credit is reused
+
+
+def step_report(step, version, group_ids, skipped=False):
+    return P.StepReport(step, version, {"group_ids": group_ids, "step_skipped": float(skipped), "samples": 8})
+
+
+def test_a_skipped_step_drops_its_groups_and_the_next_batch_is_still_admitted(ctl):
+    """Sync mode: a step skipped for a non-finite gradient publishes nothing, so the version stays; without
+    its credit coming back the next batch would never be admitted (the run hung forever)."""
+    grants = ctl.handle(None, P.AdmitRequest("gen0", 5)).groups
+    ids = [g["group_id"] for g in grants]
+    ctl.handle(None, P.BufferReport(0, 0, {}, received=ids))
+    assert ctl.handle(None, P.AdmitRequest("gen0", 5)).groups == []   # sync: one batch per version
+    ctl.handle(None, step_report(0, 0, ids, skipped=True))
+    again = ctl.handle(None, P.AdmitRequest("gen0", 5)).groups
+    assert len(again) == 2 and again[0]["group_id"] not in ids        # the next batch, same version
+    assert ctl.accounting()["dropped_by"] == {"step_skipped": 2}
+    assert ctl.trained_samples == 0
+    ctl.ledger.check()
+
+
+def test_a_failed_reward_gives_the_credit_back_and_a_stranger_is_counted(ctl):
+    grants = ctl.handle(None, P.AdmitRequest("gen0", 1)).groups
+    gid = grants[0]["group_id"]
+    ctl.handle(None, P.GroupDone("gen1", gid, 4, dropped="reward_failed"))   # not gen1's group: ignored
+    assert ctl.admission.started == 4
+    ctl.handle(None, P.GroupDone("gen0", 99, 4, dropped="reward_failed"))    # never admitted: counted
+    assert ctl.drops.counts == {"unknown_group": 1}
+    ctl.handle(None, P.GroupDone("gen0", gid, 4, dropped="reward_failed"))
+    assert ctl.admission.started == 0 and ctl.accounting()["dropped_by"] == {"reward_failed": 1}
+    ctl.ledger.check()
+
+
+def test_admissions_carry_a_token_the_buffer_can_check(ctl):
+    from flux.admission import admission_token
+
+    g = ctl.handle(None, P.AdmitRequest("gen0", 1)).groups[0]
+    assert g["token"] == admission_token(ctl.spec.secret, g["group_id"], "gen0", g["prompt_index"], 4)
+    assert g["token"] != admission_token(ctl.spec.secret, g["group_id"], "gen1", g["prompt_index"], 4)
 
 
 def test_a_dead_learner_fails_the_run(ctl):

@@ -116,7 +116,7 @@ def test_run_dir_has_config_and_a_checkpoint_that_moved(small_run, default_model
         default_model)("sort 381=").input_ids
     # the controller's half of the state sits beside the model: version, ratio, PID, data cursor
     state = json.loads((ckpt / "controller_state.json").read_text())
-    assert state["version"] == 6 and state["groups"]["trained"] == 6 * 2
+    assert state["version"] == 6 and state["ledger"]["counts"]["trained"] == 6 * 2
     assert {"pid", "cursor", "async_ratio", "started_samples"} <= state.keys()
 
 

@@ -3,11 +3,22 @@ its credits, re-queues its unfinished groups, the run finishes, and every admitt
 for (trained, dropped and counted, re-queued, or in flight at the stop)."""
 
 import json
+import re
 import signal
 import subprocess
 import time
+from collections import Counter
 
 from tests.test_e2e import SMALL, assert_nothing_left, metrics, processes_mentioning, train_cmd, wait_for
+
+
+def holds(run_dir, name) -> bool:
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return False
+    fresh = time.time() - status["time"] < 0.2
+    return fresh and any(m["name"] == name and (m.get("groups_held") or 0) > 0 for m in status["members"])
 
 
 def test_a_generator_killed_mid_run_is_survived_with_nothing_lost(default_model, tmp_path):
@@ -18,14 +29,17 @@ def test_a_generator_killed_mid_run_is_survived_with_nothing_lost(default_model,
     with open(log, "w") as out:
         proc = subprocess.Popen(train_cmd("--max-steps", str(steps), *SMALL, "--set", "rollout.num_generators=2",
                                           "--set", "eval.num_prompts=1", "--set", "net.heartbeat_timeout_s=3",
-                                          "--set", "rollout.slowdown=0.002",
+                                          "--set", "rollout.slowdown=0.005",
                                           "--out", str(run_dir)), stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: len(metrics(run_dir)) >= 3, 120, "three steps")
         spec = str(run_dir / "spec.json")
         victims = [p for p in processes_mentioning(spec) if "--name gen1" in " ".join(p.cmdline())]
         assert len(victims) == 1
+        # Kill it while it holds groups: status.json (rewritten every heartbeat) says how many it holds.
+        wait_for(lambda: holds(run_dir, "gen1"), 120, "gen1 to hold groups")
         killed_at = time.monotonic()
+        at_kill = len(metrics(run_dir))
         victims[0].send_signal(signal.SIGKILL)
         code = proc.wait(timeout=240)
     finally:
@@ -34,7 +48,7 @@ def test_a_generator_killed_mid_run_is_survived_with_nothing_lost(default_model,
             proc.wait()
     text = log.read_text()
     assert code == 0, text
-    assert "generator gen1 died" in text and "re-queued" in text, text
+    assert "generator gen1 died" in text and "its groups are re-queued" in text, text
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(steps))
     # the controller declared it dead within the heartbeat timeout (plus one liveness check)
@@ -50,5 +64,13 @@ def test_a_generator_killed_mid_run_is_survived_with_nothing_lost(default_model,
                                   + groups["unfinished_at_stop"]), groups
     # the survivor trained on after the dead one was declared dead
     assert time.monotonic() - killed_at > 3
-    assert "re-queued" in controller_log or groups["requeued"] == 0
+    # The killed generator held groups (it was generating): they were re-queued, and each of their prompts
+    # was trained later by the survivor. (Before, this test passed with nothing re-queued at all.)
+    found = re.search(r"re-queued (\d+) groups of gen1 \(prompts \[([\d, ]*)\]\)", controller_log)
+    assert found, controller_log
+    requeued_prompts = [int(p) for p in found.group(2).split(",")]
+    assert int(found.group(1)) == len(requeued_prompts) >= 1
+    after = Counter(p for r in rows[at_kill:] for p in r["prompts"])
+    assert Counter(requeued_prompts) <= after, (requeued_prompts, at_kill)
+    assert groups["requeued"] == len(requeued_prompts)     # dead for good: none came back under its old id
     assert_nothing_left(run_dir)

@@ -4,8 +4,9 @@ the run finishes every step.
 Per socket that accepts connections (the controller's ROUTER, the buffer's PULL and ROUTER): random
 bytes, truncated and mutated real messages, wrong protocol versions, unknown types, fields of the wrong
 type, arrays whose declared length disagrees with their frame, huge declared lengths, missing and
-extra frames, and well-formed messages of a type that socket never expects. (Well-formed messages of
-an expected type from an impostor are an authentication matter: local sockets listen on 127.0.0.1.)
+extra frames, and well-formed messages of a type that socket never expects. Then well-formed messages
+of an expected type with bad contents (groups never admitted, duplicated, out of the vocabulary, from
+a future version), at the local sockets and at the CURVE endpoints from an authorised key.
 """
 
 import json
@@ -118,4 +119,104 @@ def test_fuzzed_sockets_of_a_live_run(default_model, tmp_path):
     total = sum(sum(v.values()) for v in dropped.values())
     assert dropped["controller"] and dropped.get("buffer"), dropped
     assert total > PER_SOCKET, (total, sent, dropped)
+    assert_nothing_left(run_dir)
+
+
+K = 20  # well-formed messages with bad contents, per kind
+
+
+def forged_group(gid, secret, generator="gen0", n=4, version=0, token_id=7, token=None, vocab=None):
+    from flux.admission import admission_token
+
+    total = 2 * n
+    return P.TrajectoryGroup(
+        group_id=gid, prompt_index=0, generator=generator, sample_count=n, prompt_ids=np.array([5, 6], np.int32),
+        response_ids=np.full(total, token_id, np.int32), response_lens=np.full(n, 2, np.int32),
+        logprobs=np.full(total, -1.0, np.float32), versions=np.full(total, version, np.int32),
+        rewards=np.arange(n, dtype=np.float32), finish=np.ones(n, np.uint8), gen_seconds=0.0, meta={},
+        token=admission_token(secret, gid, generator, 0, n) if token is None else token)
+
+
+def test_well_formed_messages_with_bad_contents_and_the_curve_endpoints(default_model, tmp_path):
+    """Messages that decode fine but lie: groups never admitted (no token, another generator's, another
+    sample count), sent twice, with token ids past the vocabulary or versions from the future, done-reports
+    of groups never admitted; and the same plus random garbage at the CURVE endpoints from an authorised
+    key. Each is counted under its reason, none reaches training, the run finishes."""
+    from flux.auth import client_keys, make_keys, secure_client
+
+    keys = tmp_path / "keys"
+    make_keys(keys, ["fuzz"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    steps = 25
+    with open(tmp_path / "launcher.out", "w") as log:
+        proc = subprocess.Popen(train_cmd("--max-steps", str(steps), *SMALL, "--set", "eval.num_prompts=1",
+                                          "--set", "net.remote=true", "--set", f"net.keys={keys}",
+                                          "--set", "rollout.slowdown=0.002", "--out", str(run_dir)),
+                                stdout=log, stderr=subprocess.STDOUT)
+    ctx = zmq.Context()
+    try:
+        wait_for(lambda: metrics(run_dir), 120, "the first step")
+        spec = json.loads((run_dir / "spec.json").read_text())
+        secret, vocab = spec["secret"], spec["vocab_size"]
+        push = ctx.socket(zmq.PUSH)
+        dealer = ctx.socket(zmq.DEALER)
+        for sock, where in ((push, "buffer_pull"), (dealer, "controller_router")):
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.connect(spec[where])
+        base = 10**6
+        for i in range(K):
+            P.send(push, forged_group(base + i, secret, token=""))                    # no token
+            bad = forged_group(base + K + i, secret, generator="gen9")                # gen9's credit...
+            bad.generator = "gen0"                                                    # ...claimed by gen0
+            P.send(push, bad)
+            wrong_n = forged_group(base + 2 * K + i, secret)
+            P.send(push, forged_group(base + 2 * K + i, secret, n=3, token=wrong_n.token))  # 3 samples, not 4
+            future = forged_group(base + 3 * K + i, secret, version=10**6)
+            P.send(push, future)
+            P.send(push, future)                                                      # twice
+            P.send(push, forged_group(base + 4 * K + i, secret, token_id=vocab))       # id past the vocabulary
+            P.send(dealer, P.GroupDone("gen0", 10**7 + i, 4, dropped="reward_failed"))  # never admitted
+        # The CURVE endpoints, from an authorised key: random garbage and the same lies.
+        curve = client_keys(keys / "fuzz.key_secret")
+        rng = random.Random(1)
+        remote = spec["remote"]
+        for where, kind in (("router", zmq.DEALER), ("pull", zmq.PUSH)):
+            sock = ctx.socket(kind)
+            secure_client(sock, curve)
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.connect(remote[where])
+            messages = unexpected_messages("controller_router" if where == "router" else "buffer_pull")
+            for i in range(500):
+                frames = malformed(rng, messages)
+                sock.send_multipart([b"", *frames] if kind == zmq.DEALER else frames)
+            if where == "router":
+                for msg in (P.StepReport(0, 9, {}), P.AdmitRequest("gen0", 4), P.Published(9, {"kind": "shm",
+                            "name": "x", "version": 9})):
+                    P.send(sock, msg)                                   # as the learner, or a local generator
+            else:
+                for i in range(K):
+                    P.send(sock, forged_group(base + 5 * K + i, secret, token=""))
+            sock.close()
+        push.close()
+        dealer.close()
+        code = proc.wait(timeout=240)
+    finally:
+        ctx.term()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = (tmp_path / "launcher.out").read_text()
+    assert code == 0, out
+    assert [r["step"] for r in metrics(run_dir)] == list(range(steps))
+    assert "crashed" not in out and "Traceback" not in out
+    status = json.loads((run_dir / "status.json").read_text())
+    buffer, controller = status["dropped_messages"]["buffer"], status["dropped_messages"]["controller"]
+    assert buffer["future_version"] == K and buffer["duplicate_group"] == K and buffer["bad_tokens"] == K, buffer
+    assert buffer["not_admitted"] >= 3 * K + K, buffer                  # local lies + the CURVE ones
+    assert controller["unknown_group"] == K and controller["remote_not_allowed"] >= 3, controller
+    # nothing forged was trained: the ledger counts only admitted groups as trained, two per step
+    groups = json.loads((run_dir / "groups.json").read_text())
+    assert groups["trained"] == steps * 2 and groups["admitted"] == (
+        groups["trained"] + groups["dropped"] + groups["requeued"] + groups["unfinished_at_stop"]), groups
     assert_nothing_left(run_dir)

@@ -30,12 +30,14 @@ EXAMPLES = [
     P.Welcome(run_id="run", version=0, weights=None),
     P.Heartbeat(role="learner", name="learner-0", busy_frac=0.5, stats={"tok/s": 1e3, "n": {"a": [1, 2]}}),
     P.AdmitRequest(name="gen-0", max_groups=4),
-    P.Admit(groups=[{"group_id": 1, "prompt_index": 9}, {"group_id": 2, "prompt_index": 0}]),
+    P.Admit(groups=[{"group_id": 1, "prompt_index": 9, "token": "ab"}, {"group_id": 2, "prompt_index": 0, "token": ""}]),
     P.Admit(groups=[]),
     P.GroupDone(name="gen-0", group_id=1, n_samples=8),
+    P.GroupDone(name="gen-0", group_id=2, n_samples=8, dropped="reward_failed"),
     P.Published(version=3, weights=HANDLE),
     P.StepReport(step=2, version=3, metrics={"staleness": 0.1, "trained_ids": [1, 2], "dropped_ids": []}),
     P.BufferReport(depth=5, dropped_stale=1, stats={}),
+    P.BufferReport(depth=5, dropped_stale=1, stats={}, received=[3, 4], dropped={"stale": [1], "bad_tokens": [2]}),
     P.Goodbye(role="buffer", name="buffer", reason="SIGTERM", ok=True),
     P.NewVersion(version=3, weights={**HANDLE, "ipc": {"handle": b"\x00\xff", "size": [64]}}),
     P.Control(async_ratio=0.25, knobs={"eta_max": 2}),
@@ -185,8 +187,8 @@ def test_decode_checks_consistency():
     neg = np.array([4, 4, -1, 4, 4], "<i4")
     assert reason([*g[:5], neg.tobytes(), *g[6:]]) == "inconsistent"  # versions >= 0
     assert reason(with_header(group(), lambda h: h["fields"].update(sample_count=3))) == "inconsistent"
-    admit = P.Admit(groups=[{"group_id": 1, "prompt_index": 0}])
-    credit = {"group_id": 1, "prompt_index": 2}
+    admit = P.Admit(groups=[{"group_id": 1, "prompt_index": 0, "token": "t"}])
+    credit = {"group_id": 1, "prompt_index": 2, "token": "t"}
     negative_id = with_header(admit, lambda h: h["fields"]["groups"][0].update(group_id=-1))
     assert reason(negative_id) == "inconsistent"
     assert reason(with_header(admit, lambda h: h["fields"]["groups"].append(credit))) == "inconsistent"
@@ -271,8 +273,8 @@ def test_dealer_router_request_reply(pair):
     P.send(dealer, P.AdmitRequest(name="gen-0", max_groups=2))
     ident, msg = P.recv(router, drops)
     assert msg == P.AdmitRequest(name="gen-0", max_groups=2) and len(ident) == 1
-    P.send(router, P.Admit(groups=[{"group_id": 0, "prompt_index": 3}]), identity=ident)
-    assert P.recv(dealer, drops) == (None, P.Admit(groups=[{"group_id": 0, "prompt_index": 3}]))
+    P.send(router, P.Admit(groups=[{"group_id": 0, "prompt_index": 3, "token": ""}]), identity=ident)
+    assert P.recv(dealer, drops) == (None, P.Admit(groups=[{"group_id": 0, "prompt_index": 3, "token": ""}]))
     dealer.send_multipart([b"no-delimiter"])
     ident, msg = P.recv(router, drops)
     assert msg is None and drops.counts == {"bad_envelope": 1}

@@ -10,6 +10,7 @@ import os
 import signal
 import stat
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -266,3 +267,44 @@ def test_a_fixed_remote_port_takes_the_next_three_too(keys):
         s.listen()
         with pytest.raises(ValueError, match=f"{base + 2}"):
             remote_endpoints(cfg)
+
+
+def test_a_removed_key_is_refused_from_its_next_connection_and_its_connected_generator_cut_off(
+        default_model, keys, tmp_path):
+    """Before, the gatekeeper cached every key it had let in, so a deleted key kept working; and a generator
+    already connected went on taking work and weights whatever its key's fate."""
+    run_keys = keys / "run"
+    assert CliRunner().invoke(main, ["keys", str(run_keys), "--client", "revoked"]).exit_code == 0
+    key = run_keys / "revoked.key_secret"
+    run_dir = tmp_path / "run"
+    proc, log = start_train(run_dir, run_keys, "--max-steps", "80", "--set", "net.heartbeat_timeout_s=3")
+    gen = again = None
+    try:
+        wait_for(lambda: metrics(run_dir), 90, "the first step")
+        gen, gen_log = start_generator(run_dir, key, "far")
+        wait_for(lambda: status(run_dir).get("groups_by_generator", {}).get("far", 0) >= 1, 120,
+                 "a group from the remote generator")
+        (run_keys / "authorized" / "revoked.key").unlink()
+        removed_at = time.monotonic()
+        assert finish(gen, 30) == 1, gen_log.read_text()                 # cut off, and it says so
+        cut_after = time.monotonic() - removed_at
+        assert "cut off by the run" in gen_log.read_text() and "Traceback" not in gen_log.read_text()
+        again, again_log = start_generator(run_dir, key, "again")
+        assert finish(again, 60) == 2 and "refused this key" in again_log.read_text(), again_log.read_text()
+        code = finish(proc, 180)
+    finally:
+        (run_keys / "revoked.key_secret").unlink(missing_ok=True)
+        for p in (proc, gen, again):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    assert code == 0, log.read_text()
+    assert cut_after < 3 + 10                              # net.heartbeat_timeout_s (+ a busy machine's slack)
+    controller = (run_dir / "logs" / "controller.log").read_text()
+    assert "generator far cut off: its key was removed" in controller, controller
+    far = next(m for m in status(run_dir)["members"] if m["name"] == "far")
+    assert far["state"] == "dead" and far["reason"] == "key removed"
+    groups = json.loads((run_dir / "groups.json").read_text())
+    assert groups["admitted"] == groups["trained"] + groups["dropped"] + groups["requeued"] \
+        + groups["unfinished_at_stop"]
+    assert_nothing_left(run_dir)

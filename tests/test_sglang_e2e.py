@@ -31,7 +31,7 @@ def test_flux_train_runs_on_an_sglang_server(default_model, tmp_path):
     run_dir = tmp_path / "run"
     try:
         proc = flux_train("--max-steps", "4", *SMALL, "--set", "rollout.engine=sglang",
-                          "--set", f"rollout.sglang_url={url}", "--set", "learner.checkpoint_every=1",
+                          "--set", f"rollout.sglang_url={url}", "--set", "checkpoint.every=1",
                           "--out", str(run_dir))
     finally:
         server.stop()

@@ -223,7 +223,8 @@ def test_status_and_plot_of_a_real_run(default_model, tmp_path):
     """One short `flux train`: status.json while it runs (live, every actor), then finished; plot works."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "flux.cli", "train", "--max-steps", "4", "--set", "learner.groups_per_step=2",
-           "--set", "rollout.group_size=4", "--set", "eval.num_prompts=20", "--out", str(run_dir)]
+           "--set", "rollout.group_size=4", "--set", "eval.num_prompts=20", "--out", str(run_dir),
+           "--set", "rollout.slowdown=0.02"]  # ~5 s of steps: several status rewrites while all are alive
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = None
     try:

@@ -246,6 +246,11 @@ class TorchEngine:
         stop = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.long, device=self.device)
 
         for step in range(n):
+            if not bool(torch.isfinite(logits).all()):
+                from flux.runtime import FluxRunError
+
+                raise FluxRunError(f"the policy's weights became non-finite at step {logits_version - 1}: "
+                                   f"version {logits_version} gives NaN/inf logits")
             tokens, logp = sample_tokens(logits, sampling, self.generator)
             live = ~finished
             out_tokens[:, step] = torch.where(live, tokens, 0)

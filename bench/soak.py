@@ -14,8 +14,9 @@ generators'). At the end it stops the run with SIGINT (drain, groups.json writte
 of each actor after the first --warmup minutes, FD growth, shared-memory segments left in /dev/shm, and
 that every admitted group is accounted for (trained, dropped with a reason, re-queued, or in flight).
 
-Targets (issue "Nothing lost"): RSS growth < 5 % after the first 5 minutes, no FD growth, no leaked
-segments, groups lost = 0. Not part of CI: it takes --minutes.
+Targets (issue "Nothing lost"): RSS growth < 5 % after the first 5 minutes, no FD growth (the most
+descriptors open in the last third of the run ≤ the most in the first third: they move with connections),
+no leaked segments, groups lost = 0. Not part of CI: it takes --minutes.
 """
 
 from __future__ import annotations
@@ -205,12 +206,16 @@ def main() -> int:
                             "rss_max_mb": max(x["rss_mb"] for x in series),
                             "rss_growth_pct": 100 * (series[-1]["rss_mb"] / series[0]["rss_mb"] - 1),
                             "fds_first": series[0]["fds"], "fds_last": series[-1]["fds"],
-                            "fds_max": max(x["fds"] for x in series)}
+                            "fds_max": max(x["fds"] for x in series),
+                            "fds_max_first_third": max(x["fds"] for x in series[:max(1, len(series) // 3)]),
+                            "fds_max_last_third": max(x["fds"] for x in series[-max(1, len(series) // 3):])}
     # The killed generator is a new process after each restart: its growth is per life, not measured here.
     steady = {k: v for k, v in growth.items() if k not in ("killed", "visitor")}
     targets = {
         "rss_growth_below_5pct": all(v["rss_growth_pct"] < 5 for v in steady.values()),
-        "no_fd_growth": all(v["fds_last"] <= v["fds_first"] for v in steady.values()),
+        # Descriptors move with connections (a visitor attached or not): growth is a trend, so the most
+        # open in the last third of the run may not exceed the most open in the first third.
+        "no_fd_growth": all(v["fds_max_last_third"] <= v["fds_max_first_third"] for v in steady.values()),
         "no_leaked_segments": not leaked,
         "no_orphans": not orphans,
         "groups_lost_zero": lost == 0,

@@ -16,9 +16,9 @@ import socket
 
 import zmq
 
-from flux import protocol as P
-from flux.composer import Composer, Gate
-from flux.runtime import Rate, RunSpec, actor_main
+from flux.run import protocol as P
+from flux.control.composer import Composer, Gate
+from flux.run.runtime import Rate, RunSpec, actor_main
 
 
 def body(spec: RunSpec, name: str, stop, log) -> int:
@@ -36,10 +36,10 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     sub.subscribe(b"Stop")
     P.send(ctl, P.Register("buffer", "buffer", os.getpid(), socket.gethostname()))
     remote_pull = gate = None
-    if spec.remote:  # remote generators push to a CURVE PULL of their own (flux/remote.py)
-        from flux.remote import open_curve_pull
+    if spec.remote:  # remote generators push to a CURVE PULL of their own (flux/integrations/remote/side.py)
+        from flux.plugins import hook
 
-        remote_pull, gate = open_curve_pull(ctx, spec, log)
+        remote_pull, gate = hook("remote.open_curve_pull")(ctx, spec, log)
 
     composer = Composer(eta_max=cfg.adaptive_async.eta_max, skip_zero_variance=cfg.dynamic_sampling)
     door = Gate(spec.secret, spec.vocab_size)

@@ -2,7 +2,7 @@
 
     loop:
         serve requests on ROUTER (register, admit, heartbeats, group done, published, step reports),
-            and remote generators' on the CURVE ROUTER (net.remote, flux/remote.py)
+            and remote generators' on the CURVE ROUTER (net.remote, flux/integrations/remote/side.py)
         declare silent actors dead; re-queue a dead generator's unfinished groups
         on every learner step: update the async ratio, send one metrics line to the sinks (metrics.jsonl, ...)
         about once per heartbeat period: rewrite status.json (membership and the control loop's numbers)
@@ -20,14 +20,14 @@ from pathlib import Path
 
 import zmq
 
-from flux import protocol as P
-from flux.admission import Admission, PromptCursor, admission_token
-from flux.checkpoints import finish_checkpoint
-from flux.ledger import Ledger
-from flux.pid import PID
-from flux.runtime import Rate, RunSpec, actor_main
+from flux.run import protocol as P
+from flux.control.admission import Admission, PromptCursor, admission_token
+from flux.run.checkpoints import finish_checkpoint
+from flux.control.ledger import Ledger
+from flux.control.pid import PID
+from flux.plugins import hook
+from flux.run.runtime import Rate, RunSpec, actor_main, write_status
 from flux.sinks import open_sinks
-from flux.status import write_status
 
 
 @dataclass
@@ -70,9 +70,7 @@ class Controller:
         self.prompts_digest = ""
         if spec.remote:
             from flux.data import load_prompts
-            from flux.remote import prompts_digest
-
-            self.prompts_digest = prompts_digest(load_prompts(cfg.prompts))
+            self.prompts_digest = hook("remote.prompts_digest")(load_prompts(cfg.prompts))
         self.trained_samples = self.trained_tokens = 0
         self.dropped_stale = 0
         self.t_start = time.time()
@@ -115,9 +113,7 @@ class Controller:
         self.log.info("%s %s registered (pid %d%s)", msg.role, msg.name, msg.pid,
                       f" on {msg.host}, remote" if remote else "")
         if remote:
-            from flux.remote import stream_handle
-
-            return P.Welcome(self.spec.run_id, self.admission.version, stream_handle(self.weights))
+            return P.Welcome(self.spec.run_id, self.admission.version, hook("remote.stream_handle")(self.weights))
         return P.Welcome(self.spec.run_id, self.admission.version, self.weights)
 
     def heartbeat(self, msg: P.Heartbeat) -> None:
@@ -155,8 +151,7 @@ class Controller:
 
     def run_info(self, req: P.RunInfoRequest) -> P.RunInfo:
         """What a remote generator needs to join: the config, model path, prompts digest, the other ports."""
-        from flux.remote import port_of
-
+        port_of = hook("remote.port_of")
         name, k = req.name, 1
         while name in self.members or name in self.handed_out:
             k += 1
@@ -348,10 +343,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     pub.bind(spec.controller_pub)
     ctl = Controller(spec, log)
     remote = None
-    if spec.remote:  # remote generators: CURVE ROUTER and PUB, gatekeeper, weight server (flux/remote.py)
-        from flux.remote import RemoteSide
-
-        remote = RemoteSide(ctx, spec, log, ctl.weight_tokens)
+    if spec.remote:  # remote generators: CURVE ROUTER and PUB, gatekeeper, weight server (integrations/remote)
+        remote = hook("remote.ControllerSide")(ctx, spec, log, ctl.weight_tokens)
         ctl.gate = remote.gate
     poller = zmq.Poller()
     for sock in (router, remote and remote.router):

@@ -10,8 +10,8 @@
 
 An I/O thread owns the SUB socket and the heartbeat: new weights are queued on the engine the moment
 they are announced (the engine swaps them in between decode steps), and Stop ends the loop. A remote
-generator (`flux generator --connect`, flux/remote.py) runs this same actor over CURVE sockets; its new
-weights come over the weight stream, handed to the engine only once whole and verified.
+generator (`flux generator --connect`, flux/integrations/remote/side.py) runs this same actor over CURVE
+sockets; its new weights come over the weight stream, handed to the engine only once whole and verified.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import zlib
 import numpy as np
 import zmq
 
-from flux import protocol as P
-from flux.runtime import RunSpec, StopFlag, actor_main, connect, set_threads
+from flux.run import protocol as P
+from flux.run.runtime import RunSpec, StopFlag, actor_main, connect, set_threads
 
 
 class ControllerLink:
@@ -44,9 +44,10 @@ class ControllerLink:
         self._ctx = ctx
         self._io = threading.Thread(target=self._io_loop, name="gen-io", daemon=True)
         self.fetcher = None
-        if spec.remote.get("weights"):  # remote: versions arrive over the weight stream (flux/weight_stream.py)
-            from flux.weight_stream import WeightFetcher
+        if spec.remote.get("weights"):  # remote: versions arrive over the weight stream (integrations/remote)
+            from flux.plugins import hook
 
+            WeightFetcher = hook("remote.WeightFetcher")
             net = spec.config.net
             curve = spec.curve if net.weight_stream == "curve" else None  # plain: a token instead
             self.fetcher = WeightFetcher(ctx, spec.remote["weights"], curve, self._deliver, log,
@@ -87,7 +88,7 @@ class ControllerLink:
         if handle["kind"] == "stream" and self.fetcher is not None:
             self.fetcher.want(version)  # the engine gets it once every chunk is in and the checksum holds
             return
-        from flux.weights import StaleWeights, load_weights
+        from flux.run.weights import StaleWeights, load_weights
 
         def source():
             try:

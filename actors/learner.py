@@ -9,9 +9,9 @@
         publish weights (shared memory), tell the controller, report metrics
     save the final HF checkpoint; goodbye
 
-With `learner.ranks` = M > 1 there are M learner processes (flux/learner/data_parallel.py): rank 0 runs
-this loop (`lead`) and hands each batch to ranks 1..M-1 (`follow`); every rank then trains on its share
-of the batch in lockstep (`Trainer.train`). Only rank 0 talks to the buffer and the controller,
+With `learner.ranks` = M > 1 there are M learner processes (flux/integrations/distributed/data_parallel.py):
+rank 0 runs this loop (`lead`) and hands each batch to ranks 1..M-1 (`follow`); every rank then trains on
+its share of the batch in lockstep (`Trainer.train`). Only rank 0 talks to the buffer and the controller,
 publishes, evaluates and saves.
 """
 
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 import zmq
 
-from flux import protocol as P
-from flux.checkpoints import staging_dir
-from flux.composer import balance
-from flux.runtime import FluxRunError, Heartbeater, RunSpec, actor_main, set_threads
+from flux.run import protocol as P
+from flux.run.checkpoints import staging_dir
+from flux.control.composer import balance
+from flux.run.runtime import FluxRunError, Heartbeater, RunSpec, actor_main, set_threads
 
 
 class BatchClient:
@@ -119,7 +119,7 @@ class Trainer:
     """What every learner rank holds and does: the model(s), the algorithm, one optimizer step on a batch.
 
     Rank 0 hands each step's batch to the other ranks; all of them then call `train` in lockstep (each
-    computes its own rows, see flux/learner/data_parallel.py). Everything else a learner does — the
+    computes its own rows, see flux/integrations/distributed/data_parallel.py). Everything else a learner does — the
     buffer, the controller, publishing, evaluation, checkpoints — is rank 0's alone (`lead`).
     """
 
@@ -170,7 +170,7 @@ class Trainer:
         if learner.ref_model is not None:
             tb.ref_logprobs = learner.ref_logprobs(tb)
         if critic is not None:
-            tb.values = critic.logprobs(tb)  # the critic's values at the start of this step
+            tb.values = critic.values(tb)  # the critic's values at the start of this step
         if algorithm.token_level:
             tb.advantages, tb.returns = algorithm.compute_advantages(group_rewards, tb, params, **adv_inputs)
         for group in learner.optimizer.param_groups:
@@ -187,10 +187,12 @@ class Trainer:
 def body(spec: RunSpec, name: str, stop, log) -> int:
     cfg = spec.config
     set_threads(cfg.learner.threads)
-    from flux.learner.data_parallel import RankGroup
+    from flux.learner.base import SingleRank
+    from flux.plugins import hook
 
     # Before the models load, so that joining waits only for the other ranks' imports.
-    ranks = RankGroup.from_env(timeout_s=cfg.learner.dist_timeout_s)
+    ranks = SingleRank() if cfg.learner.ranks == 1 else \
+        hook("distributed.RankGroup").from_env(timeout_s=cfg.learner.dist_timeout_s)
     if ranks.world != cfg.learner.ranks:
         raise RuntimeError(f"learner.ranks={cfg.learner.ranks} but this process was started as one of "
                            f"{ranks.world}")
@@ -229,8 +231,8 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     from flux.engine.torch_engine import TorchEngine
     from flux.evaluation import eval_records, evaluate
     from flux.rewards import guarded_reward
-    from flux.staleness import batch_staleness
-    from flux.weights import WeightPublisher
+    from flux.control.staleness import batch_staleness
+    from flux.run.weights import WeightPublisher
 
     cfg, lc, aa, sc = spec.config, spec.config.learner, spec.config.adaptive_async, spec.config.staleness
     learner, ranks = trainer.learner, trainer.ranks

@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's flux, installed or not
-from flux.plot import pyplot, save, smooth, window_rate
+from flux.integrations.tools.plot import pyplot, save, smooth, window_rate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import have_matplotlib, run_train, write_json

@@ -247,8 +247,8 @@ def trl_worker(steps: int, seed: int, threads: int, overrides: list[str], out: P
     from flux.engine.torch_engine import TorchEngine
     from flux.evaluation import eval_records, evaluate
     from flux.rewards import load_function
-    from flux.tasks import builtin_records
-    from flux.tiny import resolve_model_path
+    from flux.integrations.builtin.tasks import builtin_records
+    from flux.integrations.builtin.tiny import resolve_model_path
 
     cfg = load_config(None, overrides, max_steps=steps, seed=seed)
     if not cfg.prompts.startswith("builtin:"):
@@ -350,7 +350,7 @@ def run_trl(name: str, args, threads: int, out: Path) -> tuple[list[dict], dict,
 
 def plot(runs: dict[str, list[dict]], summaries: dict[str, dict], path: str) -> None:
     """Reward (moving mean) vs wall time and vs step for every run, and a bar of each run's samples/s."""
-    from flux.plot import pyplot, save, smooth
+    from flux.integrations.tools.plot import pyplot, save, smooth
 
     plt = pyplot()
     fig, (ax_w, ax_s, ax_b) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [3, 3, 2]})

@@ -12,9 +12,9 @@ generators whose work is elsewhere, e.g. a GPU each), which shows what the machi
 
 Simulation (SIMULATED, not measured): a discrete-event simulation of the controller with many
 generators and long-tailed completion lengths. It drives the real control code with a simulated clock:
-`flux.admission.Admission` and `PromptCursor` hand out the credits, `flux.composer.Composer` composes
+`flux.control.admission.Admission` and `PromptCursor` hand out the credits, `flux.control.composer.Composer` composes
 the batches (whole groups, freshest first, too-stale groups dropped and their credit given back),
-`flux.pid.PID` sets the async ratio from `flux.staleness.combined_staleness`, whose divergence term is
+`flux.control.pid.PID` sets the async ratio from `flux.control.staleness.combined_staleness`, whose divergence term is
 modelled (D grows with the batch's mean lag: `--sim-div-per-lag`). It reports simulated learner
 utilisation, staleness, lag and drops per mode.
 """
@@ -41,11 +41,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from common import machine
 
-from flux.admission import Admission, PromptCursor
-from flux.composer import Composer
+from flux.control.admission import Admission, PromptCursor
+from flux.control.composer import Composer
 from flux.config import AdaptiveAsyncConfig, StalenessConfig
-from flux.pid import PID
-from flux.staleness import combined_staleness, lag_stats
+from flux.control.pid import PID
+from flux.control.staleness import combined_staleness, lag_stats
 
 
 # ---------------------------------------------------------------- simulation
@@ -315,15 +315,15 @@ def main() -> None:
     both = not (args.real or args.sim)
     result: dict = {"machine": {**machine(), "note": "2-core shared CPU VM; other jobs were running"}}
     if args.real or both:
-        from flux.auth import make_keys
+        from flux.integrations.remote.auth import make_keys
 
         work = Path(tempfile.mkdtemp(prefix="flux-scaling-"))
         make_keys(work / "keys", ["bench"])
         result["real"] = [real_run(n, args.steps, work / "keys", work, paced)
                           for paced in (0.0, args.paced) for n in args.generators]
     if args.sim or both:
-        result["simulation"] = {"label": "SIMULATED: discrete-event simulation driving flux.admission, "
-                                         "flux.pid, flux.composer, flux.staleness on a simulated clock",
+        result["simulation"] = {"label": "SIMULATED: discrete-event simulation driving flux.control.admission, "
+                                         "flux.control.pid, flux.control.composer, flux.control.staleness on a simulated clock",
                                 "config": SimConfig().__dict__,
                                 "runs": simulate(args.sim_generators, args.sim_steps, args.seed, args.sim_div_per_lag,
                                                  args.sim_targets)}

@@ -76,6 +76,7 @@ def fuzz_burst(spec: dict, rng: random.Random, n: int = 200) -> int:
     """Malformed and lying messages at the local sockets; returns how many were sent."""
     import zmq
 
+    from flux.run import protocol as P
     from tests.test_fuzz_actors import forged_group, malformed, unexpected_messages
 
     ctx = zmq.Context()
@@ -84,20 +85,23 @@ def fuzz_burst(spec: dict, rng: random.Random, n: int = 200) -> int:
         for where, kind in (("controller_router", zmq.DEALER), ("buffer_pull", zmq.PUSH)):
             sock = ctx.socket(kind)
             sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(spec[where])
-            for i in range(n):
-                frames = malformed(rng, unexpected_messages(where))
-                sock.send_multipart([b"", *frames] if kind == zmq.DEALER else frames)
-                sent += 1
-            if where == "buffer_pull":
-                from flux import protocol as P
-
-                for i in range(n // 10):  # well-formed, never admitted (no token)
-                    P.send(sock, forged_group(10**9 + rng.randrange(10**6), "", token=""))
+            sock.setsockopt(zmq.SNDTIMEO, 1000)  # a peer gone (the run ending) must not block the soak
+            try:
+                sock.connect(spec[where])
+                for i in range(n):
+                    frames = malformed(rng, unexpected_messages(where))
+                    sock.send_multipart([b"", *frames] if kind == zmq.DEALER else frames)
                     sent += 1
-            sock.close()
+                if where == "buffer_pull":
+                    for i in range(n // 10):  # well-formed, never admitted (no token)
+                        P.send(sock, forged_group(10**9 + rng.randrange(10**6), "", token=""))
+                        sent += 1
+            except zmq.Again:
+                pass
+            finally:
+                sock.close()
     finally:
-        ctx.term()
+        ctx.destroy(linger=1000)
     return sent
 
 
@@ -111,7 +115,7 @@ def main() -> int:
     ap.add_argument("--out", default="")
     args = ap.parse_args()
 
-    from flux.auth import make_keys
+    from flux.integrations.remote.auth import make_keys
 
     work = Path(args.out or tempfile.mkdtemp(prefix="flux-soak-"))
     keys = work / "keys"
@@ -141,6 +145,7 @@ def main() -> int:
               "visitor_left": 0, "fuzz_messages_sent": 0}
     period, end = args.kill_every * 60, t0 + args.minutes * 60
     next_kill, next_visit, next_sample = t0 + period, t0 + period / 2, t0
+    interrupted = False
     try:
         while time.monotonic() < end and train.poll() is None:
             now = time.monotonic()
@@ -173,6 +178,8 @@ def main() -> int:
                     faults["visitor_left"] += 1
                     events.append({"t_min": (now - t0) / 60, "event": "visitor left"})
             time.sleep(1)
+    except KeyboardInterrupt:  # stop early, but still stop the run cleanly and report what was measured
+        interrupted = True
     finally:
         for p in (killed, visitor):
             if p is not None and p.poll() is None:
@@ -221,7 +228,7 @@ def main() -> int:
         "groups_lost_zero": lost == 0,
     }
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    result = {"machine": machine(), "minutes": args.minutes, "steps": len(rows), "faults": faults, "events": events,
+    result = {"machine": machine(), "minutes": args.minutes, "interrupted": interrupted, "steps": len(rows), "faults": faults, "events": events,
               "groups": groups, "groups_lost": lost, "dropped_messages": dropped_messages,
               "leaked_segments": leaked, "orphans": orphans, "growth_after_warmup": growth, "samples": samples,
               "targets": targets, "run_dir": str(run_dir)}

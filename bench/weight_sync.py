@@ -9,7 +9,7 @@ server's snapshot and the reader's buffer):
 
 - memcpy: `np.copyto` of the same number of bytes into a buffer whose pages are already mapped (`warm`),
   and into a fresh one (`fresh`, page faults included: what any loader allocating its result pays).
-- shm: `WeightPublisher.publish` in this process -> `load_weights` in a reader process (flux/weights.py:
+- shm: `WeightPublisher.publish` in this process -> `load_weights` in a reader process (flux/run/weights.py:
   seqlock slot, checksum written and verified). Time from calling publish to the reader holding the
   verified state dict.
 - tcp-curve / tcp-plain: publish to shm -> the weight server (a thread here, as in the controller process)
@@ -80,9 +80,9 @@ def reader(conn, keys: str, window: int) -> None:
     import zmq
 
     torch.set_num_threads(1)
-    from flux.auth import client_keys
-    from flux.weight_stream import WeightFetcher
-    from flux.weights import load_weights
+    from flux.integrations.remote.auth import client_keys
+    from flux.integrations.remote.weight_stream import WeightFetcher
+    from flux.run.weights import load_weights
 
     ctx = zmq.Context()
     fetchers: dict[str, WeightFetcher] = {}
@@ -136,13 +136,13 @@ def time_path(kind: str, sd: dict, conn, repeats: int, keys: str, chunk_bytes: i
     verified state dict; for tcp this includes the server's snapshot of the slot)."""
     import zmq
 
-    from flux.weight_stream import WeightServer
-    from flux.weights import WeightPublisher
+    from flux.integrations.remote.weight_stream import WeightServer
+    from flux.run.weights import WeightPublisher
 
     pub = WeightPublisher(f"flux-bench-{os.getpid()}-{tag}", slots=2)
     ctx = server = gate = None
     if kind != "shm":
-        from flux.auth import Gatekeeper
+        from flux.integrations.remote.auth import Gatekeeper
 
         ctx = zmq.Context()
         gate = Gatekeeper(ctx, keys, logging.getLogger("bench"))
@@ -191,7 +191,7 @@ def main() -> None:
     import torch
     from common import machine
 
-    from flux.auth import make_keys
+    from flux.integrations.remote.auth import make_keys
 
     torch.set_num_threads(1)
     keys = tempfile.mkdtemp(prefix="flux-bench-keys-")

@@ -40,7 +40,7 @@ def main():
               help="Continue RUN_DIR from its latest checkpoint (its config.yaml, plus any --set/--max-steps).")
 def train(config, overrides, max_steps, out, resume):
     """Run a job; with no CONFIG, the built-in example on the embedded tiny model."""
-    from flux.launcher import SetupError, latest_checkpoint, run
+    from flux.run.launcher import SetupError, latest_checkpoint, run
 
     try:
         checkpoint = ""
@@ -67,11 +67,11 @@ def train(config, overrides, max_steps, out, resume):
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between refreshes.")
 def status(run_dir, follow, interval):
     """What a run is doing: actors, versions, async ratio, staleness, throughput, reward."""
-    from flux.status import StatusError, watch
+    from flux.plugins import hook
 
     try:
-        sys.exit(watch(run_dir, follow, interval))
-    except StatusError as e:
+        sys.exit(hook("tools.watch")(run_dir, follow, interval))
+    except hook("tools.StatusError") as e:
         fail(str(e))
     except KeyboardInterrupt:  # the way to stop following
         sys.exit(0)
@@ -83,11 +83,11 @@ def status(run_dir, follow, interval):
               help="PNG path (default RUN_DIR/plot.png).")
 def plot(run_dir, out):
     """One PNG of a run: reward, eval, staleness, async ratio, lag, throughput, busy fractions."""
-    from flux.plot import PlotError, plot_run_dir
+    from flux.plugins import hook
 
     try:
-        click.echo(f"flux: wrote {plot_run_dir(run_dir, out)}")
-    except PlotError as e:
+        click.echo(f"flux: wrote {hook('tools.plot_run_dir')(run_dir, out)}")
+    except hook("tools.PlotError") as e:
         fail(str(e))
 
 
@@ -109,12 +109,12 @@ def plot(run_dir, out):
               help="Directory for this generator's logs (default runs/generator-NAME).")
 def generator(connect, key, server_key, engine, name, model, prompts, out):
     """Attach a generator to a running job (which has net.remote on); leave with Ctrl-C or SIGTERM."""
-    from flux.remote import RemoteError, run_generator
+    from flux.plugins import hook
 
     try:
-        code = run_generator(connect, key, server_key, name=name, engine=engine, model=model, prompts=prompts,
-                             out=out)
-    except RemoteError as e:
+        code = hook("remote.run_generator")(connect, key, server_key, name=name, engine=engine, model=model,
+                                            prompts=prompts, out=out)
+    except hook("remote.RemoteError") as e:
         fail(str(e))
     sys.exit(code)
 
@@ -125,11 +125,11 @@ def generator(connect, key, server_key, engine, name, model, prompts, out):
               help="Make a key pair for this client (repeatable; default: one named `client`).")
 def keys(key_dir, clients):
     """Make CURVE keys for remote generators: the run's pair and client pairs (existing keys are kept)."""
-    from flux.auth import KeysError, make_keys
+    from flux.plugins import hook
 
     try:
-        made = make_keys(key_dir, clients or ("client",))
-    except KeysError as e:
+        made = hook("remote.make_keys")(key_dir, clients or ("client",))
+    except hook("remote.KeysError") as e:
         fail(str(e))
     click.echo(f"flux: run key (public) {made.pop('server')}; train with --set net.remote=true --set "
                f"net.keys={key_dir}")

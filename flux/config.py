@@ -113,7 +113,7 @@ class LearnerConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints: RUN_DIR/checkpoints/step_N, each written whole or not at all (flux/checkpoints.py)."""
+    """Checkpoints: RUN_DIR/checkpoints/step_N, each written whole or not at all (flux/run/checkpoints.py)."""
 
     every: int = _doc("Save a checkpoint (HF model, optimizer, controller state) every N steps (0 = only at "
                       "the end).", 0)

@@ -18,9 +18,9 @@ def load_prompts(source: str) -> list[dict]:
     record `chosen` and `rejected` response strings too; a file mixing both kinds is an error.
     """
     if source.startswith("builtin:"):
-        from flux import tasks
+        from flux.plugins import hook
 
-        return tasks.builtin_records(source.removeprefix("builtin:"))
+        return hook("builtin.records")(source.removeprefix("builtin:"))
     path = Path(source)
     if not path.is_file():
         raise DataError(f"{source}: no such prompts file")

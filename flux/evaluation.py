@@ -10,7 +10,9 @@ def eval_records(source: str, limit: int) -> list[dict]:
     if not source:
         return []
     if source.startswith("builtin:"):
-        from flux.tasks import eval_records as builtin_eval
+        from flux.plugins import hook
+
+        builtin_eval = hook("builtin.eval_records")
 
         records = builtin_eval(source)
     else:

@@ -123,7 +123,7 @@ class RewardGuard:
 
     def check(self) -> None:
         """Raise FluxRunError if rewards keep failing."""
-        from flux.runtime import FluxRunError
+        from flux.run.runtime import FluxRunError
 
         if len(self.recent) == self.window and sum(self.recent) > self.max_failure_rate * self.window:
             raise FluxRunError(f"the reward function failed on {sum(self.recent)} of the last {self.window} "

@@ -7,7 +7,8 @@ fans every step out to all of them:
       tensorboard: true                      # RUN_DIR/tensorboard, if the `tensorboard` package is there
       sinks: [mypkg.tracking:make_sink]      # make_sink(run_dir, config) -> sink
 
-This module imports torch (through `torch.utils.tensorboard`) only when TensorBoard is asked for.
+The TensorBoard sink is an integration (flux/integrations/sinks/tensorboard.py), imported (with torch,
+through `torch.utils.tensorboard`) only when asked for.
 """
 
 from __future__ import annotations
@@ -41,22 +42,6 @@ class JsonlSink:
 
     def close(self) -> None:
         self.file.close()
-
-
-class TensorBoardSink:
-    """Every numeric metric as a scalar; nested dicts become `a/b` tags (e.g. `groups/trained`)."""
-
-    def __init__(self, logdir: str):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(logdir)
-
-    def write(self, step: int, metrics: dict) -> None:
-        for tag, value in scalars(metrics).items():
-            self.writer.add_scalar(tag, value, step)
-
-    def close(self) -> None:
-        self.writer.close()
 
 
 def scalars(metrics: dict, prefix: str = "") -> dict[str, float]:
@@ -108,7 +93,9 @@ def open_sinks(run_dir: str, config: FluxConfig) -> Sinks:
     extras: list[Sink] = []
     if config.logging.tensorboard:
         try:
-            extras.append(TensorBoardSink(os.path.join(run_dir, "tensorboard")))
+            from flux.plugins import hook
+
+            extras.append(hook("sinks.tensorboard")(os.path.join(run_dir, "tensorboard")))
         except ImportError as e:
             log.warning("logging.tensorboard is on but TensorBoard is not available (%s); "
                         "pip install tensorboard. Going on without it.", e)

@@ -39,7 +39,7 @@ class FluxTrainer:
         `flux train --resume`); this trainer's config then applies, so pass the run's own config
         (`flux.load_config(RUN_DIR/config.yaml)`) unless you mean to change it.
         """
-        from flux.launcher import latest_checkpoint, run
+        from flux.run.launcher import latest_checkpoint, run
 
         changes = {k: v for k, v in (("prompts", prompts), ("max_steps", max_steps), ("out", out)) if v}
         checkpoint = ""

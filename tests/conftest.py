@@ -9,7 +9,7 @@ import pytest
 def isolated_cache(tmp_path_factory):
     """Point XDG_CACHE_HOME at a session tmp dir and forbid hub access, here and in every subprocess.
 
-    `flux.tiny.default_model_dir()` reads XDG_CACHE_HOME, so the embedded default model is built at most
+    `flux.integrations.builtin.tiny.default_model_dir()` reads XDG_CACHE_HOME, so the embedded default model is built at most
     once per session, inside that dir, and `flux train` subprocesses (which inherit os.environ) reuse it.
     """
     cache = tmp_path_factory.mktemp("xdg-cache")
@@ -28,7 +28,7 @@ def default_model(isolated_cache):
     """Directory of the embedded default model (`builtin:tiny`), built on first use (~15 s on 1 core)."""
     import torch
 
-    from flux.tiny import ensure_default_model
+    from flux.integrations.builtin.tiny import ensure_default_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux.admission import Admission, PromptCursor
+from flux.control.admission import Admission, PromptCursor
 
 # Admission.try_admit tolerates 1e-9 of float rounding so that a = 0.9999... keeps its last group.
 TOL = Fraction(1, 10**9)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from flux.checkpoints import complete_checkpoints, finish_checkpoint, staging_dir
-from flux.launcher import SetupError, latest_checkpoint
+from flux.run.checkpoints import complete_checkpoints, finish_checkpoint, staging_dir
+from flux.run.launcher import SetupError, latest_checkpoint
 
 
 def stage(run_dir, step, learner_files=("model.safetensors", "trainer_state.json")):

@@ -5,8 +5,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux import protocol as P
-from flux.composer import Composer, balance
+from flux.run import protocol as P
+from flux.control.composer import Composer, balance
 
 
 def group(gid, versions, rewards=(0.0, 1.0), response_len=2):
@@ -115,8 +115,8 @@ def test_a_group_from_a_future_version_is_dropped_not_read_as_fresh():
 
 
 def test_the_gate_lets_in_admitted_groups_once_with_tokens_inside_the_vocabulary():
-    from flux.admission import admission_token
-    from flux.composer import Gate
+    from flux.control.admission import admission_token
+    from flux.control.composer import Gate
 
     gate = Gate("secret", vocab_size=8)
 
@@ -134,6 +134,25 @@ def test_the_gate_lets_in_admitted_groups_once_with_tokens_inside_the_vocabulary
     wide = admitted(group(5, [0]))
     wide.response_ids[-1] = 8                                                 # one id past the vocabulary
     assert gate.check(wide) == "bad_tokens"
+
+
+def test_the_gate_remembers_a_bounded_window_of_ids():
+    from flux.control.admission import admission_token
+    from flux.control.composer import Gate
+
+    gate = Gate("s", vocab_size=0, window=100)
+
+    def admitted(gid):
+        g = group(gid, [0])
+        g.token = admission_token("s", gid, "gen0", gid, g.sample_count)
+        return g
+
+    assert gate.check(admitted(10**9)) == ""                                  # one huge id moves nothing
+    for gid in range(1000):
+        assert gate.check(admitted(gid)) == ""
+    assert len(gate.seen) <= 100 and gate.check(admitted(999)) == "duplicate_group"
+    assert gate.check(admitted(3)) == "duplicate_group"                      # long forgotten: refused, not let in
+    assert gate.check(admitted(1000)) == ""                                  # the next one still gets in
 
 
 def test_balance_concrete():

@@ -5,9 +5,9 @@ import logging
 import pytest
 
 from actors.controller import Controller
-from flux import protocol as P
+from flux.run import protocol as P
 from flux.config import FluxConfig
-from flux.runtime import RunSpec
+from flux.run.runtime import RunSpec
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_a_failed_reward_gives_the_credit_back_and_a_stranger_is_counted(ctl):
 
 
 def test_admissions_carry_a_token_the_buffer_can_check(ctl):
-    from flux.admission import admission_token
+    from flux.control.admission import admission_token
 
     g = ctl.handle(None, P.AdmitRequest("gen0", 1)).groups[0]
     assert g["token"] == admission_token(ctl.spec.secret, g["group_id"], "gen0", g["prompt_index"], 4)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from flux.data import DataError, load_prompts, render_prompt, write_jsonl
-from flux.tiny import build_tokenizer
+from flux.integrations.builtin.tiny import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_data_error_is_a_value_error():
 
 
 def test_builtin_source():
-    from flux import tasks
+    from flux.integrations.builtin import tasks
     from flux.config import FluxConfig
 
     default = FluxConfig().prompts                      # `builtin:<task>`: whichever task is the default

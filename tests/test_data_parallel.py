@@ -1,4 +1,4 @@
-"""Data-parallel learner ranks (flux/learner/data_parallel.py) against one process, on the same batches.
+"""Data-parallel learner ranks (flux/integrations/distributed/data_parallel.py) against one process, on the same batches.
 
 The ranks are real processes (this file run as a script) in a gloo group on 127.0.0.1, driven through the
 learner actor's own `Trainer.train` — advantages, proximal/reference log-probs, critic values, the policy
@@ -50,8 +50,8 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str, mode: str
     """
     import actors.learner as actor
     from flux.config import FluxConfig
-    from flux.learner.data_parallel import RankGroup
-    from flux.runtime import RunSpec, set_threads
+    from flux.integrations.distributed.data_parallel import RankGroup
+    from flux.run.runtime import RunSpec, set_threads
 
     set_threads(1)
     ranks = RankGroup.join(rank, world, "127.0.0.1", port, timeout_s=4 if mode == "hang" else 60)
@@ -106,7 +106,7 @@ def model_dir(tmp_path_factory):
 
 
 def spawn(world: int, model_dir: str, out: Path, mode: str = "train") -> list[subprocess.Popen]:
-    from flux.runtime import free_port
+    from flux.run.runtime import free_port
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -207,7 +207,7 @@ def test_a_dead_or_hung_rank_fails_the_others_instead_of_hanging(model_dir, tmp_
 
 def test_rank_rows_are_balanced_by_tokens_and_keep_pairs_together():
     from actors.learner import micro_batches
-    from flux.learner.data_parallel import RankGroup
+    from flux.integrations.distributed.data_parallel import RankGroup
 
     tb = make_work(0, groups=4, n=4)[0]
     lengths = tb.attention_mask.sum(-1)

@@ -138,7 +138,7 @@ def test_sync_mode_trains_on_current_weights_only(default_model, tmp_path):
 def test_python_api_fit(default_model, tmp_path, capsys):
     from flux import FluxConfig, FluxTrainer
     from flux.data import write_jsonl
-    from flux.tasks import builtin_records
+    from flux.integrations.builtin.tasks import builtin_records
 
     records = builtin_records(FluxConfig().prompts.removeprefix("builtin:"))[:30]
     prompts = [{"prompt": r["prompt"], "answer": r["answer"]} for r in records[:20]]
@@ -253,13 +253,13 @@ def test_ctrl_c_stops_the_run_with_130(default_model, tmp_path):
 def test_cli_ctrl_c_before_the_actors_start_exits_130(monkeypatch):
     from click.testing import CliRunner
 
-    import flux.launcher
+    import flux.run.launcher
     from flux.cli import main
 
     def interrupted(cfg, stream=None, resume_from=""):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flux.launcher, "run", interrupted)
+    monkeypatch.setattr(flux.run.launcher, "run", interrupted)
     result = CliRunner().invoke(main, ["train", "--max-steps", "1"])
     assert result.exit_code == 130
     assert result.output.strip().splitlines() == ["flux: error: interrupted"]

@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from flux import protocol as P
+from flux.run import protocol as P
 from tests.test_e2e import SMALL, assert_nothing_left, metrics, train_cmd, wait_for
 
 PER_SOCKET = 2500
@@ -126,7 +126,7 @@ K = 20  # well-formed messages with bad contents, per kind
 
 
 def forged_group(gid, secret, generator="gen0", n=4, version=0, token_id=7, token=None, vocab=None):
-    from flux.admission import admission_token
+    from flux.control.admission import admission_token
 
     total = 2 * n
     return P.TrajectoryGroup(
@@ -142,7 +142,7 @@ def test_well_formed_messages_with_bad_contents_and_the_curve_endpoints(default_
     sample count), sent twice, with token ids past the vocabulary or versions from the future, done-reports
     of groups never admitted; and the same plus random garbage at the CURVE endpoints from an authorised
     key. Each is counted under its reason, none reaches training, the run finishes."""
-    from flux.auth import client_keys, make_keys, secure_client
+    from flux.integrations.remote.auth import client_keys, make_keys, secure_client
 
     keys = tmp_path / "keys"
     make_keys(keys, ["fuzz"])

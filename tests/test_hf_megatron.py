@@ -1,11 +1,11 @@
-"""HF ↔ Megatron weight layout (flux.learner.hf_megatron): pure tensor code, no megatron-core needed."""
+"""HF ↔ Megatron weight layout (flux.integrations.megatron.hf_layout): pure tensor code, no megatron-core needed."""
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from flux.learner.hf_megatron import (
+from flux.integrations.megatron.hf_layout import (
     NORM_NAMES,
     arch_from_hf_config,
     fuse_qkv,

@@ -3,8 +3,8 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux.admission import Admission, PromptCursor
-from flux.ledger import ADMITTED, RECEIVED, REQUEUED, Ledger
+from flux.control.admission import Admission, PromptCursor
+from flux.control.ledger import ADMITTED, RECEIVED, REQUEUED, Ledger
 
 
 def ledger(ratio=1.0, n=4, groups_per_step=2):

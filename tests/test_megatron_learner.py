@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from flux.learner.megatron_learner import megatron_available
+from flux.integrations.megatron.learner import megatron_available
 
 torch.set_num_threads(1)
 needs_megatron = pytest.mark.skipif(not megatron_available(), reason="megatron-core is not installed")
@@ -23,7 +23,7 @@ COMMON = {"lr": 1e-3, "temperature": TEMPERATURE, "seed": 0, "max_grad_norm": 0.
 
 
 def test_flux_imports_without_megatron():
-    code = ("import sys, flux, flux.config, flux.launcher, flux.learner.hf_megatron, flux.learner.megatron_learner; "
+    code = ("import sys, flux, flux.config, flux.run.launcher, flux.integrations.megatron.hf_layout, flux.integrations.megatron.learner; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('megatron', 'transformer_engine')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
@@ -83,14 +83,14 @@ def process_groups_released():
 
 @pytest.fixture(scope="module")
 def learner(default_model):
-    from flux.learner.megatron_learner import MegatronLearner
+    from flux.integrations.megatron.learner import MegatronLearner
 
     return MegatronLearner(str(default_model), lr=1e-3, temperature=TEMPERATURE, reference=True, seed=0)
 
 
 @needs_megatron
 def test_weights_round_trip_bit_exact(learner, default_model):
-    from flux.learner.megatron_learner import read_hf_weights
+    from flux.integrations.megatron.learner import read_hf_weights
 
     hf = read_hf_weights(default_model)
     exported = learner.export_weights()
@@ -121,7 +121,7 @@ def test_rejects_left_padding(learner):
 
 @needs_megatron
 def test_steps_match_the_torch_learner(default_model):
-    from flux.learner.megatron_learner import MegatronLearner
+    from flux.integrations.megatron.learner import MegatronLearner
     from flux.learner.torch_learner import TorchLearner
 
     mega, ref = train(MegatronLearner(str(default_model), **COMMON)), train(TorchLearner(str(default_model), **COMMON))
@@ -135,7 +135,7 @@ def test_steps_match_the_torch_learner(default_model):
 @needs_megatron
 def test_save_is_an_hf_checkpoint_and_load_restores(learner, tmp_path):
     from flux.hf import from_pretrained
-    from flux.learner.megatron_learner import MegatronLearner
+    from flux.integrations.megatron.learner import MegatronLearner
     from flux.learner.torch_learner import TorchLearner
 
     tb = batch()
@@ -162,13 +162,13 @@ def test_save_is_an_hf_checkpoint_and_load_restores(learner, tmp_path):
 
 def _tp2_worker(rank: int, port: int, model_path: str, out_path: str) -> None:
     """One of two tensor-parallel ranks: the same calls as `train` on TP=1; rank 0 saves what it saw."""
-    from flux.runtime import die_with_parent
+    from flux.run.runtime import die_with_parent
 
     die_with_parent()  # no orphan if pytest goes away
     torch.set_num_threads(1)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    from flux.learner.megatron_learner import MegatronLearner
+    from flux.integrations.megatron.learner import MegatronLearner
 
     learner = MegatronLearner(model_path, tensor_parallel=2, **COMMON)
     shapes = {k: tuple(v.shape) for k, v in learner.model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -183,8 +183,8 @@ def _tp2_worker(rank: int, port: int, model_path: str, out_path: str) -> None:
 def test_tensor_parallel_2_matches_1(default_model, tmp_path):
     import torch.multiprocessing as mp
 
-    from flux.learner.megatron_learner import MegatronLearner
-    from flux.runtime import free_port
+    from flux.integrations.megatron.learner import MegatronLearner
+    from flux.run.runtime import free_port
 
     out = tmp_path / "tp2.pt"
     ctx = mp.start_processes(_tp2_worker, args=(free_port(), str(default_model), str(out)), nprocs=2,
@@ -214,9 +214,9 @@ def test_tensor_parallel_2_matches_1(default_model, tmp_path):
 
 
 def test_flux_train_says_when_megatron_is_missing(default_model, monkeypatch, tmp_path):
-    import flux.learner.megatron_learner as ml
+    import flux.integrations.megatron.learner as ml
     from flux.config import load_config
-    from flux.launcher import SetupError, prepare
+    from flux.run.launcher import SetupError, prepare
 
     monkeypatch.setattr(ml, "megatron_available", lambda: False)
     cfg = load_config(overrides=["learner.backend=megatron", f"out={tmp_path / 'run'}"])
@@ -260,7 +260,7 @@ def test_gpu_bf16_real_size(tmp_path):
     HF round trip exact, log-probs close to HF's in bf16, a few steps lower the loss on a fixed batch."""
     import transformers
 
-    from flux.learner.megatron_learner import MegatronLearner, read_hf_weights
+    from flux.integrations.megatron.learner import MegatronLearner, read_hf_weights
     from flux.learner.torch_learner import TrainBatch, token_logprobs
 
     torch.manual_seed(0)
@@ -290,7 +290,7 @@ def test_gpu_bf16_real_size(tmp_path):
 def test_check_setup_names_what_is_unsupported(monkeypatch, tmp_path):
     import json
 
-    import flux.learner.megatron_learner as ml
+    import flux.integrations.megatron.learner as ml
 
     monkeypatch.setattr(ml, "megatron_available", lambda: True)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_attention_heads": 4}))

@@ -1,10 +1,10 @@
-"""The staleness PID (flux/pid.py) on a simulated plant, plus clamping, anti-windup and derivative kick."""
+"""The staleness PID (flux/control/pid.py) on a simulated plant, plus clamping, anti-windup and derivative kick."""
 
 import random
 
 import pytest
 
-from flux.pid import PID
+from flux.control.pid import PID
 
 TARGET = 0.1
 

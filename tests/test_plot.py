@@ -7,7 +7,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from flux import plot as P
+from flux.integrations.tools import plot as P
 from flux.cli import main
 from flux.config import FluxConfig, dump_config
 

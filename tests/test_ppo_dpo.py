@@ -14,7 +14,7 @@ from flux.algorithms.dpo import DPO, dpo_loss, dpo_pairs, sequence_logprob
 from flux.algorithms.ppo import PPO, gae, ppo_advantages, value_loss, whiten
 from flux.data import DataError, load_prompts
 from flux.learner.torch_learner import TrainBatch
-from flux.tasks import sort_pairs
+from flux.integrations.builtin.tasks import sort_pairs
 
 torch.set_num_threads(1)
 
@@ -122,14 +122,14 @@ def test_critic_values_train_save_and_load(default_model, tmp_path):
     critic = TorchCritic(str(default_model), lr=3e-3, seed=0)
     tb = TrainBatch.from_samples([([5, 6, 7], [8, 9], [-1.0, -1.0], [0, 0], 0.0),
                                   ([5, 6], [8, 9, 10], [-1.0] * 3, [0] * 3, 0.0)], pad_id=0)
-    v0 = critic.logprobs(tb)
+    v0 = critic.values(tb)
     assert torch.equal(v0, torch.zeros_like(v0))  # zero-initialised head
     tb.values = v0
     tb.returns = tb.response_mask * torch.tensor([[1.0], [-1.0]])
     loss_fn = PPO.bind_value({"value_clip": None})
     losses = [critic.step(loss_fn, tb)["vf_loss"] for _ in range(15)]
     assert losses[-1] < 0.5 * losses[0]
-    v1 = critic.logprobs(tb)
+    v1 = critic.values(tb)
     assert float(v1[0][tb.response_mask[0] > 0].mean()) > float(v1[1][tb.response_mask[1] > 0].mean())
     assert torch.equal(v1[tb.response_mask == 0], torch.zeros(int((tb.response_mask == 0).sum())))
     critic.save(tmp_path / "critic")

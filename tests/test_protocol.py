@@ -1,4 +1,4 @@
-"""flux.protocol: round trips, the validating decoder (targeted + fuzzed), drop counting, real sockets."""
+"""flux.run.protocol: round trips, the validating decoder (targeted + fuzzed), drop counting, real sockets."""
 import dataclasses
 import logging
 
@@ -9,8 +9,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flux import protocol as P
-from flux.protocol import ProtocolError, decode, encode
+from flux.run import protocol as P
+from flux.run.protocol import ProtocolError, decode, encode
 
 
 def group(gid: int = 7, lens=(2, 3), version: int = 4) -> P.TrajectoryGroup:
@@ -225,7 +225,7 @@ def test_batch_flattens_and_splits_groups():
 # ---------------------------------------------------------------- dropping
 def test_drop_counter_counts_and_rate_limits_logging(caplog):
     counter = P.DropCounter("buffer", interval_s=60.0)
-    with caplog.at_level(logging.WARNING, logger="flux.protocol"):
+    with caplog.at_level(logging.WARNING, logger="flux.run.protocol"):
         for _ in range(3):
             assert P.try_decode([b"junk"], counter) is None
         assert P.try_decode([msgpack.packb({"v": 1})], counter) is None
@@ -234,7 +234,7 @@ def test_drop_counter_counts_and_rate_limits_logging(caplog):
     assert len(caplog.records) == 2  # one line per reason within the interval
     assert "buffer" in caplog.records[0].getMessage() and "not_msgpack" in caplog.records[0].getMessage()
     eager = P.DropCounter(interval_s=0.0)
-    with caplog.at_level(logging.WARNING, logger="flux.protocol"):
+    with caplog.at_level(logging.WARNING, logger="flux.run.protocol"):
         for _ in range(3):
             eager.drop("x", [b"ab"])
     assert len(caplog.records) == 5

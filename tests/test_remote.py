@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner
 
 from actors.controller import Controller
-from flux import protocol as P
+from flux.run import protocol as P
 from flux.cli import main
 from flux.config import ConfigError, FluxConfig, load_config
-from flux.runtime import RunSpec
+from flux.run.runtime import RunSpec
 from tests.test_e2e import (
     SMALL,
     assert_nothing_left,
@@ -249,7 +249,7 @@ def test_with_no_local_generator_a_refused_key_gets_nothing_and_an_authorised_on
 def test_a_fixed_remote_port_takes_the_next_three_too(keys):
     import socket
 
-    from flux.remote import remote_endpoints
+    from flux.integrations.remote.side import remote_endpoints
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

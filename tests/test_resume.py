@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from flux.config import FluxConfig
-from flux.pid import PID
+from flux.control.pid import PID
 from tests.test_e2e import (
     SMALL,
     assert_nothing_left,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flux.runtime import free_port
+from flux.run.runtime import free_port
 from tests.sglang_mock import MockSGLang, expected_shapes
 from tests.test_e2e import (
     SMALL,

@@ -1,4 +1,4 @@
-"""The SGLang rollout backend (flux/engine/sglang_engine.py, sglang_weights.py) against the mock server.
+"""The SGLang rollout backend (flux/integrations/sglang/engine.py, sglang_weights.py) against the mock server.
 
 tests/sglang_mock.py follows SGLang 0.5.23's HTTP contract with a deterministic fake model, so every
 token, log-prob and version a test sees can be predicted: `next_token(context, digest)`, where the
@@ -22,21 +22,21 @@ import torch
 
 from flux.config import ConfigError, FluxConfig
 from flux.engine.base import SamplingParams
-from flux.engine.sglang_engine import (
+from flux.integrations.sglang.engine import (
     SGLangClient,
     SGLangEngine,
     SGLangError,
     SGLangServer,
     check_setup,
 )
-from flux.engine.sglang_weights import (
+from flux.integrations.sglang.weights import (
     buckets,
     distributed_request,
     flatten,
     serialize,
     tensor_requests,
 )
-from flux.runtime import free_port
+from flux.run.runtime import free_port
 from tests.sglang_mock import (
     ALLOWED_MODULE_PREFIXES,
     SAMPLING_KEYS,
@@ -439,6 +439,6 @@ def test_a_server_that_dies_while_starting_says_why(tmp_path):
 
 
 def test_the_http_path_needs_neither_sglang_nor_torch_to_import():
-    code = ("import sys, flux.engine.sglang_engine; "
+    code = ("import sys, flux.integrations.sglang.engine; "
             "assert not {'sglang', 'torch', 'requests'} & set(sys.modules), sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from flux.engine.base import SamplingParams
-from flux.engine.sglang_engine import SGLangEngine, SGLangServer
+from flux.integrations.sglang.engine import SGLangEngine, SGLangServer
 
 pytestmark = [
     pytest.mark.gpu,

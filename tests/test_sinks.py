@@ -9,10 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from actors.controller import Controller
-from flux import protocol as P
+from flux.run import protocol as P
 from flux.config import ConfigError, FluxConfig, load_config
-from flux.runtime import RunSpec
-from flux.sinks import JsonlSink, Sinks, TensorBoardSink, open_sinks, scalars
+from flux.run.runtime import RunSpec
+from flux.integrations.sinks.tensorboard import TensorBoardSink
+from flux.sinks import JsonlSink, Sinks, open_sinks, scalars
 
 RECORDING_SINK = '''
 RECORDS = []
@@ -117,7 +118,7 @@ def test_unimportable_sink_stops_before_any_actor(tmp_path):
 
 
 def test_sink_without_the_factory_is_named(tmp_path, sink_module):
-    from flux.launcher import SetupError, prepare
+    from flux.run.launcher import SetupError, prepare
 
     cfg = load_config(None, [f"logging.sinks=[{sink_module}:nope]"], out=str(tmp_path / "run"))
     with pytest.raises(SetupError, match=f"logging.sinks: .*{sink_module} has no function nope"):

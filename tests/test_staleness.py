@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux.staleness import batch_staleness, combined_staleness, divergence, lag_stats
+from flux.control.staleness import batch_staleness, combined_staleness, divergence, lag_stats
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from flux import status as S
+from flux.integrations.tools import status as S
 from flux.cli import main
 from flux.config import FluxConfig, dump_config
 
@@ -188,8 +188,8 @@ def test_controller_status_lists_alive_exited_and_dead_members(tmp_path):
     import logging
 
     from actors.controller import Controller
-    from flux import protocol as P
-    from flux.runtime import RunSpec
+    from flux.run import protocol as P
+    from flux.run.runtime import RunSpec
 
     cfg = FluxConfig(max_steps=7, rollout={"group_size": 4}, learner={"groups_per_step": 2}).validate()
     spec = RunSpec("r1", str(tmp_path), "m", "tcp://a:1", "tcp://a:2", "tcp://a:3", "tcp://a:4", 10, cfg)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from flux import tasks
+from flux.integrations.builtin import tasks
 from flux.rewards import char_match
-from flux.tiny import CHARS, SPECIAL_TOKENS, build_model, build_tokenizer
+from flux.integrations.builtin.tiny import CHARS, SPECIAL_TOKENS, build_model, build_tokenizer
 
 torch.set_num_threads(1)
 

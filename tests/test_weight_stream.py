@@ -1,4 +1,4 @@
-"""flux.weight_stream: chunked, checksummed, resumable weights over TCP (CURVE), against a real shm slot.
+"""flux.integrations.remote.weight_stream: chunked, checksummed, resumable weights over TCP (CURVE), against a real shm slot.
 
 A forced disconnect goes through a TCP proxy that cuts the connection mid-transfer; corruption is
 injected by a server that flips a byte of a chunk it sends (or of its whole snapshot).
@@ -14,10 +14,10 @@ import pytest
 import torch
 import zmq
 
-from flux import protocol as P
-from flux.auth import Gatekeeper, client_keys, make_keys, secure_client
-from flux.weight_stream import WeightFetcher, WeightServer, chunk_sums
-from flux.weights import WeightPublisher, checksum
+from flux.run import protocol as P
+from flux.integrations.remote.auth import Gatekeeper, client_keys, make_keys, secure_client
+from flux.integrations.remote.weight_stream import WeightFetcher, WeightServer, chunk_sums
+from flux.run.weights import WeightPublisher, checksum
 
 CHUNK = 16 * 1024
 

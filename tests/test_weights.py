@@ -1,4 +1,4 @@
-"""flux.weights: round trips, seqlock (stale/torn/checksum), concurrent stress, cleanup, CUDA IPC."""
+"""flux.run.weights: round trips, seqlock (stale/torn/checksum), concurrent stress, cleanup, CUDA IPC."""
 import json
 import multiprocessing as mp
 import os
@@ -12,8 +12,8 @@ import uuid
 import pytest
 import torch
 
-from flux import weights as W
-from flux.weights import StaleWeights, TornRead, WeightPublisher, cleanup_prefix, load_weights
+from flux.run import weights as W
+from flux.run.weights import StaleWeights, TornRead, WeightPublisher, cleanup_prefix, load_weights
 
 torch.set_num_threads(1)
 
@@ -205,7 +205,7 @@ def test_cleanup_prefix_removes_leftovers_of_a_crashed_run(prefix):
 
 CHILD = """
 import json, os, sys, torch
-from flux.weights import WeightPublisher, load_weights
+from flux.run.weights import WeightPublisher, load_weights
 print(int(load_weights(json.loads(sys.argv[1]))["step"]))  # a reader of the parent's segment
 own = WeightPublisher(sys.argv[2])  # a publisher that exits without close()
 own.publish(1, {"w": torch.ones(3)})

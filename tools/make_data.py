@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from flux.data import write_jsonl
-from flux.tasks import builtin_records
+from flux.integrations.builtin.tasks import builtin_records
 
 
 def main() -> None:

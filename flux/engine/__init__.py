@@ -13,8 +13,9 @@ def build_engine(cfg, model_path: str, *, name: str = "gen0", seed: int | None =
     """
     r = cfg.rollout
     if r.engine == "sglang":
-        from flux.engine.sglang_engine import build
+        from flux.plugins import hook
 
+        build = hook("sglang.build")
         digits = re.search(r"(\d+)$", name)
         return build(cfg, model_path, index=int(digits.group(1)) if digits else 0, log_dir=log_dir)
     from flux.engine.torch_engine import TorchEngine

@@ -247,7 +247,7 @@ class TorchEngine:
 
         for step in range(n):
             if not bool(torch.isfinite(logits).all()):
-                from flux.runtime import FluxRunError
+                from flux.run.runtime import FluxRunError
 
                 raise FluxRunError(f"the policy's weights became non-finite at step {logits_version - 1}: "
                                    f"version {logits_version} gives NaN/inf logits")

@@ -10,9 +10,9 @@ BACKENDS = ("torch", "megatron")
 def build_learner(backend: str, model_path: str, **kwargs):
     """The learner `learner.backend` names, built with `TorchLearner`'s keyword arguments."""
     if backend == "megatron":
-        from flux.learner.megatron_learner import MegatronLearner
+        from flux.plugins import hook
 
-        return MegatronLearner(model_path, **kwargs)
+        return hook("megatron.Learner")(model_path, **kwargs)
     if backend == "torch":
         from flux.learner.torch_learner import TorchLearner
 

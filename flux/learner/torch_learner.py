@@ -3,7 +3,7 @@
 One device per process. `logprobs`, `step`, `export_weights`, `save`/`load` are the whole surface the
 learner actor uses. With `ranks` (a `RankGroup` of several processes) the learner is one replica of a
 data-parallel group: log-probs and gradients are computed on this rank's rows and summed over the ranks
-(flux/learner/data_parallel.py explains why that is exact).
+(flux/integrations/distributed/data_parallel.py explains why that is exact).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flux.hf import from_pretrained as _from_pretrained
-from flux.learner.data_parallel import RankGroup
+from flux.learner.base import SingleRank
 
 # Files a tokenizer may consist of; copied next to a checkpoint so it is self-contained.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -145,9 +145,9 @@ class TorchLearner:
                  micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
                  temperature: float = 1.0, reference: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 gradient_checkpointing: bool = False, ranks: RankGroup | None = None):
+                 gradient_checkpointing: bool = False, ranks: SingleRank | None = None):
         torch.manual_seed(seed)
-        self.ranks = ranks or RankGroup()
+        self.ranks = ranks or SingleRank()
         self.model_path = str(model_path)
         self.device = torch.device(device)
         self.max_grad_norm = max_grad_norm
@@ -390,13 +390,17 @@ class ValueModel(torch.nn.Module):
 class TorchCritic(TorchLearner):
     """The critic: a `ValueModel` trained like the policy (same micro-batching, AdamW, checkpoints).
 
-    `logprobs(batch)` returns values here, and `step(loss_fn, batch)` hands the loss `logprobs=values`
+    `values(batch)` gives the per-token values, and `step(loss_fn, batch)` hands the loss `logprobs=values`
     (with grad): the learner's machinery, reused for a per-token scalar instead of a log-prob.
     """
 
     def __init__(self, model_path: str, **kwargs):
         kwargs["reference"] = False
         super().__init__(model_path, **kwargs)
+
+    def values(self, batch: TrainBatch) -> Tensor:
+        """The critic's per-token values, no grad. Shape: (b, L) float32, 0 outside the response."""
+        return self._logprobs_with(self.model, batch)
 
     def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
         return ValueModel.from_pretrained(path, dtype)

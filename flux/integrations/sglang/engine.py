@@ -14,7 +14,7 @@ server process a generator may own.
 
 SGLang samples with log_softmax(logits / T) over the full tempered distribution and keeps top-k/top-p
 out of the returned log-prob, the convention Flux's learner recomputes. No module here imports
-`sglang`: the server is a separate process and everything goes over HTTP (flux/engine/sglang_weights.py
+`sglang`: the server is a separate process and everything goes over HTTP (flux/integrations/sglang/weights.py
 builds the weight payloads), so `import flux` and CPU tests work without it.
 """
 
@@ -110,7 +110,7 @@ class SGLangServer:
 
     def __init__(self, model_path: str, *, host: str = "127.0.0.1", port: int = 0, args: list[str] = (),
                  module: str = "sglang.launch_server", log_path: str | Path | None = None):
-        from flux.runtime import free_port
+        from flux.run.runtime import free_port
 
         self.port = port or free_port(host)
         self.url = f"http://{host}:{self.port}"
@@ -122,7 +122,7 @@ class SGLangServer:
 
     def start(self, timeout_s: float = 900.0) -> str:
         """Launch and wait until `/health` answers 200; returns the URL. Raises SGLangError on failure."""
-        from flux.runtime import die_with_parent
+        from flux.run.runtime import die_with_parent
 
         log_file = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 (closed below)
         try:
@@ -270,7 +270,7 @@ class SGLangEngine:
             return True
 
     def _send_tensors(self, state, version: int) -> None:
-        from flux.engine.sglang_weights import tensor_requests
+        from flux.integrations.sglang.weights import tensor_requests
 
         cuda = False
         for body, flat in tensor_requests(state, version, max_bytes=self.bucket_bytes, tp_size=self.tp_size):
@@ -283,7 +283,7 @@ class SGLangEngine:
             torch.cuda.ipc_collect()
 
     def _send_distributed(self, state, version: int) -> None:
-        from flux.engine.sglang_weights import buckets, distributed_request, flatten
+        from flux.integrations.sglang.weights import buckets, distributed_request, flatten
 
         if self._group is None:
             self._group = self._join_group()
@@ -299,8 +299,8 @@ class SGLangEngine:
             sender.result(CONTROL_TIMEOUT_S)
 
     def _join_group(self):
-        from flux.engine.sglang_weights import WeightGroup
-        from flux.runtime import free_port
+        from flux.integrations.sglang.weights import WeightGroup
+        from flux.run.runtime import free_port
 
         port, world = free_port(self.group_host), 1 + self.tp_size
         joining = _Background(lambda: WeightGroup(host=self.group_host, port=port, world_size=world,

@@ -243,7 +243,7 @@ def load_raw(handle: dict, retries: int = 3,
     """The version's bytes as its slot holds them, on the CPU: (manifest, uint8 data, checksum, the
     ``_sum64`` of each ``chunk_bytes`` chunk (uint64; they add up to the checksum)).
 
-    What the TCP weight stream serves (flux/weight_stream.py); ``unpack`` turns the pair back into a
+    What the TCP weight stream serves (flux/integrations/remote/weight_stream.py); ``unpack`` turns the pair back into a
     state dict. The checksum is the learner's, verified here (computed here for CUDA slots).
     """
     blob, manifest, checksum, sums = _load(handle, retries, None, chunk_bytes)

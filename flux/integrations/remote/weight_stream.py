@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from flux import protocol as P
+from flux.run import protocol as P
 
-log = logging.getLogger("flux.weight_stream")
+log = logging.getLogger("flux.integrations.remote.weight_stream")
 
 
 def chunk_sums(data: np.ndarray, chunk_bytes: int) -> np.ndarray:
@@ -57,7 +57,7 @@ class Snapshot:
 
 def _load_raw(handle: dict, chunk_bytes: int) -> tuple[list, np.ndarray, int, np.ndarray]:
     # Imports torch: only a run with remote generators pays for it, in the weight server's thread.
-    from flux.weights import load_raw
+    from flux.run.weights import load_raw
 
     return load_raw(handle, chunk_bytes=chunk_bytes)  # chunk sums taken during the copy, in cache
 
@@ -111,7 +111,7 @@ class WeightServer(threading.Thread):
 
     def run(self) -> None:
         if self.key_dir:
-            from flux.auth import curve_socket
+            from flux.integrations.remote.auth import curve_socket
 
             sock = curve_socket(self.ctx, zmq.ROUTER, self.key_dir)
         else:
@@ -122,7 +122,7 @@ class WeightServer(threading.Thread):
         self.endpoint = sock.last_endpoint.decode()
         self.ready.set()
         if self.load is _load_raw:
-            import flux.weights  # noqa: F401  (torch: at start, not while the first generator waits)
+            import flux.run.weights  # noqa: F401  (torch: at start, not while the first generator waits)
         try:
             while not self.halt.is_set():
                 if self._eager:
@@ -176,7 +176,7 @@ class WeightServer(threading.Thread):
             handle = self._announced
         if handle is None or handle["version"] != version:
             return None
-        from flux.weights import WeightsError
+        from flux.run.weights import WeightsError
 
         try:
             manifest, data, checksum, sums = self.load(handle, self.chunk_bytes)
@@ -345,7 +345,7 @@ class WeightFetcher(threading.Thread):
             self.log.error("weights v%d rejected: the assembled data does not match the learner's checksum "
                            "(%d != %d)", version, total, man.checksum)
             return None
-        from flux.weights import WeightsError, unpack
+        from flux.run.weights import WeightsError, unpack
 
         try:
             state = unpack(data, man.tensors)
@@ -386,7 +386,7 @@ class WeightFetcher(threading.Thread):
             pass
 
     def _reconnect(self) -> None:
-        from flux.auth import secure_client
+        from flux.integrations.remote.auth import secure_client
 
         self._close()
         self._sock = self.ctx.socket(zmq.DEALER)

@@ -3,7 +3,7 @@
 On the training machine (`flux train --set net.remote=true --set net.keys=DIR`):
 
     controller   CURVE ROUTER (the one address to hand out) and CURVE PUB, a ZAP gatekeeper, and the
-                 weight server thread (flux/weight_stream.py)
+                 weight server thread (flux/integrations/remote/weight_stream.py)
     buffer       CURVE PULL for trajectory groups, its own gatekeeper
 
 On a remote machine (`flux generator --connect tcp://HOST:PORT --key DIR/NAME.key_secret`):
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import zmq
 
-from flux import protocol as P
-from flux.auth import (
+from flux.run import protocol as P
+from flux.integrations.remote.auth import (
     Gatekeeper,
     KeysError,
     check_key_dir,
@@ -37,7 +37,7 @@ from flux.auth import (
     curve_socket,
     secure_client,
 )
-from flux.runtime import RunSpec, free_port
+from flux.run.runtime import RunSpec, free_port
 
 HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -98,7 +98,7 @@ class RemoteSide:
         self.router.setsockopt(zmq.MAXMSGSIZE, 2**20)  # a generator's requests are small; bigger: disconnected
         self.router.bind(spec.remote["router"])
         self.pub.bind(spec.remote["pub"])
-        from flux.weight_stream import WeightServer
+        from flux.integrations.remote.weight_stream import WeightServer
 
         plain = net.weight_stream == "plain"  # unencrypted; each request must carry a granted token
         self.weights = WeightServer(ctx, spec.remote["weights"], None if plain else keys, net.weight_chunk_kb * 1024,
@@ -172,7 +172,7 @@ def spec_from_info(info: P.RunInfo, address: str, curve: dict, out: Path, model:
     """This machine's RunSpec for the run: the run's config, with the model and prompts found here."""
     from flux.config import FluxConfig, _build
     from flux.data import DataError, load_prompts
-    from flux.tiny import resolve_model_path
+    from flux.integrations.builtin.tiny import resolve_model_path
 
     cfg = _build(FluxConfig, info.config, "")
     if prompts:
@@ -204,7 +204,7 @@ def run_generator(connect: str, key: str, server_key: str | None = None, name: s
                   engine: str | None = None, model: str | None = None, prompts: str | None = None,
                   out: str | None = None, timeout_s: float = 20.0, stream=sys.stdout) -> int:
     """`flux generator`: attach to a running job, generate until it stops or a signal comes. Exit code."""
-    from flux.runtime import StopFlag, _say_dying, install_stop_handlers, setup_logging
+    from flux.run.runtime import StopFlag, _say_dying, install_stop_handlers, setup_logging
 
     if not connect.startswith("tcp://") or ":" not in connect.removeprefix("tcp://"):
         raise RemoteError(f"--connect {connect}: expected tcp://HOST:PORT")

@@ -83,27 +83,37 @@ class Composer:
                 "dropped_zero_variance": self.dropped_zero_variance}
 
 
+WINDOW = 16384  # admissions the buffer remembers ids for (far more than any legitimate lateness)
+
+
 class Gate:
     """The buffer's door: a group gets in only if it was admitted, once, and its tokens fit the model.
 
     `check` returns "" (let in), a message-level reason (`not_admitted`, `duplicate_group`: counted as a
     dropped message, nothing was admitted), or `bad_tokens` (admitted, but unusable: the group is dropped
-    and its credit comes back).
+    and its credit comes back). Group ids are issued in increasing order, so the door remembers only the
+    newest `window` ids it let in; an id older than those counts as a duplicate (a group that late would
+    be far too stale to train anyway). Forgetting goes by count, not by id, so no single id, however
+    large, makes the door forget the ids of groups still in flight.
     """
 
-    def __init__(self, secret: str, vocab_size: int):
-        self.secret, self.vocab_size = secret, vocab_size
+    def __init__(self, secret: str, vocab_size: int, window: int = WINDOW):
+        self.secret, self.vocab_size, self.window = secret, vocab_size, window
         self.seen: set[int] = set()
+        self.floor = 0  # ids below it are refused: older than the oldest id remembered
 
     def check(self, group) -> str:
-        from flux.admission import admission_token
+        from flux.control.admission import admission_token
 
         want = admission_token(self.secret, group.group_id, group.generator, group.prompt_index, group.sample_count)
         if not hmac.compare_digest(want, group.token):
             return "not_admitted"
-        if group.group_id in self.seen:
+        if group.group_id in self.seen or group.group_id < self.floor:
             return "duplicate_group"
         self.seen.add(group.group_id)
+        if len(self.seen) > self.window:  # forget the oldest half now and then: memory stays bounded
+            keep = sorted(self.seen)[len(self.seen) // 2:]
+            self.floor, self.seen = keep[0], set(keep)
         if self.vocab_size and max(int(group.prompt_ids.max()), int(group.response_ids.max(initial=0))) >= self.vocab_size:
             return "bad_tokens"
         return ""

@@ -4,7 +4,7 @@ Why neither DDP nor FSDP2: DDP averages gradients and all-reduces them during ev
 backward (unless `no_sync`), and FSDP2 shards models that would not fit one rank, which is what the
 megatron backend is for. Flux needs one thing, exactness: a step on M ranks must equal the step one
 process takes on the whole batch. So each rank holds the whole batch, computes the loss on its own rows
-(split by `flux.composer.balance` on token count, so the ranks finish together), weights each
+(split by `flux.control.composer.balance` on token count, so the ranks finish together), weights each
 micro-batch loss by its share of the *whole batch's* response tokens, and after the backward passes one
 SUM all-reduce of the flattened gradients hands every rank exactly the full-batch gradient. Gradient
 clipping then sees the same norm everywhere and AdamW takes the same step, so the replicas stay
@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from flux.composer import balance
+from flux.control.composer import balance
+from flux.learner.base import SingleRank
 
 BUCKET_ELEMENTS = 1 << 25  # gradients are all-reduced in flat fp32 buckets of at most this many elements
 POLL_S = 0.02  # how often a waiting rank looks at the doorbell
@@ -45,7 +46,7 @@ STOP_GRACE_S = 5.0  # a signalled rank waits this long for rank 0 to say stop be
 FAREWELL_S = 5.0  # rank 0 waits this long at exit for the other ranks to leave its store
 
 
-class RankGroup:
+class RankGroup(SingleRank):
     """This process's place among the learner's data-parallel ranks, and the few collectives Flux uses.
 
     `RankGroup()` is the single process: every method is then a no-op (or returns its input), so the

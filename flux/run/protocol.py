@@ -45,7 +45,7 @@ MAX_HEADER_BYTES = 16 * 2**20
 MAX_FRAME_BYTES = 2**30
 ROLES = ("controller", "generator", "buffer", "learner")
 
-log = logging.getLogger("flux.protocol")
+log = logging.getLogger("flux.run.protocol")
 
 
 class ProtocolError(ValueError):
@@ -171,7 +171,7 @@ class AdmitRequest(Message):
 @dataclass(slots=True)
 class Admit(Message):
     """Controller -> generator: credits, each ``{"group_id": int, "prompt_index": int, "token": str}``;
-    [] = retry later. The token (``flux.admission.admission_token``) goes back with the group, so the buffer
+    [] = retry later. The token (``flux.control.admission.admission_token``) goes back with the group, so the buffer
     can tell that it was admitted, to that generator, with that many samples.
 
     ``version`` is the controller's policy version: the generator must run these groups on weights at

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux.config import ConfigError, FluxConfig, dump_config
-from flux.runtime import RunSpec, die_with_parent, free_port
+from flux.plugins import hook
+from flux.run.runtime import RunSpec, die_with_parent, free_port
 
 STOP_DEADLINE_S = 10.0
 
@@ -39,9 +40,9 @@ class Actor:
 
 
 def latest_checkpoint(run_dir: str | Path, stream=None) -> Path:
-    """The newest complete checkpoint of a run (flux/checkpoints.py); incomplete ones newer than it (a crash
+    """The newest complete checkpoint of a run (flux/run/checkpoints.py); incomplete ones newer than it (a crash
     while saving) are named on `stream` and skipped. Raises SetupError when there is none."""
-    from flux.checkpoints import complete_checkpoints
+    from flux.run.checkpoints import complete_checkpoints
 
     found, incomplete = complete_checkpoints(run_dir)
     if not found:
@@ -78,7 +79,6 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     from flux.evaluation import eval_records
     from flux.rewards import load_function
     from flux.sinks import load_factory
-    from flux.tiny import resolve_model_path
 
     try:
         records = load_prompts(cfg.prompts)
@@ -110,28 +110,22 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
                              f"preference algorithm such as dpo trains on, not {algorithm.name}")
         cfg.rollout.group_size = 2  # offline pairs: a group is the pair (B = 2 · groups_per_step)
     if cfg.rollout.engine == "sglang":
-        from flux.engine.sglang_engine import SGLangError, check_setup
-
         try:
-            check_setup(cfg.rollout)
-        except SGLangError as e:
+            hook("sglang.check_setup")(cfg.rollout)
+        except hook("sglang.SGLangError") as e:
             raise SetupError(f"rollout.engine=sglang: {e}") from None
     remote = {}
-    if cfg.net.remote:  # CURVE endpoints for `flux generator --connect` (flux/remote.py)
-        from flux.remote import remote_endpoints
-
+    if cfg.net.remote:  # CURVE endpoints for `flux generator --connect` (flux/integrations/remote/side.py)
         try:
-            remote = remote_endpoints(cfg)
+            remote = hook("remote.endpoints")(cfg)
         except ValueError as e:
             raise SetupError(str(e)) from None
     model_path = resolve_model_path(cfg.model_path)
     if not (Path(model_path) / "config.json").is_file():
         raise SetupError(f"model_path: {model_path} is not an HF model directory (no config.json)")
     if cfg.learner.backend == "megatron":
-        from flux.learner.megatron_learner import check_setup as check_megatron
-
         try:
-            check_megatron(model_path)
+            hook("megatron.check_setup")(model_path)
         except ValueError as e:
             raise SetupError(f"learner.backend=megatron: {e}") from None
 
@@ -143,7 +137,7 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
         keep_metrics_before(run_dir, int(step))
         old = run_dir / "spec.json"
         if old.is_file():  # a killed run leaves its shared-memory weight slots behind
-            from flux.weights import cleanup_prefix
+            from flux.run.weights import cleanup_prefix
 
             cleanup_prefix(f"flux-{json.loads(old.read_text())['run_id']}-")
     else:
@@ -163,6 +157,12 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     with os.fdopen(fd, "w") as f:
         f.write(spec.to_json())
     return spec
+
+
+def resolve_model_path(model_path: str) -> str:
+    """`builtin:tiny` (or empty) → the built-in model's directory (made on first use); a path as it is."""
+    builtin = not model_path or model_path.startswith("builtin:")
+    return hook("builtin.resolve_model_path")(model_path) if builtin else model_path
 
 
 def vocab_size(model_path: str | Path) -> int:
@@ -206,7 +206,7 @@ def start(spec: RunSpec, actors: list[Actor]) -> list[Actor]:
 
 def stop_all(actors: list[Actor], spec: RunSpec, deadline_s: float = STOP_DEADLINE_S) -> None:
     """SIGTERM → join with a deadline → SIGKILL; then remove leftover shared memory."""
-    from flux.weights import cleanup_prefix
+    from flux.run.weights import cleanup_prefix
 
     for a in actors:
         if a.proc.poll() is None:

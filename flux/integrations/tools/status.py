@@ -25,20 +25,13 @@ from pathlib import Path
 import psutil
 import yaml
 
-STATUS_FILE = "status.json"
+from flux.run.runtime import STATUS_FILE, write_status  # noqa: F401  (the writer lives in the core)
+
 STARTING_GRACE_S = 60.0  # how long a run may go without status.json before it counts as stale
 
 
 class StatusError(ValueError):
     """The run directory is missing or unreadable; the message is one line."""
-
-
-def write_status(run_dir: str | Path, status: dict) -> None:
-    """Atomically replace RUN_DIR/status.json: a reader sees the old file or the new one, never half."""
-    path = Path(run_dir) / STATUS_FILE
-    tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(status, indent=1))
-    os.replace(tmp, path)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 No hub access: `ensure_default_model()` builds the tokenizer with the `tokenizers` library, a randomly
 initialised `Qwen2ForCausalLM` from a fixed seed, gives it the short format warm-start of the built-in
-task (see `flux.tasks`), and saves all of it in HF format under a cache directory, so every engine and
+task (see `flux.integrations.builtin.tasks`), and saves all of it in HF format under a cache directory, so every engine and
 every `from_pretrained` call treats it like any downloaded checkpoint.
 """
 
@@ -90,7 +90,7 @@ def ensure_default_model(path: str | Path | None = None, seed: int = 0) -> Path:
 
     Safe against concurrent callers: the model is written to a temporary directory and renamed.
     """
-    from flux.tasks import warm_start
+    from flux.integrations.builtin.tasks import warm_start
 
     target = Path(path) if path else default_model_dir()
     if (target / "flux_recipe.json").exists():

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flux.admission import Admission, PromptCursor
+from flux.control.admission import Admission, PromptCursor
 
 ADMITTED, RECEIVED, TRAINED, DROPPED, REQUEUED = "admitted", "received", "trained", "dropped", "requeued"
 HOLDS_CREDIT = (ADMITTED, RECEIVED, TRAINED)

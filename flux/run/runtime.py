@@ -21,6 +21,7 @@ from pathlib import Path
 from flux.config import FluxConfig, _build
 
 LOG_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
+STATUS_FILE = "status.json"
 
 
 @dataclass
@@ -42,9 +43,9 @@ class RunSpec:
     """The CURVE endpoints of a run open to remote generators (`net.remote`): router, pub, pull, weights,
     keys, connect; in a remote generator's own spec only `weights`. Empty: no remote side."""
     curve: dict = field(default_factory=dict)
-    """A remote generator's CURVE client keys (`flux.auth.client_keys`); empty for local actors."""
+    """A remote generator's CURVE client keys (`client_keys` of flux/integrations/remote/auth.py); empty for local actors."""
     secret: str = ""
-    """The run's secret for admission tokens (flux.admission.admission_token); never sent to a remote peer."""
+    """The run's secret for admission tokens (flux.control.admission.admission_token); never sent to a remote peer."""
     vocab_size: int = 0
     """The model's vocabulary: a token id at or above it is refused at the buffer (0 = unchecked)."""
     socket_dir: str = ""
@@ -76,11 +77,20 @@ def connect(sock, address: str, spec: RunSpec) -> None:
     if spec.curve:
         import zmq
 
-        from flux.auth import secure_client
+        from flux.plugins import hook
 
-        secure_client(sock, spec.curve)
+        hook("remote.secure_client")(sock, spec.curve)
         sock.setsockopt(zmq.SNDTIMEO, int(spec.config.net.heartbeat_timeout_s * 1000))
     sock.connect(address)
+
+
+def write_status(run_dir: str | Path, status: dict) -> None:
+    """Atomically replace RUN_DIR/status.json (what `flux status` reads): a reader sees the old file or the
+    new one, never half."""
+    path = Path(run_dir) / STATUS_FILE
+    tmp = path.with_name(f".{STATUS_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(status, indent=1))
+    os.replace(tmp, path)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -208,7 +218,7 @@ class Heartbeater(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
-        from flux import protocol as P
+        from flux.run import protocol as P
         import zmq
 
         sock = self.ctx.socket(zmq.DEALER)
@@ -251,7 +261,7 @@ def actor_main(role: str, body) -> None:
 
 
 def _say_dying(spec: RunSpec, role: str, name: str, reason: str, fatal: bool = False) -> None:
-    from flux import protocol as P
+    from flux.run import protocol as P
     import zmq
 
     ctx = zmq.Context()

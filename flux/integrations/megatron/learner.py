@@ -8,7 +8,7 @@ per-token log-probs through the model's labels path. What Flux keeps: the micro-
 `step` of `TorchLearner` (losses from the algorithm registry, unchanged), AdamW over each rank's shards
 with a gradient norm taken over the whole tensor-parallel model, and checkpoints in HF format. Megatron's
 own DDP and distributed optimizer belong with data parallelism, which Flux has for the torch backend only
-(flux/learner/data_parallel.py): learner.ranks > 1 with this backend is a config error.
+(flux/integrations/distributed/data_parallel.py): learner.ranks > 1 with this backend is a config error.
 
 Ranks: every rank of the tensor-parallel group builds a `MegatronLearner` with the same arguments and
 calls the same methods in the same order (SPMD); `export_weights` and `save` gather the shards. One
@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from flux.learner.hf_megatron import (
+from flux.integrations.megatron.hf_layout import (
     DecoderArch,
     arch_from_hf_config,
     to_hf,

@@ -1,0 +1,1 @@
+"""The built-in demo: the embedded tiny model (`builtin:tiny`) and tasks (`builtin:<task>`)."""

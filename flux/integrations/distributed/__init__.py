@@ -1,0 +1,1 @@
+"""`learner.ranks > 1`: data-parallel learner ranks over torch.distributed."""

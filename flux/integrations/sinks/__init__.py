@@ -1,0 +1,1 @@
+"""Metrics sinks beyond metrics.jsonl: TensorBoard (`logging.tensorboard`)."""

@@ -1,0 +1,21 @@
+"""The TensorBoard metrics sink (`logging.tensorboard: true`): RUN_DIR/tensorboard event files."""
+
+from __future__ import annotations
+
+from flux.sinks import scalars
+
+
+class TensorBoardSink:
+    """Every numeric metric as a scalar; nested dicts become `a/b` tags (e.g. `groups/trained`)."""
+
+    def __init__(self, logdir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(logdir)
+
+    def write(self, step: int, metrics: dict) -> None:
+        for tag, value in scalars(metrics).items():
+            self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,1 @@
+"""`flux status` and `flux plot`: views of a run directory."""

@@ -1,0 +1,57 @@
+"""Where the core finds the optional integrations: one table of named hooks → dotted paths.
+
+The core (actors/, flux/ outside flux/integrations/) never imports an integration module: it asks for a
+hook by name, and `hook(name)` resolves the dotted path below on first use (`pkgutil.resolve_name`). So
+each integration can be read, changed or removed alone, and this table is the whole list of places where
+the core reaches one (tests/test_layout.py checks that no core module imports `flux.integrations`).
+"""
+
+from __future__ import annotations
+
+import pkgutil
+from typing import Any
+
+HOOKS = {
+    # rollout.engine: sglang (flux/integrations/sglang)
+    "sglang.build": "flux.integrations.sglang.engine:build",
+    "sglang.check_setup": "flux.integrations.sglang.engine:check_setup",
+    "sglang.SGLangError": "flux.integrations.sglang.engine:SGLangError",
+    # learner.backend: megatron (flux/integrations/megatron)
+    "megatron.Learner": "flux.integrations.megatron.learner:MegatronLearner",
+    "megatron.check_setup": "flux.integrations.megatron.learner:check_setup",
+    # learner.ranks > 1 (flux/integrations/distributed)
+    "distributed.RankGroup": "flux.integrations.distributed.data_parallel:RankGroup",
+    # net.remote and `flux generator` / `flux keys` (flux/integrations/remote)
+    "remote.endpoints": "flux.integrations.remote.side:remote_endpoints",
+    "remote.ControllerSide": "flux.integrations.remote.side:RemoteSide",
+    "remote.open_curve_pull": "flux.integrations.remote.side:open_curve_pull",
+    "remote.prompts_digest": "flux.integrations.remote.side:prompts_digest",
+    "remote.stream_handle": "flux.integrations.remote.side:stream_handle",
+    "remote.port_of": "flux.integrations.remote.side:port_of",
+    "remote.run_generator": "flux.integrations.remote.side:run_generator",
+    "remote.RemoteError": "flux.integrations.remote.side:RemoteError",
+    "remote.WeightFetcher": "flux.integrations.remote.weight_stream:WeightFetcher",
+    "remote.secure_client": "flux.integrations.remote.auth:secure_client",
+    "remote.make_keys": "flux.integrations.remote.auth:make_keys",
+    "remote.KeysError": "flux.integrations.remote.auth:KeysError",
+    # logging.tensorboard (flux/integrations/sinks)
+    "sinks.tensorboard": "flux.integrations.sinks.tensorboard:TensorBoardSink",
+    # `flux status`, `flux plot` (flux/integrations/tools)
+    "tools.watch": "flux.integrations.tools.status:watch",
+    "tools.StatusError": "flux.integrations.tools.status:StatusError",
+    "tools.plot_run_dir": "flux.integrations.tools.plot:plot_run_dir",
+    "tools.PlotError": "flux.integrations.tools.plot:PlotError",
+    # model_path: builtin:tiny, prompts: builtin:<task> (flux/integrations/builtin)
+    "builtin.resolve_model_path": "flux.integrations.builtin.tiny:resolve_model_path",
+    "builtin.records": "flux.integrations.builtin.tasks:builtin_records",
+    "builtin.eval_records": "flux.integrations.builtin.tasks:eval_records",
+}
+
+
+def hook(name: str) -> Any:
+    """The object behind hook `name` (imported on first use)."""
+    try:
+        path = HOOKS[name]
+    except KeyError:
+        raise KeyError(f"no integration hook {name!r} (known: {', '.join(sorted(HOOKS))})") from None
+    return pkgutil.resolve_name(path)

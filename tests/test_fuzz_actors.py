@@ -76,6 +76,24 @@ def malformed(rng: random.Random, messages: list[P.Message]) -> list[bytes]:
     return [msgpack.packb(head), *frames[1:]]
 
 
+def finish(proc, tmp_path, run_dir, steps) -> dict:
+    """Wait for the fuzzed run to end: it must have finished every step without a crash. Returns its final
+    status.json."""
+    code = proc.wait(timeout=240)
+    out = (tmp_path / "launcher.out").read_text()
+    assert code == 0, out
+    assert [r["step"] for r in metrics(run_dir)] == list(range(steps))
+    assert "crashed" not in out and "Traceback" not in out
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def cleanup(proc, ctx) -> None:
+    ctx.term()
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
 def test_fuzzed_sockets_of_a_live_run(default_model, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -104,17 +122,9 @@ def test_fuzzed_sockets_of_a_live_run(default_model, tmp_path):
                 sock.send_multipart(frames)
                 sent += 1
             sock.close()
-        code = proc.wait(timeout=240)
+        status = finish(proc, tmp_path, run_dir, steps)
     finally:
-        ctx.term()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out = (tmp_path / "launcher.out").read_text()
-    assert code == 0, out
-    assert [r["step"] for r in metrics(run_dir)] == list(range(steps))
-    assert "crashed" not in out and "Traceback" not in out
-    status = json.loads((run_dir / "status.json").read_text())
+        cleanup(proc, ctx)
     dropped = status["dropped_messages"]
     total = sum(sum(v.values()) for v in dropped.values())
     assert dropped["controller"] and dropped.get("buffer"), dropped
@@ -200,17 +210,9 @@ def test_well_formed_messages_with_bad_contents_and_the_curve_endpoints(default_
             sock.close()
         push.close()
         dealer.close()
-        code = proc.wait(timeout=240)
+        status = finish(proc, tmp_path, run_dir, steps)
     finally:
-        ctx.term()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    out = (tmp_path / "launcher.out").read_text()
-    assert code == 0, out
-    assert [r["step"] for r in metrics(run_dir)] == list(range(steps))
-    assert "crashed" not in out and "Traceback" not in out
-    status = json.loads((run_dir / "status.json").read_text())
+        cleanup(proc, ctx)
     buffer, controller = status["dropped_messages"]["buffer"], status["dropped_messages"]["controller"]
     assert buffer["future_version"] == K and buffer["duplicate_group"] == K and buffer["bad_tokens"] == K, buffer
     assert buffer["not_admitted"] >= 3 * K + K, buffer                  # local lies + the CURVE ones

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -335,6 +336,7 @@ class Controller:
 
 
 def body(spec: RunSpec, name: str, stop, log) -> int:
+    launcher = os.getppid()
     ctx = zmq.Context()
     router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
     for s in (router, pub):
@@ -389,6 +391,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     if remote is not None:
         remote.close()
     ctx.term()
+    if os.getppid() != launcher and spec.socket_dir:  # the launcher was killed: nobody else will remove it
+        shutil.rmtree(spec.socket_dir, ignore_errors=True)
     return 1 if ctl.failed else 0
 
 

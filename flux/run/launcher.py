@@ -136,10 +136,13 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
         step = json.loads(Path(resume_from, "controller_state.json").read_text()).get("step") or 0
         keep_metrics_before(run_dir, int(step))
         old = run_dir / "spec.json"
-        if old.is_file():  # a killed run leaves its shared-memory weight slots behind
+        if old.is_file():  # a killed run leaves its shared-memory weight slots (and socket directory) behind
             from flux.run.weights import cleanup_prefix
 
-            cleanup_prefix(f"flux-{json.loads(old.read_text())['run_id']}-")
+            killed = json.loads(old.read_text())
+            cleanup_prefix(f"flux-{killed['run_id']}-")
+            if killed.get("socket_dir", "").startswith(tempfile.gettempdir()):
+                shutil.rmtree(killed["socket_dir"], ignore_errors=True)
     else:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     # The local actors talk over ipc:// sockets in a directory only this user can enter: another user of

@@ -66,11 +66,10 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                     if not refused:
                         received.append(msg.group_id)
                         composer.add(msg)
-                    elif refused == "bad_tokens":  # admitted but unusable: dropped, its credit comes back
-                        drops.drop(refused, detail=f"group {msg.group_id} from {msg.generator}")
-                        composer.drop(msg.group_id, refused)
                     else:
                         drops.drop(refused, detail=f"group {msg.group_id} from {msg.generator}")
+                    if refused == "bad_tokens":  # admitted but unusable: dropped, its credit comes back
+                        composer.drop(msg.group_id, refused)
                 elif msg is not None:
                     drops.drop("unexpected_type", detail=msg.TYPE)
         if router in ready:

@@ -181,8 +181,7 @@ class Controller:
         return P.Admit(grants, self.admission.version)
 
     def group_done(self, msg: P.GroupDone) -> None:
-        """A generator pushed a group (the buffer's receipt is what counts), or dropped it (its reward
-        failed): then the credit comes back."""
+        """A generator dropped a group it was admitted (its reward failed): the credit comes back."""
         if not msg.dropped:
             return
         if self.ledger.holds(msg.group_id, msg.name):
@@ -332,7 +331,6 @@ class Controller:
                 self.reclaim(m)
                 if m.role != "generator":
                     self.failed = f"{m.role} {name} stopped answering"
-
 
 
 def body(spec: RunSpec, name: str, stop, log) -> int:

@@ -229,7 +229,6 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                 versions=np.concatenate([c.versions for c in comps]),
                 rewards=np.array(rewards, np.float32), finish=np.array([c.finished for c in comps], np.uint8),
                 gen_seconds=gen_s / len(groups), meta={"sample": texts[0][:64]}))
-            P.send(link.req, P.GroupDone(name, gid, len(comps)))
         reward_fn.check()  # a reward that keeps failing stops the run, in one line
     log.info("%s stopping (%s)", name, stop.reason)
     P.send(link.req, P.Goodbye("generator", name, stop.reason or "stopped", True))

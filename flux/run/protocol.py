@@ -192,8 +192,9 @@ class Admit(Message):
 @message
 @dataclass(slots=True)
 class GroupDone(Message):
-    """Generator -> controller: group ``group_id`` (``n_samples`` samples) was pushed to the buffer, or,
-    with a ``dropped`` reason (e.g. ``reward_failed``), will never be: its credit comes back."""
+    """Generator -> controller: group ``group_id`` (``n_samples`` samples) will never reach the buffer, for
+    the ``dropped`` reason (e.g. ``reward_failed``): its credit comes back. (A pushed group needs no word
+    from its generator: the buffer reports what it received. One without a reason is ignored.)"""
     name: str
     group_id: int
     n_samples: int

@@ -12,12 +12,13 @@ from collections import Counter
 from tests.test_e2e import SMALL, assert_nothing_left, metrics, processes_mentioning, train_cmd, wait_for
 
 
-def holds(run_dir, name) -> bool:
+def holds(run_dir, name, since: float | None = None) -> bool:
+    """status.json, written within the last 0.2 s (or after `since`), shows `name` holding groups."""
     try:
         status = json.loads((run_dir / "status.json").read_text())
     except (OSError, ValueError):
         return False
-    fresh = time.time() - status["time"] < 0.2
+    fresh = status["time"] > since if since is not None else time.time() - status["time"] < 0.2
     return fresh and any(m["name"] == name and (m.get("groups_held") or 0) > 0 for m in status["members"])
 
 
@@ -36,8 +37,17 @@ def test_a_generator_killed_mid_run_is_survived_with_nothing_lost(default_model,
         spec = str(run_dir / "spec.json")
         victims = [p for p in processes_mentioning(spec) if "--name gen1" in " ".join(p.cmdline())]
         assert len(victims) == 1
-        # Kill it while it holds groups: status.json (rewritten every heartbeat) says how many it holds.
-        wait_for(lambda: holds(run_dir, "gen1"), 120, "gen1 to hold groups")
+        # Kill it while it holds groups: status.json (rewritten every heartbeat) says how many it holds. It
+        # may push them between that reading and the kill, so freeze it first (SIGSTOP) and kill it only if
+        # a status written while it was frozen still shows it holding some; else let it go on and retry.
+        for _ in range(100):
+            wait_for(lambda: holds(run_dir, "gen1"), 120, "gen1 to hold groups")
+            victims[0].send_signal(signal.SIGSTOP)
+            frozen_at = time.time()
+            time.sleep(1.1)  # two status rewrites (net.heartbeat_s 0.5), well inside the 3 s timeout
+            if holds(run_dir, "gen1", since=frozen_at):
+                break
+            victims[0].send_signal(signal.SIGCONT)
         killed_at = time.monotonic()
         at_kill = len(metrics(run_dir))
         victims[0].send_signal(signal.SIGKILL)

@@ -113,9 +113,11 @@ class Controller:
         self.gone.pop(msg.name, None)
         self.log.info("%s %s registered (pid %d%s)", msg.role, msg.name, msg.pid,
                       f" on {msg.host}, remote" if remote else "")
-        if remote:
-            return P.Welcome(self.spec.run_id, self.admission.version, hook("remote.stream_handle")(self.weights))
-        return P.Welcome(self.spec.run_id, self.admission.version, self.weights)
+        return P.Welcome(self.spec.run_id, self.admission.version, self.weights_for(remote))
+
+    def weights_for(self, remote: bool) -> dict | None:
+        """The newest weights handle, as a local (shared memory) or a remote (weight stream) peer reads it."""
+        return hook("remote.stream_handle")(self.weights) if remote else self.weights
 
     def heartbeat(self, msg: P.Heartbeat) -> None:
         m = self.members.get(msg.name)
@@ -171,14 +173,17 @@ class Controller:
                          {k: port_of(r[k]) for k in ("pub", "pull", "weights")}, token)
 
     def admit(self, req: P.AdmitRequest) -> P.Admit:
-        grants = []
-        if req.name in self.members and self.done is None:
+        grants, member = [], self.members.get(req.name)
+        # Past version 0 (the weights on disk) a credit names where its version's weights are; a resumed
+        # run has none to name until its learner publishes them.
+        named = self.admission.version == 0 or self.weights is not None
+        if member is not None and self.done is None and named:
             grants = [{"group_id": g.group_id, "prompt_index": g.prompt_index,
                        "token": admission_token(self.spec.secret, g.group_id, req.name, g.prompt_index, g.n)}
                       for g in self.ledger.admit(req.name, req.max_groups)]
             if grants:
                 self.t_first_admit = self.t_first_admit or time.time()
-        return P.Admit(grants, self.admission.version)
+        return P.Admit(grants, self.admission.version, self.weights_for(member.remote) if grants else None)
 
     def group_done(self, msg: P.GroupDone) -> None:
         """A generator dropped a group it was admitted (its reward failed): the credit comes back."""

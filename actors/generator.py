@@ -192,6 +192,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
             link.version_arrived.wait(0.02)  # no credit: wait for a new version (or retry shortly)
             link.version_arrived.clear()
             continue
+        if admit.version > link.newest and admit.weights:  # its NewVersion broadcast never reached us
+            link.queue_weights(admit.version, admit.weights)
         if not link.wait_for_version(admit.version):
             break
         groups = [(g["group_id"], g["prompt_index"], g["token"],

@@ -30,6 +30,15 @@ def test_sync_admits_exactly_one_batch_per_version(ctl):
     ctl.handle(None, P.Published(1, {"kind": "shm", "name": "x", "version": 1, "nbytes": 1, "host": "h"}))
     again = ctl.handle(None, P.AdmitRequest("gen1", 5))
     assert len(again.groups) == 2 and again.version == 1
+    assert again.weights["name"] == "x"   # where version 1 is: a generator that missed the broadcast reads it
+
+
+def test_a_resumed_controller_admits_nothing_until_its_version_has_weights(ctl):
+    ctl.admission.version = 4          # as restored from a checkpoint: the learner has not published yet
+    assert ctl.handle(None, P.AdmitRequest("gen0", 5)).groups == []
+    ctl.handle(None, P.Published(4, {"kind": "shm", "name": "w4", "version": 4, "nbytes": 1, "host": "h"}))
+    admit = ctl.handle(None, P.AdmitRequest("gen0", 5))
+    assert admit.groups and admit.version == 4 and admit.weights["name"] == "w4"
 
 
 def test_a_dead_generators_groups_are_requeued_and_their_credit_returned(ctl):

@@ -175,12 +175,17 @@ class Admit(Message):
     can tell that it was admitted, to that generator, with that many samples.
 
     ``version`` is the controller's policy version: the generator must run these groups on weights at
-    least that new (in sync mode this is what makes every trained token lag 0).
+    least that new (in sync mode this is what makes every trained token lag 0). ``weights`` is that
+    version's handle (as in Welcome), so a generator that missed its NewVersion broadcast (a PUB drops
+    what it sends before a SUB has joined) can still fetch it instead of waiting forever.
     """
     groups: list[dict]
     version: int = 0
+    weights: dict | None = None
 
     def validate(self) -> None:
+        if self.weights is not None:
+            _check_handle(self.weights, None)
         for g in self.groups:
             _require(set(g) == {"group_id", "prompt_index", "token"}
                      and type(g["group_id"]) is int and type(g["prompt_index"]) is int

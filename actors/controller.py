@@ -26,6 +26,7 @@ from flux.control.admission import Admission, PromptCursor, admission_token
 from flux.run.checkpoints import finish_checkpoint
 from flux.control.ledger import Ledger
 from flux.control.pid import PID
+from flux.control.staleness import StalenessMonitor
 from flux.plugins import hook
 from flux.run.runtime import Rate, RunSpec, actor_main, write_status
 from flux.sinks import open_sinks
@@ -59,6 +60,9 @@ class Controller:
         self.admission = Admission(cfg.batch_samples, aa.eta_max, ratio)
         self.pid = PID(aa.target_staleness, aa.kp, aa.ki, aa.kd, aa.min_async_ratio, aa.max_async_ratio,
                        bias=aa.initial_async_ratio, ema_horizon=aa.ema_horizon)
+        sc = cfg.staleness
+        self.monitor = StalenessMonitor(sc.signal, eta_max=max(1, aa.eta_max), d_ref=sc.d_ref, w_lag=sc.w_lag,
+                                        window=sc.floor_window)
         self.ledger = Ledger(self.admission, PromptCursor(spec.num_prompts, cfg.seed), cfg.rollout.group_size)
         self.members: dict[str, Member] = {}
         self.gone: dict[str, dict] = {}  # name -> its last status row, for `flux status`
@@ -74,6 +78,8 @@ class Controller:
             self.prompts_digest = hook("remote.prompts_digest")(load_prompts(cfg.prompts))
         self.trained_samples = self.trained_tokens = 0
         self.dropped_stale = 0
+        self.trained_lengths: dict[str, int] = {}  # completion-length histograms, cumulative
+        self.dropped_lengths: dict[str, int] = {}
         self.t_start = time.time()
         self.t_first_admit: float | None = None
         self.done: str | None = None
@@ -202,6 +208,8 @@ class Controller:
             for gid in ids:
                 self.ledger.dropped(gid, reason)
         self.dropped_stale = msg.dropped_stale
+        if isinstance(msg.stats.get("dropped_lengths"), dict):
+            self.dropped_lengths = msg.stats["dropped_lengths"]
 
     def on_step(self, rep: P.StepReport) -> None:
         m = rep.metrics
@@ -213,11 +221,17 @@ class Controller:
                 self.ledger.dropped(gid, "step_skipped")
             else:
                 self.ledger.trained(gid)
+        lengths = m.pop("length_hist", {})
         if not skipped:
+            for bucket, n in lengths.items():
+                self.trained_lengths[bucket] = self.trained_lengths.get(bucket, 0) + int(n)
             self.trained_samples += int(m.get("samples", 0))
             self.trained_tokens += int(m.get("tokens", 0))
-        if self.cfg.adaptive_async.mode == "adaptive" and "staleness_mean" in m:
-            self.admission.async_ratio = self.pid.update(float(m["staleness_mean"]))
+        if "lag_mean" in m:  # the control law: S above the lag-0 floor → the async ratio
+            stale = self.monitor.update(m)
+            m.update(staleness_mean=stale.pop("staleness"), **stale)
+            if self.cfg.adaptive_async.mode == "adaptive":
+                self.admission.async_ratio = self.pid.update(m["staleness_mean"])
         gens = [g for g in self.members.values() if g.role == "generator"]
         elapsed = max(1e-6, time.time() - (self.t_first_admit or self.t_start))
         line = {
@@ -229,6 +243,7 @@ class Controller:
             "generator_busy_frac": sum(g.busy_frac for g in gens) / max(1, len(gens)),
             "generator_busy": {g.name: g.busy_frac for g in gens},
             "dropped_stale": self.dropped_stale,
+            "trained_lengths": dict(self.trained_lengths), "dropped_lengths": dict(self.dropped_lengths),
             "started_samples": self.admission.started,
             "groups": self.ledger.summary(),
             "wall_s": time.time() - self.t_start,
@@ -251,6 +266,7 @@ class Controller:
         return {"step": None if self.last_step is None else self.last_step + 1,
                 "version": self.admission.version, "async_ratio": self.admission.async_ratio,
                 "started_samples": self.admission.started, "pid": self.pid.state(),
+                "staleness": self.monitor.state(),
                 "cursor": self.ledger.cursor.state(), "ledger": self.ledger.state()}
 
     def restore(self, state: dict) -> None:
@@ -261,6 +277,7 @@ class Controller:
         self.admission.async_ratio = float(state["async_ratio"])
         for key in ("integral", "ema", "output"):  # the loop's memory; gains and target come from the config
             setattr(self.pid, key, state["pid"][key])
+        self.monitor.restore(state.get("staleness", {}))  # the lag-0 floor estimate
         in_flight = self.ledger.restore(state["ledger"], int(state["started_samples"]))
         self.ledger.cursor = PromptCursor.from_state(state["cursor"], first=in_flight)
         self.last_step = None if state.get("step") is None else int(state["step"]) - 1

@@ -29,7 +29,8 @@ import zmq
 
 from flux.run import protocol as P
 from flux.run.checkpoints import staging_dir
-from flux.control.composer import balance
+from flux.control.composer import add_lengths
+from flux.learner.base import micro_batches as split_rows
 from flux.run.runtime import FluxRunError, Heartbeater, RunSpec, actor_main, set_threads
 
 
@@ -79,27 +80,12 @@ def preference_rows(advantages) -> torch.Tensor:
     return torch.tensor([i for pair in zip(chosen, rejected) for i in pair], dtype=torch.long)
 
 
-def micro_batches(tb, size: int, pairs: bool = False, rank: int = 0, ranks: int = 1):
-    """This rank's micro-batches: row-index tensors of about `size` samples with near-equal token counts.
-
-    With several `ranks`, the batch's rows are first split across the ranks by token count (so the ranks
-    finish together), then this rank's rows into micro-batches; a rank may get none (`[]`). With one rank,
-    None = the whole batch at once (`size` 0 or at least the batch). With `pairs`, rows (2i, 2i+1) are a
-    preference pair and always land in the same micro-batch.
-    """
-    lengths = tb.attention_mask.sum(-1).tolist()
-    units = [[2 * i, 2 * i + 1] for i in range(len(lengths) // 2)] if pairs else [[i] for i in range(len(lengths))]
-    if ranks > 1:
-        shards = balance([sum(lengths[r] for r in u) for u in units], ranks)  # fewer units than ranks: some idle
-        units = [units[u] for u in shards[rank]] if rank < len(shards) else []
-        if not units:
-            return []
-    elif not size or size >= len(tb):
-        return None
-    rows = sum(len(u) for u in units)
-    parts = balance([sum(lengths[r] for r in u) for u in units],
-                    math.ceil(rows / max(2 if pairs else 1, size or rows)))
-    return [torch.tensor([r for u in part for r in units[u]]) for part in parts]
+def micro_batches(tb, size: int = 0, pairs: bool = False, rank: int = 0, ranks: int = 1, tokens: int = 0):
+    """This rank's micro-batches of `tb` (row-index tensors); None = the whole batch at once
+    (flux.learner.base.micro_batches)."""
+    parts = split_rows(tb.attention_mask.sum(-1).tolist(), size=size, tokens=tokens, pairs=pairs, rank=rank,
+                       ranks=ranks)
+    return None if parts is None else [torch.tensor(p, dtype=torch.long) for p in parts]
 
 
 def all_finite(tensors) -> bool:
@@ -137,13 +123,13 @@ class Trainer:
         dp = {"ranks": ranks} if ranks.world > 1 else {}  # (config: data parallel is torch-backend only)
         self.learner = build_learner(lc.backend, spec.model_path, lr=lc.lr, weight_decay=lc.weight_decay,
                                      max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
-                                     temperature=cfg.rollout.temperature,
+                                     micro_batch_tokens=lc.micro_batch_tokens or None, temperature=cfg.rollout.temperature,
                                      reference=self.algorithm.wants_reference(self.params), seed=cfg.seed, **dp)
         self.critic = None
         if self.algorithm.value_loss is not None:
             self.critic = TorchCritic(spec.model_path, lr=lc.critic_lr or lc.lr, weight_decay=lc.weight_decay,
                                       max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
-                                      seed=cfg.seed, **dp)
+                                      micro_batch_tokens=lc.micro_batch_tokens or None, seed=cfg.seed, **dp)
             self.value_loss_fn = self.algorithm.bind_value(self.params)
 
     def load(self, path: str) -> None:
@@ -176,7 +162,7 @@ class Trainer:
         for group in learner.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.max_steps, lc.lr, lc.lr_schedule, lc.min_lr_ratio)
         parts = micro_batches(tb, lc.micro_batch_size, pairs=algorithm.preference, rank=self.ranks.rank,
-                              ranks=self.ranks.world)
+                              ranks=self.ranks.world, tokens=lc.micro_batch_tokens)
         stats = learner.step(self.loss_fn, tb, parts) if len(tb) else {"step_skipped": 1.0}
         if critic is not None and len(tb):
             stats.update({f"critic_{k}" if k in ("loss", "grad_norm", "lr", "step_skipped") else k: v
@@ -231,10 +217,10 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     from flux.engine.torch_engine import TorchEngine
     from flux.evaluation import eval_records, evaluate
     from flux.rewards import guarded_reward
-    from flux.control.staleness import batch_staleness
+    from flux.control.staleness import batch_signals
     from flux.run.weights import WeightPublisher
 
-    cfg, lc, aa, sc = spec.config, spec.config.learner, spec.config.adaptive_async, spec.config.staleness
+    cfg, lc = spec.config, spec.config.learner
     learner, ranks = trainer.learner, trainer.ranks
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -283,9 +269,9 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
             raise FluxRunError(f"the policy's weights became non-finite at step {step - 1}: its log-probs on "
                                f"the batch of step {step} are NaN/inf (learner.lr={lc.lr:g}; try a smaller one)")
         rewards = torch.cat(work[1])
-        stale = batch_staleness(tb.proximal_logprobs, tb.behaviour_logprobs, tb.response_mask, tb.versions,
-                                version, eta_max=max(1, aa.eta_max), d_ref=sc.d_ref, w_lag=sc.w_lag,
-                                metric=sc.metric)
+        # what the batch says about staleness; the controller turns it into S (flux/control/staleness.py)
+        stale = batch_signals(tb.proximal_logprobs, tb.behaviour_logprobs, tb.response_mask, tb.versions,
+                              version, tis_cap=float(trainer.params.get("tis_cap") or 2.0))
         if stats.get("step_skipped"):  # its groups are dropped (the controller gives their credit back)
             skipped += 1
             log.warning("step %d skipped: non-finite gradient (%d in a row)", step, skipped)
@@ -314,11 +300,14 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
             saved = {"checkpoint": final}
         metrics = {
             "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
-            "staleness_mean": stale["staleness"], **{k: v for k, v in stale.items() if k != "staleness"},
+            **stale,
             **{k: float(v) for k, v in stats.items()},
             "learner_busy_frac": busy / max(1e-6, time.monotonic() - t_start),
             "samples": len(batch.response_lens), "tokens": int(batch.response_lens.sum()),
             "response_len_mean": float(batch.response_lens.mean()),
+            "response_len_p50": float(np.percentile(batch.response_lens, 50)),
+            "response_len_p99": float(np.percentile(batch.response_lens, 99)),
+            "length_hist": add_lengths({}, batch.response_lens),
             "step_s": step_s, "batch_wait_s": t0 - t_wait,
             "dropped_in_batch": int(batch.dropped_stale),
             "group_ids": [int(g) for g in batch.group_ids],

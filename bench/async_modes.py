@@ -1,21 +1,24 @@
-"""Sync vs async vs adaptive on the built-in workload, and the controller's answer to a step change.
+"""Sync vs fixed async (η_max 1, 2, 4) vs adaptive, on three workloads, over seeds.
 
-    python bench/async_modes.py [--max-steps 300] [--seed 0] [--step-change] [--set KEY=VALUE ...]
+    python bench/async_modes.py [--workloads sort longtail sensitive] [--seeds 0 1] [--steps-scale 1.0]
+                                [--step-change] [--set KEY=VALUE ...]
                                 [--json bench/results/async_modes.json] [--plot bench/results/async_modes.png]
 
-Runs `flux train` once per `adaptive_async.mode` (`sync`, `async`, `adaptive`), back to back and never
-in parallel (they would compete for the cores), with the same seed and number of steps, so every mode
-trains on the same number of samples. Prints a table, writes JSON and a PNG (matplotlib, the `bench`
-extra), and says whether the adaptive controller meets the targets of its issue:
+Workloads (`WORKLOADS`): the built-in sort task at its defaults; `longtail`, the built-in repeat task
+(completions of 2 to 49 tokens, a sync step mostly generating); `sensitive`, the sort task at
+learner.lr=2e-3, where stale samples hurt; and, not run by default, `sensitive_b`, a second sensitive
+configuration the default target was not chosen on (the repeat task at lr 3e-3, 8 samples per prompt).
+Every mode of a workload runs the same steps with the same batch, so all train on the same number of
+samples; runs go back to back, never in parallel (they would compete for the cores). `adaptive` runs
+the **default** controller config; nothing is tuned per workload.
 
-    throughput  adaptive samples/s ≥ 1.6 × sync
-    staleness   adaptive mean staleness within ±0.05 of the target, and < 0.2
-    quality     adaptive final held-out eval ≥ sync's − 0.05
+Per workload and mode (mean over seeds; eval also min–max): samples/s, time to the target eval (95 % of
+sync's final held-out eval on that workload), final eval, staleness, lag, dropped samples, learner and
+generator busy fractions. Prints a table and the issue's targets, writes JSON and a PNG (held-out eval
+against wall time, one line per mode and seed; matplotlib from the `bench` extra).
 
-`--step-change` adds one more adaptive run whose generation becomes `--step-factor` times slower from
-policy version max_steps/2 on (`rollout.slowdown_schedule`), and a second PNG of the async ratio and
-staleness around the change. The extra seconds per token are derived from the plain adaptive run's own
-generator time per token (`--step-slowdown` sets them directly).
+`--step-change` adds one more adaptive run on the first workload whose generation becomes
+`--step-factor` times slower from policy version steps/2 on (`rollout.slowdown_schedule`).
 """
 
 from __future__ import annotations
@@ -33,12 +36,34 @@ from flux.integrations.tools.plot import pyplot, save, smooth, window_rate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import have_matplotlib, run_train, write_json
 
-MODES = ("sync", "async", "adaptive")
+# name -> (config overrides, steps, evaluations per run)
+WORKLOADS = {
+    "sort": ([], 200),
+    "longtail": (["prompts=builtin:repeat", "eval.prompts=builtin:repeat", "rollout.max_new_tokens=64",
+                  "learner.micro_batch_tokens=1024", "eval.temperature=1.0", "eval.num_prompts=400"], 100),
+    "sensitive": (["learner.lr=2e-3"], 200),
+    "sensitive_b": (["prompts=builtin:repeat", "eval.prompts=builtin:repeat", "rollout.max_new_tokens=64",
+                     "learner.micro_batch_tokens=1024", "eval.temperature=1.0", "eval.num_prompts=400", "learner.lr=3e-3",
+                     "rollout.group_size=8", "learner.groups_per_step=16"], 100),
+}
+DEFAULT_WORKLOADS = ("sort", "longtail", "sensitive")
+MODES = {
+    "sync": ["adaptive_async.mode=sync"],
+    "async_eta1": ["adaptive_async.mode=async", "adaptive_async.eta_max=1"],
+    "async_eta2": ["adaptive_async.mode=async", "adaptive_async.eta_max=2"],
+    "async_eta4": ["adaptive_async.mode=async", "adaptive_async.eta_max=4"],
+    "adaptive": ["adaptive_async.mode=adaptive"],
+}
+FIXED_ASYNC = ("async_eta1", "async_eta2", "async_eta4")
+EVALS_PER_RUN = 10
+TARGET_FRACTION = 0.95   # time to target: 95 % of sync's final eval
 STEP_RUN = "adaptive+step"
-SPEEDUP_MIN = 1.6       # adaptive samples/s over sync
-STALENESS_BAND = 0.05   # |mean staleness − target|
-STALENESS_MAX = 0.2     # the stability promise (DESIGN.md section 2)
-EVAL_SLACK = 0.05       # adaptive eval may trail sync by this much
+LONGTAIL_SPEEDUP = 1.5   # adaptive over sync on the long-tail workload
+LONGTAIL_OF_FASTEST = 0.9  # adaptive over the fastest fixed async there
+EVAL_SLACK = 0.02        # adaptive's final eval may trail sync's by this much
+TIME_SLACK = 1.05        # adaptive's time to target over the best mode's
+STALENESS_BAND = 0.03    # |mean staleness − target|
+SENSITIVE_LOSS = 0.05    # the fastest fixed async must lose this much eval on the sensitive workload
 
 
 # ---- pure parts: rows of metrics.jsonl → summary, targets, table ------------------------------------
@@ -87,7 +112,88 @@ def summarize(rows: list[dict], group_size: int) -> dict:
         "eval_final": last.get("eval_score"),
         "step_s_mean": mean([r.get("step_s", float("nan")) for r in rows]),
         "batch_wait_s_mean": mean([r.get("batch_wait_s", float("nan")) for r in rows]),
+        "response_len_p50": mean([r["response_len_p50"] for r in rows if "response_len_p50" in r]),
+        "response_len_p99": mean([r["response_len_p99"] for r in rows if "response_len_p99" in r]),
+        "trained_lengths": last.get("trained_lengths", {}),
+        "dropped_lengths": last.get("dropped_lengths", {}),
+        "dropped_len_mean": hist_mean(last.get("dropped_lengths", {})),
+        "trained_len_mean": hist_mean(last.get("trained_lengths", {})),
+        **{f"{k}_mean": mean([r[k] for r in rows if k in r]) for k in SIGNAL_KEYS},
     }
+
+
+SIGNAL_KEYS = ("sig_k3", "sig_ess_loss", "sig_is_cap", "clip_frac", "lag_mean")  # candidates for S
+
+
+def rank(xs: list[float]) -> list[float]:
+    """Ranks 0..n-1 (ties share their mean rank)."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    out = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            out[order[k]] = (i + j) / 2
+        i = j + 1
+    return out
+
+
+def spearman(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's rank correlation; None when either side is constant or there are < 3 points."""
+    if len(xs) < 3:
+        return None
+    rx, ry = rank(xs), rank(ys)
+    mx, my = mean(rx), mean(ry)
+    sx = sum((a - mx) ** 2 for a in rx) ** 0.5
+    sy = sum((b - my) ** 2 for b in ry) ** 0.5
+    if sx == 0 or sy == 0:
+        return None
+    return sum((a - mx) * (b - my) for a, b in zip(rx, ry)) / (sx * sy)
+
+
+def pooled_evidence(results: dict[str, dict]) -> dict:
+    """Spearman's ρ of each candidate's run mean against the run's eval loss (vs its own workload's
+    sync), over the fixed-mode runs of every workload together: where a lag of 2 is harmless on one
+    workload and harmful on another, a signal that measures harm ranks the runs and the lag does not."""
+    xs: dict[str, list[float]] = {k: [] for k in SIGNAL_KEYS}
+    loss: list[float] = []
+    for res in results.values():
+        sync = res["modes"].get("sync")
+        if sync is None:
+            continue
+        for m, r in res["modes"].items():
+            for s in r["seeds"].values():
+                if m != "adaptive" and s.get("eval_final") is not None:
+                    loss.append(sync["eval_final"] - s["eval_final"])
+                    for k in SIGNAL_KEYS:
+                        xs[k].append(s.get(f"{k}_mean", float("nan")))
+    return {k: spearman(v, loss) for k, v in xs.items()} | {"points": len(loss)}
+
+
+def signal_evidence(result: dict) -> dict:
+    """How well each candidate signal's run mean predicts the run's loss of held-out eval against sync's
+    mean (one point per fixed-mode run and seed): Spearman's ρ, and the signal's mean per mode."""
+    sync = result["modes"].get("sync")
+    if sync is None:
+        return {}
+    points = [(m, s) for m, res in result["modes"].items() if m != "adaptive"
+              for s in res["seeds"].values() if s.get("eval_final") is not None]
+    loss = [sync["eval_final"] - s["eval_final"] for _, s in points]
+    return {k: {"spearman_vs_eval_loss": spearman([s.get(f"{k}_mean", float("nan")) for _, s in points], loss),
+                "by_mode": {m: mean([s.get(f"{k}_mean", float("nan")) for mm, s in points if mm == m])
+                            for m in dict.fromkeys(m for m, _ in points)}}
+            for k in SIGNAL_KEYS}
+
+
+def hist_mean(hist: dict[str, int]) -> float | None:
+    """Mean of a power-of-two length histogram ("4-7": n), each bucket at its midpoint; None if empty."""
+    total = sum(hist.values())
+    if not total:
+        return None
+    mid = {b: (int(b.split("-")[0]) + int(b.split("-")[-1])) / 2 for b in hist}
+    return sum(mid[b] * n for b, n in hist.items()) / total
 
 
 def speedups(summaries: dict[str, dict], base: str = "sync") -> dict[str, float]:
@@ -98,24 +204,76 @@ def speedups(summaries: dict[str, dict], base: str = "sync") -> dict[str, float]
     return {name: s["samples_per_s"] / ref for name, s in summaries.items()}
 
 
-def check_targets(summaries: dict[str, dict], target: float) -> list[dict]:
-    """The issue's three targets for the adaptive mode against sync: [{name, ok, detail}]."""
-    ad, sy = summaries.get("adaptive"), summaries.get("sync")
-    if ad is None or sy is None:
-        return []
-    ratio = ad["samples_per_s"] / sy["samples_per_s"]
-    s = ad["staleness_mean"]
-    out = [
-        {"name": "throughput", "ok": ratio >= SPEEDUP_MIN,
-         "detail": f"adaptive/sync samples/s = {ratio:.2f} (need ≥ {SPEEDUP_MIN})"},
-        {"name": "staleness", "ok": abs(s - target) <= STALENESS_BAND and s < STALENESS_MAX,
-         "detail": f"adaptive mean staleness {s:.3f} "
-                   f"(need {target:.2f} ± {STALENESS_BAND} and < {STALENESS_MAX})"},
-    ]
-    if ad["eval_final"] is not None and sy["eval_final"] is not None:
-        out.append({"name": "quality", "ok": ad["eval_final"] >= sy["eval_final"] - EVAL_SLACK,
-                    "detail": f"adaptive eval {ad['eval_final']:.3f} vs sync {sy['eval_final']:.3f} "
-                              f"(need ≥ sync − {EVAL_SLACK})"})
+def time_to_target(rows: list[dict], target: float, every: int = 1) -> float | None:
+    """Wall seconds at the first evaluation after training began (steps every−1, 2·every−1, ..., and the
+    last) reaching `target`; None if none does. (Every row repeats the last evaluation; the one before
+    the first step is the same for every mode and does not count.)"""
+    for r in rows:
+        fresh = (r["step"] + 1) % max(1, every) == 0 or r is rows[-1]
+        if fresh and r.get("eval_score") is not None and r["eval_score"] >= target:
+            return float(r["wall_s"])
+    return None
+
+
+AGG_KEYS = ("samples_per_s", "staleness_mean", "lag_mean", "async_ratio_mean", "learner_busy_frac",
+            "generator_busy_frac", "dropped_samples", "wall_s", "response_len_p50", "response_len_p99",
+            "dropped_len_mean")
+
+
+def aggregate(per_seed: dict[int, dict], runs: dict[int, list[dict]], target_eval: float, every: int = 1) -> dict:
+    """One mode's seeds → means (eval also min/max), time to target (mean over the seeds that reach it,
+    None when one does not), and the per-seed summaries."""
+    out = {k: mean([s[k] for s in per_seed.values() if s.get(k) is not None]) for k in AGG_KEYS}
+    evals = [s["eval_final"] for s in per_seed.values() if s.get("eval_final") is not None]
+    times = {seed: time_to_target(rows, target_eval, every) for seed, rows in runs.items()}
+    reached = [t for t in times.values() if t is not None]
+    out.update(eval_final=mean(evals), eval_min=min(evals, default=None), eval_max=max(evals, default=None),
+               time_to_target_s=mean(reached) if reached and len(reached) == len(times) else None,
+               reached_target=f"{len(reached)}/{len(times)}",
+               seeds={str(seed): {**s, "time_to_target_s": times[seed]} for seed, s in per_seed.items()})
+    return out
+
+
+def check_targets(workloads: dict[str, dict], target: float, max_ratio: float = 1.0) -> list[dict]:
+    """The issue's targets, per workload: [{workload, name, ok, detail}]."""
+    out = []
+
+    def add(w, name, ok, detail):
+        out.append({"workload": w, "name": name, "ok": bool(ok), "detail": detail})
+
+    for w, res in workloads.items():
+        modes = res["modes"]
+        ad, sy = modes.get("adaptive"), modes.get("sync")
+        if ad is None or sy is None:
+            continue
+        fixed = {m: modes[m] for m in FIXED_ASYNC if m in modes}
+        if w == "longtail":
+            ratio = ad["samples_per_s"] / sy["samples_per_s"]
+            add(w, "speedup", ratio >= LONGTAIL_SPEEDUP, f"adaptive/sync samples/s {ratio:.2f} (need ≥ {LONGTAIL_SPEEDUP})")
+            if fixed:
+                best = max(fixed, key=lambda m: fixed[m]["samples_per_s"])
+                r = ad["samples_per_s"] / fixed[best]["samples_per_s"]
+                add(w, "vs_fastest_async", r >= LONGTAIL_OF_FASTEST,
+                    f"adaptive/{best} samples/s {r:.2f} (need ≥ {LONGTAIL_OF_FASTEST})")
+        add(w, "quality", ad["eval_final"] >= sy["eval_final"] - EVAL_SLACK,
+            f"adaptive eval {ad['eval_final']:.3f} vs sync {sy['eval_final']:.3f} (need ≥ sync − {EVAL_SLACK})")
+        times = {m: v["time_to_target_s"] for m, v in modes.items() if v["time_to_target_s"] is not None}
+        if times:
+            best = min(times, key=times.get)
+            t = ad["time_to_target_s"]
+            add(w, "time_to_target", t is not None and t <= TIME_SLACK * times[best],
+                f"adaptive {'never' if t is None else f'{t:.0f}s'} vs best {best} {times[best]:.0f}s "
+                f"(need ≤ {TIME_SLACK}×; target eval {res['target_eval']:.3f})")
+        s, a = ad["staleness_mean"], ad["async_ratio_mean"]
+        saturated = s < target and a >= 0.95 * max_ratio
+        add(w, "staleness", abs(s - target) <= STALENESS_BAND or saturated,
+            f"adaptive mean staleness {s:.3f}, async ratio {a:.2f} (need {target:g} ± {STALENESS_BAND}, "
+            f"or below it at the maximum ratio)")
+        if w.startswith("sensitive") and fixed:
+            fastest = max(fixed, key=lambda m: fixed[m]["samples_per_s"])
+            loss = sy["eval_final"] - fixed[fastest]["eval_final"]
+            add(w, "async_hurts", loss >= SENSITIVE_LOSS,
+                f"{fastest} loses {loss:.3f} eval against sync (need ≥ {SENSITIVE_LOSS})")
     return out
 
 
@@ -145,13 +303,12 @@ def step_slowdown(summary: dict, factor: float, num_generators: int = 1) -> floa
 
 
 COLUMNS = [  # (header, key, format)
-    ("mode", None, ""), ("steps", "steps", "d"), ("wall s", "wall_s", ".0f"),
-    ("samples/s", "samples_per_s", ".1f"), ("tokens/s", "tokens_per_s", ".0f"),
-    ("×sync", "speedup", ".2f"), ("learn busy", "learner_busy_frac", ".2f"),
-    ("gen busy", "generator_busy_frac", ".2f"), ("stale mean", "staleness_mean", ".3f"),
-    ("stale p95", "staleness_p95", ".3f"), ("lag mean", "lag_mean", ".2f"), ("lag max", "lag_max", ".0f"),
-    ("async", "async_ratio_mean", ".2f"), ("dropped", "dropped_samples", "d"),
-    ("reward", "reward_final", ".3f"), ("eval", "eval_final", ".3f"),
+    ("mode", None, ""), ("samples/s", "samples_per_s", ".1f"), ("×sync", "speedup", ".2f"),
+    ("to target s", "time_to_target_s", ".0f"), ("reached", "reached_target", ""),
+    ("eval", "eval_final", ".3f"), ("eval min", "eval_min", ".3f"), ("eval max", "eval_max", ".3f"),
+    ("stale", "staleness_mean", ".3f"), ("lag", "lag_mean", ".2f"), ("async", "async_ratio_mean", ".2f"),
+    ("dropped", "dropped_samples", ".0f"), ("learn busy", "learner_busy_frac", ".2f"),
+    ("gen busy", "generator_busy_frac", ".2f"),
 ]
 
 
@@ -167,7 +324,7 @@ def format_table(summaries: dict[str, dict], errors: dict[str, str] | None = Non
         cells = []
         for (_, key, fmt), w in zip(COLUMNS, widths):
             value = name if key is None else ratio.get(name) if key == "speedup" else s.get(key)
-            cells.append(cell("-" if value is None else format(value, fmt), key, w))
+            cells.append(cell("-" if value is None or value != value else format(value, fmt), key, w))
         lines.append(" ".join(cells))
     for name, err in (errors or {}).items():
         lines.append(f"{name.ljust(widths[0])} failed: {err}")
@@ -176,22 +333,19 @@ def format_table(summaries: dict[str, dict], errors: dict[str, str] | None = Non
 
 # ---- running ----------------------------------------------------------------------------------------
 
-def plot_modes(runs: dict[str, list[dict]], target: float, path: str) -> None:
-    """Reward vs wall time; staleness (target dashed) and async ratio vs step, one line per mode."""
+def plot_workloads(runs: dict[str, dict[str, dict[int, list[dict]]]], targets: dict[str, float], path: str) -> None:
+    """Held-out eval against wall time: one panel per workload, one line per mode and seed."""
     plt = pyplot()
-    fig, (ax_r, ax_s, ax_a) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name, rows in runs.items():
-        w = max(1, len(rows) // 50)
-        steps = [r["step"] for r in rows]
-        ax_r.plot([r["wall_s"] for r in rows], smooth([r["reward_mean"] for r in rows], w), label=name)
-        ax_s.plot(steps, smooth([r["staleness_mean"] for r in rows], w), label=name)
-        ax_a.plot(steps, [r["async_ratio"] for r in rows], label=name)
-    ax_s.axhline(target, ls="--", c="k", lw=1, label=f"target {target:g}")
-    ax_r.set(xlabel="wall time (s)", ylabel="reward (moving mean)", title="reward vs wall time")
-    ax_s.set(xlabel="step", ylabel="staleness S (moving mean)", title="staleness")
-    ax_a.set(xlabel="step", ylabel="async ratio a", title="async ratio", ylim=(-0.05, 1.05))
-    for ax in (ax_r, ax_s, ax_a):
-        ax.legend()
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.2), squeeze=False)
+    for ax, (w, modes) in zip(axes[0], runs.items()):
+        for k, (mode, seeds) in enumerate(modes.items()):
+            for n, rows in enumerate(seeds.values()):
+                pts = [(r["wall_s"], r["eval_score"]) for r in rows if r.get("eval_score") is not None]
+                ax.plot(*zip(*pts), c=f"C{k}", alpha=0.9 if n == 0 else 0.45, marker=".",
+                        label=mode if n == 0 else None)
+        ax.axhline(targets[w], ls="--", c="k", lw=1, label=f"target {targets[w]:.3f}")
+        ax.set(xlabel="wall time (s)", ylabel="held-out eval", title=w)
+        ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     save(fig, path)
@@ -223,9 +377,10 @@ def plot_step_change(rows: list[dict], change_step: int, target: float, factor: 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--max-steps", type=int, default=300)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(DEFAULT_WORKLOADS))
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every workload's steps")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override passed to every run (repeatable)")
     ap.add_argument("--step-change", action="store_true", help="add an adaptive run with a mid-run slowdown")
@@ -237,58 +392,86 @@ def main() -> int:
     ap.add_argument("--plot", default="bench/results/async_modes.png")
     ap.add_argument("--step-plot", default="bench/results/async_modes_step_change.png")
     ap.add_argument("--runs-dir", default=None, help="keep the run directories here (default: a temp dir)")
+    ap.add_argument("--from-runs", default=None, metavar="DIR",
+                    help="run nothing: rebuild the table and JSON from a --runs-dir of an earlier run")
     args = ap.parse_args()
 
     tmp = None if args.runs_dir else tempfile.TemporaryDirectory()
     root = Path(args.runs_dir or tmp.name)
-    common = [f"seed={args.seed}", *args.overrides]
-    runs: dict[str, list[dict]] = {}
-    summaries: dict[str, dict] = {}
+    results: dict[str, dict] = {}
+    all_runs: dict[str, dict[str, dict[int, list[dict]]]] = {}
     errors: dict[str, str] = {}
     configs: dict[str, dict] = {}
+    step = None
     try:
-        for mode in args.modes:
-            sets = common + [f"adaptive_async.mode={mode}"]
-            rows, cfg, err = run_train(mode, sets, args.max_steps, root / mode)
-            if err:
-                errors[mode] = err
-                continue
-            runs[mode], configs[mode] = rows, cfg
-            summaries[mode] = summarize(rows, cfg["rollout"]["group_size"])
-        step = None
-        if args.step_change:
-            step = run_step_change(args, common, root, summaries, configs, errors)
-            if step is not None:
-                summaries[STEP_RUN] = summarize(step["rows"], step["group_size"])
+        for w in args.workloads:
+            sets, steps = WORKLOADS[w]
+            steps = max(10, round(steps * args.steps_scale))
+            per_mode: dict[str, dict[int, dict]] = {}
+            runs: dict[str, dict[int, list[dict]]] = {}
+            for mode in args.modes:
+                for seed in args.seeds:
+                    name = f"{w}/{mode}/seed{seed}"
+                    out = root / w / mode / f"seed{seed}"
+                    if args.from_runs:
+                        rows, cfg, err = read_run(Path(args.from_runs) / w / mode / f"seed{seed}", steps)
+                    else:
+                        rows, cfg, err = run_train(name, [f"seed={seed}", f"eval.every={max(1, steps // EVALS_PER_RUN)}",
+                                                          *sets, *args.overrides, *MODES[mode]], steps, out)
+                    if err:
+                        errors[name] = err
+                        continue
+                    configs[w] = cfg
+                    runs.setdefault(mode, {})[seed] = rows
+                    per_mode.setdefault(mode, {})[seed] = summarize(rows, cfg["rollout"]["group_size"])
+            sync_eval = mean([s["eval_final"] for s in per_mode.get("sync", {}).values()
+                              if s.get("eval_final") is not None])
+            target_eval = TARGET_FRACTION * sync_eval
+            results[w] = {"target_eval": target_eval, "steps": steps, "sets": sets,
+                          "modes": {m: aggregate(per_mode[m], runs[m], target_eval, max(1, steps // EVALS_PER_RUN))
+                                    for m in per_mode}}
+            results[w]["signal_evidence"] = signal_evidence(results[w])
+            all_runs[w] = runs
+            print(f"\n{w} ({steps} steps; target eval {target_eval:.3f} = {TARGET_FRACTION:g} × sync's)")
+            print(format_table(results[w]["modes"], {k: v for k, v in errors.items() if k.startswith(w + "/")}))
+            for k, ev in results[w]["signal_evidence"].items():
+                rho = ev["spearman_vs_eval_loss"]
+                print(f"  {k:<13} Spearman ρ vs eval loss {'-' if rho is None else f'{rho:+.2f}'}   by mode: "
+                      + "  ".join(f"{m} {v:.4f}" for m, v in ev["by_mode"].items()))
+        if args.step_change and results:
+            w = args.workloads[0]
+            step = run_step_change(args, WORKLOADS[w][0], results[w], configs.get(w), root, errors)
     finally:
         if tmp is not None:
             tmp.cleanup()
 
-    cfg = next(iter(configs.values()), {"adaptive_async": {"target_staleness": 0.1}})
-    target = float(cfg["adaptive_async"]["target_staleness"])
-    print(format_table(summaries, errors))
-    targets = check_targets(summaries, target)
+    cfg = next(iter(configs.values()), {"adaptive_async": {"target_staleness": 0.1, "max_async_ratio": 1.0}})
+    aa = cfg["adaptive_async"]
+    target = float(aa["target_staleness"])
+    targets = check_targets(results, target, float(aa["max_async_ratio"]))
+    pooled = pooled_evidence(results)
+    print(f"\nall workloads' fixed-mode runs ({pooled['points']}): Spearman ρ of each signal vs eval loss: "
+          + "  ".join(f"{k} {'-' if v is None else f'{v:+.2f}'}" for k, v in pooled.items() if k != "points"))
+    print()
     for t in targets:
-        print(f"target {t['name']:<10} {'MET ' if t['ok'] else 'MISS'}  {t['detail']}")
+        print(f"{t['workload']:<11} {t['name']:<16} {'MET ' if t['ok'] else 'MISS'}  {t['detail']}")
     if step is not None:
         sr = step["response"]
         print(f"step change at step {sr['change_step']} (+{step['slowdown']:.2e} s/token): async ratio "
               f"{sr['async_ratio_before']:.2f} → {sr['async_ratio_after']:.2f}, staleness "
               f"{sr['staleness_before']:.3f} → {sr['staleness_after']:.3f}, samples/s "
               f"{sr['samples_per_s_before']:.1f} → {sr['samples_per_s_after']:.1f}")
-
     result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version()},
-        "args": vars(args), "target_staleness": target, "runs": summaries, "errors": errors,
-        "speedup_vs_sync": speedups(summaries), "targets": targets,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "args": vars(args), "target_staleness": target, "controller": aa, "staleness": cfg.get("staleness"),
+        "workloads": results, "errors": errors, "targets": targets, "signal_evidence_pooled": pooled,
         "step_change": None if step is None else {k: v for k, v in step.items() if k != "rows"},
     }
     write_json(args.json, result)
     if not have_matplotlib():
         return 1 if errors else 0
-    if runs:
-        plot_modes(runs, target, args.plot)
+    if all_runs:
+        plot_workloads(all_runs, {w: r["target_eval"] for w, r in results.items()}, args.plot)
         print(f"wrote {args.plot}")
     if step is not None:
         change = step["response"]["change_step"]
@@ -297,19 +480,35 @@ def main() -> int:
     return 1 if errors else 0
 
 
-def run_step_change(args, common: list[str], root: Path, summaries: dict, configs: dict,
-                    errors: dict) -> dict | None:
-    """The adaptive mode with generation slowed down from version max_steps/2 on."""
-    change = args.max_steps // 2
+def read_run(run_dir: Path, steps: int) -> tuple[list[dict], dict, str | None]:
+    """An earlier run's metrics rows and config (`--from-runs`), as `run_train` returns them."""
+    import json
+
+    import yaml
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return [], {}, f"{run_dir}: no metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return rows, cfg, None if len(rows) == steps else f"{run_dir}: {len(rows)} of {steps} steps"
+
+
+def run_step_change(args, sets: list[str], result: dict, cfg: dict | None, root: Path, errors: dict) -> dict | None:
+    """The adaptive mode with generation slowed down from version steps/2 on (first workload, first seed)."""
+    steps = result["steps"]
+    change = steps // 2
     slowdown = args.step_slowdown
     if slowdown is None:
-        if "adaptive" not in summaries:
+        if "adaptive" not in result["modes"] or cfg is None:
             errors[STEP_RUN] = "needs the adaptive run (or --step-slowdown) to size the slowdown"
             return None
-        gens = configs["adaptive"]["rollout"]["num_generators"]
-        slowdown = step_slowdown(summaries["adaptive"], args.step_factor, gens)
-    sets = common + ["adaptive_async.mode=adaptive", f"rollout.slowdown_schedule=[[{change}, {slowdown!r}]]"]
-    rows, cfg, err = run_train(STEP_RUN, sets, args.max_steps, root / "adaptive_step")
+        first = next(iter(result["modes"]["adaptive"]["seeds"].values()))
+        slowdown = step_slowdown(first, args.step_factor, cfg["rollout"]["num_generators"])
+    seed = args.seeds[0]
+    run_sets = [f"seed={seed}", *sets, *args.overrides, "adaptive_async.mode=adaptive",
+                f"rollout.slowdown_schedule=[[{change}, {slowdown!r}]]"]
+    rows, cfg, err = run_train(STEP_RUN, run_sets, steps, root / "adaptive_step")
     if err:
         errors[STEP_RUN] = err
         return None

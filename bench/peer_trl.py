@@ -253,7 +253,7 @@ def trl_worker(steps: int, seed: int, threads: int, overrides: list[str], out: P
     cfg = load_config(None, overrides, max_steps=steps, seed=seed)
     if not cfg.prompts.startswith("builtin:"):
         raise SystemExit(f"prompts={cfg.prompts}: this bench runs the built-in tasks only")
-    path = resolve_model_path(cfg.model_path)
+    path = resolve_model_path(cfg.model_path, cfg.prompts)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     reward_fn = load_function(cfg.reward)

@@ -23,7 +23,18 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names the field (and file)."""
 
 
-MOVED = {"learner.checkpoint_every": "checkpoint.every"}  # renamed keys: the error says where they went
+MOVED = {"learner.checkpoint_every": "checkpoint.every", "staleness.metric": "staleness.signal"}  # renamed keys: the error says where they went
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether `pkg.module:name` names something importable (flux.plugins.resolve)."""
+    from flux.plugins import resolve
+
+    try:
+        resolve(dotted)
+    except ValueError:
+        return False
+    return True
 
 
 def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
@@ -37,8 +48,8 @@ def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclass
 class RolloutConfig:
     """Generators: how many, which engine, how they sample."""
 
-    engine: str = _doc("Rollout engine: `torch` (built-in, CPU or GPU) or `sglang` (an SGLang server "
-                       "per generator, GPU; see docs/engines.md).", "torch")
+    engine: str = _doc("Rollout engine: `torch` (built-in, CPU or GPU), `sglang` (an SGLang server "
+                       "per generator, GPU; see docs/engines.md) or `pkg.module:factory` (your own).", "torch")
     num_generators: int = _doc("Generator processes started on this machine.", 1)
     group_size: int = _doc("Samples per prompt (n); GRPO/RLOO advantages are computed within a group.", 16)
     groups_per_call: int = _doc("Prompt groups a generator batches into one `generate` call.", 4)
@@ -89,7 +100,8 @@ class LearnerConfig:
 
     backend: str = _doc("Training backend: `torch` (plain PyTorch) or `megatron` (megatron-core: Llama, "
                         "Qwen2, Qwen3; tensor parallel 1 through `flux train`; needs `flux-rlhf[megatron]`; "
-                        "docs/megatron.md).", "torch")
+                        "docs/megatron.md), or `pkg.module:LearnerClass` (your own `flux.learner.base.Learner`).",
+                        "torch")
     groups_per_step: int = _doc("Prompt groups per optimizer step; B = groups_per_step * group_size.", 8)
     lr: float = _doc("AdamW learning rate.", 1e-3)
     critic_lr: float = _doc("Learning rate of the critic (PPO's value model; 0 = same as lr).", 0.0)
@@ -98,6 +110,8 @@ class LearnerConfig:
     weight_decay: float = _doc("AdamW weight decay.", 0.0)
     max_grad_norm: float = _doc("Gradient clipping norm.", 1.0)
     micro_batch_size: int = _doc("Samples per forward/backward (0 = whole batch at once).", 0)
+    micro_batch_tokens: int = _doc("Padded tokens per forward/backward, rows packed longest-first so a long "
+                                   "tail does not pad every row to it (0 = off; overrides micro_batch_size).", 0)
     threads: int = _doc("torch intra-op threads in the learner process.", 1)
     max_skipped_steps: int = _doc("Stop the run with an error after this many consecutive optimizer steps "
                                   "skipped for a non-finite gradient (a skipped step's groups are dropped and "
@@ -122,7 +136,7 @@ class CheckpointConfig:
 
 @dataclass
 class AdaptiveAsyncConfig:
-    """How far generation may run ahead of training (DESIGN.md section 3)."""
+    """How far generation may run ahead of training (docs/concepts.md, "Admission")."""
 
     mode: str = _doc("`sync` (a = 0), `async` (a = max_async_ratio) or `adaptive` (PID on staleness).",
                      "adaptive")
@@ -130,7 +144,7 @@ class AdaptiveAsyncConfig:
     min_async_ratio: float = _doc("Lower clamp of the async ratio a.", 0.0)
     max_async_ratio: float = _doc("Upper clamp of the async ratio a.", 1.0)
     initial_async_ratio: float = _doc("a at the start of an adaptive run.", 0.5)
-    eta_max: int = _doc("Largest allowed lead in optimizer steps; older samples are dropped.", 2)
+    eta_max: int = _doc("Largest allowed lead in optimizer steps; older samples are dropped.", 4)
     kp: float = _doc("PID proportional gain (per unit of staleness error).", 1.0)
     ki: float = _doc("PID integral gain (per step).", 0.2)
     kd: float = _doc("PID derivative gain (on the measurement).", 0.0)
@@ -139,11 +153,14 @@ class AdaptiveAsyncConfig:
 
 @dataclass
 class StalenessConfig:
-    """Combined staleness S = w_lag*min(1, lag/eta_max) + (1-w_lag)*min(1, D/d_ref)."""
+    """S = w_lag*min(1, lag/eta_max) + (1-w_lag)*min(1, excess/d_ref), excess = signal above its lag-0 floor."""
 
-    w_lag: float = _doc("Weight of the version-lag term in S (the divergence term gets 1 - w_lag).", 0.5)
-    d_ref: float = _doc("Divergence at which the divergence term saturates.", 0.1)
-    metric: str = _doc("Divergence D: `k3` (KL estimate) or `abs_log_ratio`.", "k3")
+    signal: str = _doc("What S measures: `k3` (KL(behaviour || current) estimate, nats/token), `ess_loss` "
+                       "(1 - ESS/N of the importance weights) or `is_cap` (tokens over the IS cap).", "k3")
+    w_lag: float = _doc("Weight of the version-lag term in S (the signal's term gets 1 - w_lag). The lag "
+                        "is set by admission, i.e. by the controller itself: 0 keeps it out of the loop.", 0.0)
+    d_ref: float = _doc("Signal excess (above the lag-0 floor) at which S saturates at 1.", 0.1)
+    floor_window: int = _doc("Recent batches with lag-0 tokens that estimate the floor.", 20)
 
 
 @dataclass
@@ -203,8 +220,9 @@ class LoggingConfig:
 class FluxConfig:
     """A whole Flux job."""
 
-    model_path: str = _doc("HF model directory, or `builtin:tiny` for the embedded default.", "builtin:tiny")
-    prompts: str = _doc("Training prompts JSONL, or `builtin:<task>` (built-in task `sort`). For DPO, a "
+    model_path: str = _doc("HF model directory, or `builtin:tiny` for the embedded default (warm-started on "
+                           "the run's built-in task; `builtin:tiny:<task>` names one).", "builtin:tiny")
+    prompts: str = _doc("Training prompts JSONL, or `builtin:<task>` (built-in tasks `sort`, `repeat`). For DPO, a "
                         "preference JSONL of {prompt, chosen, rejected} trains offline (`builtin:sort_pairs` "
                         "is the built-in one); a prompts file trains online DPO on sampled pairs.",
                         "builtin:sort")
@@ -251,7 +269,8 @@ class FluxConfig:
         _check_leaves(self)
         r, lr, a, s = self.rollout, self.learner, self.adaptive_async, self.staleness
         checks = [
-            ("rollout.engine", r.engine in ("torch", "sglang"), "must be `torch` or `sglang`"),
+            ("rollout.engine", r.engine in ("torch", "sglang") or _resolves(r.engine),
+             "must be `torch`, `sglang` or an importable `pkg.module:factory`"),
             ("rollout.num_generators", r.num_generators >= (0 if self.net.remote else 1),
              "must be >= 1 (0 only with net.remote: generators then all attach with `flux generator`)"),
             ("rollout.group_size", r.group_size >= 1, "must be >= 1"),
@@ -280,13 +299,15 @@ class FluxConfig:
              "must be `tensor` or `distributed`"),
             ("rollout.sglang_bucket_mb", r.sglang_bucket_mb >= 1, "must be >= 1"),
             ("rollout.sglang_group_backend", r.sglang_group_backend in ("nccl", "gloo"), "must be `nccl` or `gloo`"),
-            ("learner.backend", lr.backend in ("torch", "megatron"), "must be `torch` or `megatron`"),
+            ("learner.backend", lr.backend in ("torch", "megatron") or _resolves(lr.backend),
+             "must be `torch`, `megatron` or an importable `pkg.module:LearnerClass`"),
             ("learner.groups_per_step", lr.groups_per_step >= 1, "must be >= 1"),
             ("learner.lr", lr.lr > 0, "must be > 0"),
             ("learner.critic_lr", lr.critic_lr >= 0, "must be >= 0"),
             ("learner.lr_schedule", lr.lr_schedule in ("cosine", "constant"), "must be `cosine` or `constant`"),
             ("learner.min_lr_ratio", 0 <= lr.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("learner.micro_batch_size", lr.micro_batch_size >= 0, "must be >= 0"),
+            ("learner.micro_batch_tokens", lr.micro_batch_tokens >= 0, "must be >= 0"),
             ("learner.threads", lr.threads >= 1, "must be >= 1"),
             ("learner.max_skipped_steps", lr.max_skipped_steps >= 1, "must be >= 1"),
             ("checkpoint.every", self.checkpoint.every >= 0, "must be >= 0"),
@@ -306,7 +327,8 @@ class FluxConfig:
             ("adaptive_async.ema_horizon", a.ema_horizon >= 1, "must be >= 1"),
             ("staleness.w_lag", 0 <= s.w_lag <= 1, "must be in [0, 1]"),
             ("staleness.d_ref", s.d_ref > 0, "must be > 0"),
-            ("staleness.metric", s.metric in ("k3", "abs_log_ratio"), "must be `k3` or `abs_log_ratio`"),
+            ("staleness.signal", s.signal in ("k3", "ess_loss", "is_cap"), "must be `k3`, `ess_loss` or `is_cap`"),
+            ("staleness.floor_window", s.floor_window >= 1, "must be >= 1"),
             ("eval.num_prompts", self.eval.num_prompts >= 1, "must be >= 1"),
             ("eval.every", self.eval.every >= 0, "must be >= 0"),
             ("net.heartbeat_timeout_s", self.net.heartbeat_timeout_s > self.net.heartbeat_s > 0,

@@ -55,3 +55,17 @@ def hook(name: str) -> Any:
     except KeyError:
         raise KeyError(f"no integration hook {name!r} (known: {', '.join(sorted(HOOKS))})") from None
     return pkgutil.resolve_name(path)
+
+
+def resolve(dotted: str, what: str = "object") -> Any:
+    """A user's `package.module:name` (a reward, a sink factory, an engine) → the object; ValueError with
+    a one-line reason otherwise (`pkgutil.resolve_name`, as `hook` uses)."""
+    module, sep, attr = dotted.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"{dotted!r}: expected `module:{what}`")
+    try:
+        return pkgutil.resolve_name(dotted)
+    except ImportError as e:
+        raise ValueError(f"{dotted!r}: cannot import {module} ({e})") from None
+    except AttributeError:
+        raise ValueError(f"{dotted!r}: {module} has no {what} {attr}") from None

@@ -7,7 +7,6 @@ object (its `answer` and any free metadata).
 from __future__ import annotations
 
 import collections
-import importlib
 import logging
 import math
 import numbers
@@ -52,16 +51,11 @@ def format_reward(completion: str, record: dict) -> float:
 
 def load_function(dotted: str) -> Callable:
     """`package.module:function` → the function; ValueError with a one-line reason otherwise."""
-    module_name, sep, attr = dotted.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{dotted!r}: expected `module:function`")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"{dotted!r}: cannot import {module_name} ({e})") from None
-    fn = getattr(module, attr, None)
+    from flux.plugins import resolve
+
+    fn = resolve(dotted, "function")
     if not callable(fn):
-        raise ValueError(f"{dotted!r}: {module_name} has no function {attr}")
+        raise ValueError(f"{dotted!r}: {dotted.partition(':')[0]} has no function {dotted.partition(':')[2]}")
     return fn
 
 

@@ -1,6 +1,6 @@
 """Admission credits (the actuator of adaptive asynchrony) and the prompt cursor.
 
-The bound under test (DESIGN.md section 3): a group is admitted only while
+The bound under test (docs/concepts.md, "Admission"): a group is admitted only while
 started ≤ (v + 1 + a·η_max)·B, checked in exact rational arithmetic on the float a the controller holds.
 """
 

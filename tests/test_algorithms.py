@@ -219,6 +219,35 @@ def test_registry_grpo_defaults_and_param_split():
         algo.params({"clip_hgih": 0.3})
 
 
+def test_hyper_parameters_are_typed_by_their_defaults():
+    algo = get_algorithm("grpo")
+    assert algo.params({"clip_low": 1})["clip_low"] == 1.0 and isinstance(algo.params({"clip_low": 1})["clip_low"], float)
+    assert algo.params({"tis_cap": None})["tis_cap"] is None           # a None-able one takes None
+    for key, bad in [("clip_low", "0.3"), ("correction", 1), ("agg", 3), ("clip_high", True)]:
+        with pytest.raises(ValueError, match=f"algo.{key}: grpo expects"):
+            algo.params({key: bad})
+
+
+def test_an_algorithm_declares_its_inputs_and_its_reference():
+    def token_adv(rewards, mask, *, gamma: float = 1.0):
+        return rewards[:, None] * mask
+
+    def loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, mask, ref_logprobs=None, *,
+             beta: float = 0.0):
+        return (logprobs * mask).sum(), {}
+
+    with pytest.raises(ValueError, match="declare inputs='token'"):          # never inferred from names
+        register_algorithm("t_undeclared", advantages=token_adv, loss=loss)
+    algo = register_algorithm("t_declared", advantages=token_adv, loss=loss, inputs="token", reference="beta")
+    assert algo.token_level and algo.reference == ("beta",)
+    assert not algo.wants_reference() and algo.wants_reference({"beta": 0.1})
+    with pytest.raises(ValueError, match="names no hyper-parameter"):
+        register_algorithm("t_badref", advantages=token_adv, loss=loss, inputs="token", reference="kl_coef")
+    # a kl-like name alone no longer loads a reference model: only a declaration does
+    plain = register_algorithm("t_plain", advantages=grpo_advantages, loss=grpo_loss)
+    assert not plain.wants_reference({"kl_coef": 0.5})
+
+
 def test_registry_unknown_name_lists_known():
     for bad in ("gpro", "flux.algorithms.grpo:nope", "no_such_module_xyz:algo"):
         with pytest.raises(KeyError) as err:

@@ -69,7 +69,8 @@ def test_stale_groups_dropped_counted_and_reported_once():
     assert c.pop_dropped() == {"stale": [1, 4]}
     assert c.pop_dropped() == {}           # each drop reported exactly once
     assert ids(c.take(2, version=3)) == [3, 2]
-    assert c.stats() == {"depth": 0, "dropped_stale": 2, "dropped_zero_variance": 0}
+    # the dropped samples' completion lengths are counted (two groups of two 2-token samples)
+    assert c.stats() == {"depth": 0, "dropped_stale": 2, "dropped_zero_variance": 0, "dropped_lengths": {"2-3": 4}}
 
 
 def test_stale_drop_happens_at_take_time_version():

@@ -53,7 +53,7 @@ def test_dict_sections_in_python_api():
     assert isinstance(cfg.rollout, RolloutConfig) and cfg.rollout.group_size == 2
     assert cfg.rollout.temperature == 0.5
     assert isinstance(cfg.adaptive_async, AdaptiveAsyncConfig)
-    assert cfg.adaptive_async.target_staleness == 0.05 and cfg.adaptive_async.eta_max == 2
+    assert cfg.adaptive_async.target_staleness == 0.05 and cfg.adaptive_async.eta_max == 4
     assert cfg.validate().batch_samples == 2 * cfg.learner.groups_per_step
     # dataclasses.replace goes through the same conversion (FluxTrainer uses it)
     assert dataclasses.replace(cfg, learner={"groups_per_step": 3}).batch_samples == 6
@@ -118,7 +118,7 @@ OUT_OF_RANGE = [
     ("adaptive_async.max_async_ratio", 1.5), ("adaptive_async.target_staleness", 1.5),
     ("adaptive_async.target_staleness", -0.1), ("adaptive_async.eta_max", -1),
     ("adaptive_async.ema_horizon", 0.5), ("staleness.w_lag", 1.1), ("staleness.d_ref", 0.0),
-    ("staleness.metric", "kl"), ("eval.num_prompts", 0), ("eval.every", -1), ("net.heartbeat_s", 0.0),
+    ("staleness.signal", "kl"), ("eval.num_prompts", 0), ("eval.every", -1), ("net.heartbeat_s", 0.0),
     ("net.heartbeat_timeout_s", 0.1), ("max_steps", 0), ("reward", "flux.rewards.char_match"), ("prompts", ""),
 ]
 

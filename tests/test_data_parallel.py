@@ -64,7 +64,7 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str, mode: str
     report = {}
     for name, algo, micro_batch_size in variants:
         if name.endswith("/split"):
-            actor.micro_batches = lambda tb, size, pairs=False, rank=0, ranks=1: [
+            actor.micro_batches = lambda tb, size, pairs=False, rank=0, ranks=1, tokens=0: [
                 p for r in range(2) for p in two_ranks_parts(tb, size, pairs, r, 2)]
         cfg = FluxConfig(algorithm=name.split("/")[0], algo=algo, max_steps=STEPS, seed=0,
                          learner={"lr": 3e-3, "micro_batch_size": micro_batch_size, "ranks": world})

@@ -33,3 +33,20 @@ def test_cosine_schedule_runs_from_lr_to_min_ratio():
     values = [lr_at(s, 50, 1e-3, "cosine", 0.0) for s in range(50)]
     assert np.all(np.diff(values) <= 0)
     assert lr_at(30, 50, 1e-3, "constant", 0.1) == 1e-3
+
+
+def test_token_budget_micro_batches_pack_similar_lengths_and_keep_pairs():
+    lengths = [40, 2, 3, 38, 2, 4, 2, 3]                       # a long tail: two rows ~10× the rest
+    tb = batch_of(lengths)
+    parts = micro_batches(tb, tokens=100)
+    assert sorted(torch.cat(parts).tolist()) == list(range(len(lengths)))
+    width = tb.attention_mask.sum(-1)
+    for p in parts:                                           # rows × longest row within the budget
+        assert len(p) * int(width[p].max()) <= 100
+    assert sorted(parts[0].tolist()) == [0, 3]                # the two long rows share one micro-batch
+    padded = sum(len(p) * int(width[p].max()) for p in parts)
+    assert padded < len(lengths) * int(width.max()) / 2       # less than half the padding of one batch
+    pairs = micro_batches(tb, tokens=100, pairs=True)
+    assert all((r ^ 1) in p.tolist() for p in pairs for r in p.tolist())   # 2i and 2i+1 together
+    # one row longer than the budget still gets a micro-batch of its own
+    assert [len(p) for p in micro_batches(tb, tokens=10)].count(1) >= 2

@@ -38,6 +38,23 @@ def test_algorithm_learns_the_builtin_task(algorithm, tmp_path, default_model):
     assert_nothing_left(run)
 
 
+@pytest.mark.parametrize("algorithm, mode", [("grpo", "async"), ("grpo", "adaptive"), ("ppo", "async"),
+                                             ("ppo", "adaptive")])
+def test_asynchronous_modes_learn_too(algorithm, mode, tmp_path, default_model):
+    """The same bar in the modes Flux exists for: samples up to η_max steps old (async: at the full lead)."""
+    run = tmp_path / "run"
+    out = flux_train("--set", f"algorithm={algorithm}", "--max-steps", "80", "--out", str(run), *SHORT,
+                     "--set", f"adaptive_async.mode={mode}", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = metrics(run)
+    assert len(rows) == 80
+    if mode == "async":
+        assert sum(r["lag_mean"] for r in rows) / len(rows) > 0.5      # it really trained on stale samples
+    first, last = reward_rise(rows)
+    assert last > first + 0.08, f"{algorithm}/{mode}: reward {first:.3f} → {last:.3f}"
+    assert_nothing_left(run)
+
+
 def test_custom_algorithm_from_outside_the_package_learns(tmp_path, default_model, monkeypatch):
     """examples/custom_algorithm.py, copied to a directory that is not Flux's, given as a dotted path."""
     outside = tmp_path / "user_code"

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from flux.config import FluxConfig
 from flux.control.pid import PID
+from flux.control.staleness import StalenessMonitor
 from tests.test_e2e import (
     SMALL,
     assert_nothing_left,
@@ -152,6 +153,13 @@ def test_an_asynchronous_run_resumes_with_its_controller_and_its_groups_in_fligh
             setattr(pid, key, saved["pid"][key])
         assert rows[4]["async_ratio"] == pytest.approx(pid.update(rows[4]["staleness_mean"]), abs=1e-12)
         assert rows[4]["controller"]["pid"] == pytest.approx(pid.state(), abs=1e-12)
+        # and the lag-0 floor estimate continues too: step 4's floor is the restored batches' plus its own
+        sc = FluxConfig().staleness
+        monitor = StalenessMonitor(sc.signal, eta_max=cfg.eta_max, d_ref=sc.d_ref, w_lag=sc.w_lag,
+                                   window=sc.floor_window)
+        monitor.restore(saved["staleness"])
+        assert saved["staleness"]["recent"]                   # step 0 at least trained lag-0 tokens
+        assert monitor.update(rows[4])["staleness_floor"] == pytest.approx(rows[4]["staleness_floor"], abs=1e-12)
     else:
         assert {r["async_ratio"] for r in rows} == {1.0}
     groups = json.loads((run_dir / "groups.json").read_text())

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux.control.staleness import batch_staleness, combined_staleness, divergence, lag_stats
+from flux.control.staleness import StalenessMonitor, batch_signals, combined_staleness, divergence, lag_stats
 
 torch.set_num_threads(1)
 
@@ -65,15 +65,42 @@ def test_combined_staleness_in_unit_interval(lag, div, eta_max, d_ref, w_lag):
     assert 0.0 <= s <= 1.0 + 1e-12
 
 
-def test_batch_staleness_combines_the_pieces():
-    versions = torch.tensor([[-1, 3, 3], [-1, -1, 1]])
+def test_batch_signals_split_the_lag_0_tokens_out():
+    versions = torch.tensor([[-1, 4, 4], [-1, 3, 1]])           # at version 4: lags [0, 0, 1, 3]
     mask = (versions >= 0).float()
-    logp = torch.tensor([[0.0, -1.0, -2.0], [0.0, 0.0, -0.5]])
-    behav = torch.tensor([[0.0, -1.2, -1.8], [0.0, 0.0, -0.5]])
-    out = batch_staleness(logp, behav, mask, versions, 4, eta_max=2, d_ref=0.5, metric="abs_log_ratio")
-    # lags [1, 1, 3] → mean 5/3; |x| = [0.2, 0.2, 0] → 2/15
-    assert out["lag_mean"] == pytest.approx(5 / 3) and out["lag_max"] == 3.0
-    assert out["div_abs_log_ratio"] == pytest.approx(2 / 15)
-    assert out["staleness"] == pytest.approx(0.5 * (5 / 6) + 0.5 * (2 / 15) / 0.5)
+    logp = torch.tensor([[0.0, -1.0, -2.0], [0.0, -0.5, -0.5]])
+    behav = torch.tensor([[0.0, -1.2, -1.8], [0.0, -0.5, -2.0]])
+    out = batch_signals(logp, behav, mask, versions, 4, tis_cap=2.0)
+    x = np.array([0.2, -0.2, 0.0, 1.5])                          # log π − log μ on the real tokens
+    k3 = lambda v: float(np.mean(np.expm1(v) - v))
+    w = np.exp(x)
+    assert out["tokens"] == 4 and out["lag0_tokens"] == 2 and out["lag_mean"] == pytest.approx(1.0)
+    assert out["sig_k3"] == pytest.approx(k3(x)) and out["sig_k3_lag0"] == pytest.approx(k3(x[:2]))
+    assert out["sig_ess_loss"] == pytest.approx(1 - w.sum() ** 2 / (w ** 2).sum() / 4)
+    assert out["sig_is_cap"] == pytest.approx(0.25) and out["sig_is_cap_lag0"] == 0.0   # e^1.5 > 2
+    same = batch_signals(logp, logp + 0.3, mask, versions, 4)    # a constant offset: no weight spread
+    assert same["sig_ess_loss"] == pytest.approx(0.0, abs=1e-12) and same["sig_k3"] > 0
+
+
+def test_the_monitor_subtracts_the_lag_0_floor():
+    mon = StalenessMonitor("k3", eta_max=4, d_ref=0.1, window=3)
+    # a synchronous batch: every token lag 0, k3 0.02 (the engine/learner mismatch): S = 0
+    first = mon.update({"lag_mean": 0.0, "tokens": 100, "lag0_tokens": 100, "sig_k3": 0.02, "sig_k3_lag0": 0.02})
+    assert first == pytest.approx({"staleness": 0.0, "staleness_floor": 0.02, "staleness_excess": 0.0})
+    # an asynchronous batch with no lag-0 token, k3 0.035: excess 0.015 of d_ref 0.1
+    s = mon.update({"lag_mean": 2.0, "tokens": 100, "lag0_tokens": 0, "sig_k3": 0.035, "sig_k3_lag0": 0.0})
+    assert s == pytest.approx({"staleness": 0.15, "staleness_floor": 0.02, "staleness_excess": 0.015})
+    # the floor is token-weighted over the last `window` batches with lag-0 tokens
+    mon.update({"lag_mean": 1.0, "tokens": 100, "lag0_tokens": 300, "sig_k3": 0.05, "sig_k3_lag0": 0.04})
+    assert mon.floor() == pytest.approx((0.02 * 100 + 0.04 * 300) / 400)
+    for _ in range(3):
+        mon.update({"lag_mean": 0.0, "tokens": 10, "lag0_tokens": 10, "sig_k3": 0.01, "sig_k3_lag0": 0.01})
+    assert mon.floor() == pytest.approx(0.01)                   # the old batches fell out of the window
+    again = StalenessMonitor("k3", eta_max=4, d_ref=0.1, window=3)
+    again.restore(mon.state())
+    assert again.floor() == mon.floor()
+    # with w_lag > 0 the lag term comes back: ½·min(1, 2/4) + ½·min(1, 0.04/0.1)
+    lagged = StalenessMonitor("k3", eta_max=4, d_ref=0.1, w_lag=0.5)
+    assert lagged.update({"lag_mean": 2.0, "lag0_tokens": 0, "sig_k3": 0.04})["staleness"] == pytest.approx(0.45)
     with pytest.raises(ValueError):
-        batch_staleness(logp, behav, mask, versions, 4, eta_max=2, d_ref=0.5, metric="kl")
+        StalenessMonitor("kl", eta_max=4, d_ref=0.1)

@@ -27,6 +27,23 @@ def test_train_and_held_out_splits_are_disjoint_and_cover_the_task():
     assert tasks.sort_records("train") == train                      # stable, not salted
 
 
+def test_the_repeat_task_is_long_tailed_and_split_by_digit_and_count():
+    import numpy as np
+
+    train, held = tasks.repeat_records("train"), tasks.repeat_records("eval")
+    pair = lambda r: tuple(r["prompt"].removeprefix("rep ").removesuffix("=").split())
+    assert not {pair(r) for r in train} & {pair(r) for r in held}
+    count = {n: c for n, c in tasks.repeat_counts().items()}
+    assert all(sum(pair(x) == pair(r) for x in held) == count[int(pair(r)[1])] for r in held[:20])
+    for r in train + held:
+        d, n = pair(r)
+        assert r["answer"] == d * int(n) and 1 <= int(n) <= tasks.REPEAT_MAX
+    for split in (train, held):
+        lengths = np.array([len(r["answer"]) + 1 for r in split])     # + the end-of-sequence token
+        assert np.percentile(lengths, 99) >= 8 * np.median(lengths)   # the long tail of the issue
+    assert tasks.builtin_records("repeat:eval") == held and tasks.eval_records("builtin:repeat") == held
+
+
 def test_builtin_names_and_eval_records():
     assert tasks.builtin_records("sort") == tasks.sort_records("train")
     assert tasks.builtin_records("sort:train") == tasks.sort_records("train")

@@ -8,15 +8,25 @@ plus, for actor-critic algorithms (PPO), a third one that trains the critic:
 
     value_loss(values, old_values, returns, mask, **params) -> (scalar loss, stats)
 
-An advantage function gets `rewards` per group, shaped (G, n), and may also name `lengths` (response
-lengths, shaped like rewards) and `max_new_tokens` (the generation cap). One that names a per-token input
-(`mask`, `values`, `behaviour_logprobs`, `proximal_logprobs`, `ref_logprobs`: `TOKEN_INPUTS`) gets
-`rewards` and `lengths` shaped (b,), one per row of the padded batch, and (b, t) tensors aligned with
-them; it may return `(advantages, returns)`.
+An algorithm **declares** what it needs; nothing is inferred from parameter names:
+
+- `inputs="group"` (default): the advantage function gets `rewards` per group, shaped (G, n), and may
+  also take `lengths` (response lengths, shaped like rewards) and `max_new_tokens` (the generation cap).
+  `inputs="token"`: it gets `rewards` and `lengths` shaped (b,), one per row of the padded batch, and
+  may take the (b, t) tensors aligned with them (`mask`, `values`, `behaviour_logprobs`,
+  `proximal_logprobs`, `ref_logprobs`: `TOKEN_INPUTS`); it may return `(advantages, returns)`. A
+  group-level function that takes a per-token input is an error at registration.
+- `reference`: False (default), True (always keep a frozen reference model), or the names of the
+  hyper-parameters that need one when they are > 0 (`reference=("kl_coef",)`).
+- `value_loss`: a critic, trained with this loss (PPO).
+- `preference=True`: trained on (chosen, rejected) pairs (DPO).
+
+Hyper-parameters are the functions' keyword parameters (with their defaults, overridden by `defaults`),
+typed by their default: `algo: {clip_low: "0.3"}` or an unknown key is a config error.
 
 Register with the call form or as a decorator on the loss:
 
-    register_algorithm("grpo", advantages=grpo_advantages, loss=grpo_loss, defaults={...})
+    register_algorithm("grpo", advantages=grpo_advantages, loss=grpo_loss, reference=("kl_coef",))
 
     @register_algorithm("mine", advantages=my_advantages)
     def my_loss(logprobs, proximal_logprobs, behaviour_logprobs, advantages, mask, ref_logprobs=None,
@@ -55,28 +65,33 @@ class Algorithm:
 
     `defaults` holds every hyper-parameter of both functions (keyword defaults read from their
     signatures, overridden by the ones given at registration). `advantages` may be None for
-    algorithms that consume preferences rather than scalar rewards (e.g. DPO).
-    `needs_reference` says the loss always needs reference log-probs; any algorithm with a positive
-    `kl_coef` (or another `kl…coef` parameter, e.g. PPO's kl_loss_coef) needs them too (`wants_reference`).
-    `value_loss`, when set, makes the learner keep a critic and train it with this loss.
-    `preference` marks algorithms trained on (chosen, rejected) pairs rather than advantages (DPO).
+    algorithms that consume preferences rather than scalar rewards (e.g. DPO). `inputs`, `reference`,
+    `value_loss` and `preference` are the declarations of the module docstring.
     """
 
     name: str
     advantages: Callable[..., Any] | None
     loss: Callable[..., Any]
-    needs_reference: bool = False
+    inputs: str = "group"
+    reference: bool | tuple[str, ...] = False
     defaults: dict[str, Any] = field(default_factory=dict)
     value_loss: Callable[..., Any] | None = None
     preference: bool = False
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether a reference model is kept whatever the hyper-parameters."""
+        return self.reference is True
 
     @property
     def functions(self) -> tuple[Callable[..., Any], ...]:
         return tuple(f for f in (self.advantages, self.loss, self.value_loss) if f is not None)
 
     def params(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Defaults updated with `overrides`; a key no function accepts raises ValueError."""
-        merged = {**self.defaults, **(overrides or {})}
+        """Defaults updated with `overrides`, each typed like its default (an int where a float is
+        declared becomes a float); a key no function accepts, or a value of the wrong type, raises
+        ValueError naming it (`algo.<key>`)."""
+        merged = {**self.defaults, **{k: _typed(self.name, k, v, self.defaults.get(k)) for k, v in (overrides or {}).items()}}
         accepted = set().union(*(_hyper_params(f) for f in self.functions))
         if "**" not in accepted:
             unknown = sorted(set(merged) - accepted)
@@ -116,8 +131,8 @@ class Algorithm:
 
     @property
     def token_level(self) -> bool:
-        """Whether the advantage function takes per-token inputs (and so rewards shaped (b,))."""
-        return bool(_data_params(self.advantages) & TOKEN_INPUTS)
+        """Declared `inputs="token"`: the advantage function gets the padded batch's rows (rewards (b,))."""
+        return self.inputs == "token"
 
     def compute_advantages(self, group_rewards: list[Any], batch: Any = None, params: dict[str, Any] | None = None,
                            *, group_lengths: list[Any] | None = None, max_new_tokens: int | None = None
@@ -158,10 +173,31 @@ class Algorithm:
         return torch.cat([(o[0] if isinstance(o, tuple) else o).reshape(-1) for o in outs]), None
 
     def wants_reference(self, params: dict[str, Any] | None = None) -> bool:
-        """Whether a reference model must be kept: always if `needs_reference`, else when any `kl*coef`
-        parameter (kl_coef, kl_loss_coef, ...) is > 0."""
-        return self.needs_reference or any(
-            float(v or 0.0) > 0.0 for k, v in self.params(params).items() if k.startswith("kl") and k.endswith("coef"))
+        """Whether a reference model must be kept: always for `reference=True`, else when one of the
+        hyper-parameters named by `reference` is > 0."""
+        if isinstance(self.reference, bool):
+            return self.reference
+        values = self.params(params)
+        return any(float(values.get(k) or 0.0) > 0.0 for k in self.reference)
+
+
+def _typed(algo: str, key: str, value: Any, default: Any) -> Any:
+    """`value` of hyper-parameter `key`, checked against the type of its default (None: any type)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"algo.{key}: {algo} expects {type(default).__name__} (default {default!r}), "
+                         f"got {value!r}")
+    return value
 
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -213,7 +249,8 @@ def register_algorithm(
     advantages: Callable[..., Any] | None = None,
     loss: Callable[..., Any] | None = None,
     *,
-    needs_reference: bool = False,
+    inputs: str = "group",
+    reference: bool | str | tuple[str, ...] = False,
     defaults: dict[str, Any] | None = None,
     value_loss: Callable[..., Any] | None = None,
     preference: bool = False,
@@ -227,14 +264,26 @@ def register_algorithm(
     """
     if loss is None:
         def decorator(fn: Callable[..., Any]) -> Callable[..., Any]:
-            register_algorithm(name, advantages, fn, needs_reference=needs_reference, defaults=defaults,
+            register_algorithm(name, advantages, fn, inputs=inputs, reference=reference, defaults=defaults,
                                value_loss=value_loss, preference=preference, replace=replace)
             return fn
         return decorator
 
+    if inputs not in ("group", "token"):
+        raise ValueError(f"algorithm {name!r}: inputs must be 'group' or 'token', got {inputs!r}")
+    token_args = sorted(_data_params(advantages) & TOKEN_INPUTS)
+    if inputs == "group" and token_args:
+        raise ValueError(f"algorithm {name!r}: its advantage function takes per-token inputs {token_args}: "
+                         "declare inputs='token'")
+    names = (reference,) if isinstance(reference, str) else reference
     merged = {**_signature_defaults(advantages), **_signature_defaults(value_loss), **_signature_defaults(loss),
               **(defaults or {})}
-    algo = Algorithm(name=name, advantages=advantages, loss=loss, needs_reference=needs_reference,
+    if not isinstance(names, bool):
+        names = tuple(names)
+        unknown = [k for k in names if k not in merged]
+        if unknown:
+            raise ValueError(f"algorithm {name!r}: reference={unknown} names no hyper-parameter with a default")
+    algo = Algorithm(name=name, advantages=advantages, loss=loss, inputs=inputs, reference=names,
                      defaults=merged, value_loss=value_loss, preference=preference)
     algo.params()  # a default that neither function takes is a typo: fail at registration
     old = _REGISTRY.get(name)

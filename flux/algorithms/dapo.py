@@ -69,5 +69,6 @@ DAPO = register_algorithm(
     "dapo",
     advantages=dapo_advantages,
     loss=grpo_loss,
+    reference=("kl_coef",),
     defaults=dict(clip_high=0.28),  # clip-higher; everything else is GRPO's signature defaults
 )

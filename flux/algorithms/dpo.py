@@ -119,6 +119,6 @@ DPO = register_algorithm(
     "dpo",
     advantages=dpo_pairs,
     loss=dpo_loss,
-    needs_reference=True,
+    reference=True,
     preference=True,
 )

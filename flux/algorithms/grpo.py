@@ -82,4 +82,5 @@ GRPO = register_algorithm(
     "grpo",
     advantages=grpo_advantages,
     loss=grpo_loss,
+    reference=("kl_coef",),
 )

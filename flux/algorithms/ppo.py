@@ -142,4 +142,6 @@ PPO = register_algorithm(
     advantages=ppo_advantages,
     loss=ppo_loss,
     value_loss=value_loss,
+    inputs="token",
+    reference=("kl_coef", "kl_loss_coef"),
 )

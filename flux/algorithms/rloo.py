@@ -45,4 +45,5 @@ RLOO = register_algorithm(
     "rloo",
     advantages=rloo_advantages,
     loss=grpo_loss,
+    reference=("kl_coef",),
 )

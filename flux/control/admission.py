@@ -1,4 +1,4 @@
-"""Admission credits: the actuator of adaptive asynchrony (DESIGN.md section 3), and the data cursor.
+"""Admission credits: the actuator of adaptive asynchrony (docs/concepts.md, "Admission"), and the data cursor.
 
 A generator must hold a credit to start a prompt group. With B samples per optimizer step, policy
 version v, async ratio a and largest lead η_max (steps), a group of n samples is admitted only while

@@ -1,4 +1,4 @@
-"""The smart batch composer (DESIGN.md section 4): whole groups, freshest first, stale ones dropped.
+"""The smart batch composer (docs/concepts.md, "The batch composer"): whole groups, freshest first, stale ones dropped.
 
 Pure bookkeeping over `TrajectoryGroup`s, no sockets: the buffer actor feeds it and serves batches.
 """
@@ -35,18 +35,21 @@ class Composer:
         self._dropped: dict[str, list[int]] = {}
         self.dropped_stale = 0
         self.dropped_zero_variance = 0
+        self.dropped_lengths: dict[str, int] = {}  # completion-length histogram of dropped samples
 
     @property
     def depth(self) -> int:
         return len(self.groups)
 
-    def drop(self, group_id: int, reason: str) -> None:
+    def drop(self, group_id: int, reason: str, group=None) -> None:
         self._dropped.setdefault(reason, []).append(group_id)
+        if group is not None:  # which lengths are dropped (a long tail must not be starved unseen)
+            add_lengths(self.dropped_lengths, group.response_lens)
 
     def add(self, group) -> None:
         if self.skip_zero_variance and group.sample_count > 1 and np.ptp(group.rewards) == 0:
             self.dropped_zero_variance += 1
-            self.drop(group.group_id, "zero_variance")
+            self.drop(group.group_id, "zero_variance", group)
             return
         self.groups.append((float(group.versions.mean()), next(self._arrival), group))
 
@@ -60,7 +63,7 @@ class Composer:
             versions = item[2].versions
             if version - int(versions.min()) > self.eta_max:
                 self.dropped_stale += 1
-                self.drop(item[2].group_id, "stale")
+                self.drop(item[2].group_id, "stale", item[2])
             elif len(versions) and int(versions.max()) > version:
                 self.drop(item[2].group_id, "future_version")
             else:
@@ -80,7 +83,21 @@ class Composer:
 
     def stats(self) -> dict:
         return {"depth": self.depth, "dropped_stale": self.dropped_stale,
-                "dropped_zero_variance": self.dropped_zero_variance}
+                "dropped_zero_variance": self.dropped_zero_variance, "dropped_lengths": dict(self.dropped_lengths)}
+
+
+def length_bucket(n: int) -> str:
+    """A completion length's power-of-two bucket: 1 → "1", 2..3 → "2-3", 4..7 → "4-7", ..."""
+    lo = 1 << max(0, int(n).bit_length() - 1)
+    return str(lo) if lo == 1 or n == 0 else f"{lo}-{2 * lo - 1}"
+
+
+def add_lengths(hist: dict[str, int], lengths) -> dict[str, int]:
+    """Count `lengths` into the histogram `hist` (in place, and returned)."""
+    for n in lengths:
+        b = length_bucket(int(n))
+        hist[b] = hist.get(b, 0) + 1
+    return hist
 
 
 WINDOW = 16384  # admissions the buffer remembers ids for (far more than any legitimate lateness)

@@ -1,4 +1,5 @@
-"""The rollout-engine interface: what a generator actor needs from any backend (DESIGN.md section 5)."""
+"""The rollout-engine interface: what a generator actor needs from any backend (the engine plane of
+docs/architecture.md; docs/contributing.md, "A rollout engine")."""
 
 from __future__ import annotations
 
@@ -57,9 +58,11 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
-    """A backend that samples completions and takes new weights while it runs."""
+    """A backend that samples completions and takes new weights while it runs (docs/contributing.md)."""
 
     version: int
+    tokens_generated: int
+    busy_seconds: float
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         """One completion per prompt, in order."""
@@ -67,6 +70,10 @@ class RolloutEngine(Protocol):
 
     def load_weights(self, version: int, source: WeightSource) -> None:
         """Queue new weights (thread-safe, returns at once); the engine applies them at a safe point."""
+        ...
+
+    def apply_pending(self) -> bool:
+        """Apply queued weights now; True if the model changed."""
         ...
 
     def pause(self) -> None: ...

@@ -1,6 +1,6 @@
-"""Training backends behind one surface: `logprobs`, `ref_logprobs`, `step`, `export_weights`, `eval_model`,
-`save`/`load` (see `TorchLearner`). `torch` is plain PyTorch (torch_learner.py); `megatron` is megatron-core
-(megatron_learner.py, the one module that imports it)."""
+"""Training backends behind one interface, `Learner` (flux/learner/base.py): `logprobs`, `ref_logprobs`,
+`step`, `export_weights`, `eval_model`, `save`/`load`. `torch` is plain PyTorch (torch_learner.py);
+`megatron` is megatron-core (flux/integrations/megatron/learner.py, the one module that imports it)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ BACKENDS = ("torch", "megatron")
 
 
 def build_learner(backend: str, model_path: str, **kwargs):
-    """The learner `learner.backend` names, built with `TorchLearner`'s keyword arguments."""
+    """The learner `learner.backend` names, built with `Learner`'s keyword arguments; a dotted path
+    `pkg.module:Class` names a user's `Learner` subclass (docs/contributing.md)."""
+    if ":" in backend:
+        from flux.plugins import resolve
+
+        return resolve(backend, "learner class")(model_path, **kwargs)
     if backend == "megatron":
         from flux.plugins import hook
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -20,14 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flux.hf import from_pretrained as _from_pretrained
-from flux.learner.base import SingleRank
+from flux.learner.base import Learner, LossFn
 
 # Files a tokenizer may consist of; copied next to a checkpoint so it is self-contained.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
-
-LossFn = Callable[..., tuple[Tensor, dict[str, float]]]
-
 
 @dataclass
 class TrainBatch:
@@ -126,8 +123,8 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     return torch.where(response_mask > 0, lp, torch.zeros_like(lp))
 
 
-class TorchLearner:
-    """An HF causal LM trained with AdamW on one device.
+class TorchLearner(Learner):
+    """An HF causal LM trained with AdamW on one device (the `Learner` of flux/learner/base.py).
 
     Micro-batches (for `logprobs` and the default of `step`) hold at most `micro_batch_size` sequences,
     or, with `micro_batch_tokens`, at most that many padded tokens (rows × longest row), packed
@@ -140,163 +137,17 @@ class TorchLearner:
     single-process full-batch step. Saving is the caller's choice (one rank is enough: replicas are equal).
     """
 
-    def __init__(self, model_path: str, *, lr: float = 1e-4, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.99), max_grad_norm: float | None = 1.0,
-                 micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
-                 temperature: float = 1.0, reference: bool = False, seed: int = 0,
-                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 gradient_checkpointing: bool = False, ranks: SingleRank | None = None):
-        torch.manual_seed(seed)
-        self.ranks = ranks or SingleRank()
-        self.model_path = str(model_path)
-        self.device = torch.device(device)
-        self.max_grad_norm = max_grad_norm
-        self.micro_batch_size = micro_batch_size
-        self.micro_batch_tokens = micro_batch_tokens
-        self.temperature = temperature
-        self.seed = seed
-        self.step_count = 0
-        self.model = self._load_model(self.model_path, dtype).to(self.device)
-        self.model.train()  # RL fine-tuning configs keep dropout at 0, so train mode is deterministic
+    def __init__(self, model_path: str, *, gradient_checkpointing: bool = False, **kwargs):
+        super().__init__(model_path, **kwargs)
         if gradient_checkpointing:  # renamed in transformers 5
             enable = getattr(self.model, "activation_checkpointing_enable", None)
             (enable or self.model.gradient_checkpointing_enable)()
-        self.ref_model = None
-        if reference:
-            self.ref_model = self._load_model(self.model_path, dtype).to(self.device).eval()
-            self.ref_model.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
-                                           betas=betas, weight_decay=weight_decay)
-        self.ranks.broadcast_module(self.model)
-        if self.ref_model is not None:
-            self.ranks.broadcast_module(self.ref_model)
 
     def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
         return _from_pretrained(path, dtype)
 
-    # ---- micro-batches ----------------------------------------------------------------------------
-    def micro_batches(self, batch: TrainBatch) -> list[Tensor]:
-        """Row-index tensors that partition the batch according to the micro-batch setting."""
-        b = len(batch)
-        if b == 0:
-            return []
-        if self.micro_batch_tokens:
-            lengths = batch.attention_mask.sum(-1)
-            order = torch.argsort(lengths, descending=True, stable=True).tolist()
-            groups: list[list[int]] = [[]]
-            for i in order:
-                longest = int(lengths[groups[-1][0]]) if groups[-1] else int(lengths[i])
-                if groups[-1] and longest * (len(groups[-1]) + 1) > self.micro_batch_tokens:
-                    groups.append([])
-                groups[-1].append(i)
-            return [torch.tensor(g) for g in groups]
-        size = self.micro_batch_size or b
-        return [torch.arange(i, min(i + size, b)) for i in range(0, b, size)]
-
-    @staticmethod
-    def _trimmed(batch: TrainBatch, rows: slice | Tensor) -> tuple[TrainBatch, slice]:
-        """Rows `rows` without the columns that are padding in all of them, and the kept column range."""
-        mb = batch.select(rows)
-        used = mb.attention_mask.any(0).nonzero()
-        cols = slice(int(used[0]), int(used[-1]) + 1) if used.numel() else slice(0, 0)
-        return mb.select(slice(None), cols), cols
-
     def _forward(self, model: torch.nn.Module, mb: TrainBatch) -> Tensor:
         return token_logprobs(model, mb.input_ids, mb.attention_mask, mb.response_mask, self.temperature)
-
-    def _my_rows(self, batch: TrainBatch) -> Tensor:
-        """The rows this rank computes (all of them in one process), balanced by token count."""
-        return torch.tensor(self.ranks.rows(batch.attention_mask.sum(-1).tolist()), dtype=torch.long)
-
-    def _logprobs_with(self, model: torch.nn.Module, batch: TrainBatch) -> Tensor:
-        out = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
-        mine = self._my_rows(batch)
-        sub = batch.select(mine) if self.ranks.world > 1 else batch
-        with torch.no_grad():
-            for rows in self.micro_batches(sub):
-                mb, cols = self._trimmed(sub, rows)
-                if mb.input_ids.shape[1] == 0:
-                    continue
-                mb = mb.to(self.device)
-                lp = self._forward(model, mb)
-                out[mine[rows], cols] = lp.cpu()
-        # Each row comes from exactly one rank and is 0 on the others: the sum is exact.
-        return self.ranks.sum_(out).to(batch.input_ids.device)
-
-    def logprobs(self, batch: TrainBatch) -> Tensor:
-        """Current policy's per-token log-probs, no grad. Shape: (b, L) float32, 0 outside the response."""
-        return self._logprobs_with(self.model, batch)
-
-    def ref_logprobs(self, batch: TrainBatch) -> Tensor:
-        """Reference policy's per-token log-probs. Shape: (b, L) float32. Needs `reference=True`."""
-        if self.ref_model is None:
-            raise RuntimeError("TorchLearner was built with reference=False")
-        return self._logprobs_with(self.ref_model, batch)
-
-    # ---- training ---------------------------------------------------------------------------------
-    def step(self, loss_fn: LossFn, batch: TrainBatch, micro_batches: list[slice | Tensor] | None = None
-             ) -> dict[str, float]:
-        """One optimizer step over `batch`, accumulating gradients over micro-batches.
-
-        With data parallelism `batch` is the whole batch on every rank and `micro_batches` this rank's
-        (row indices into `batch`); the weights below are shares of the whole batch, and the gradients
-        are summed over the ranks before clipping.
-
-        For each micro-batch `loss, stats = loss_fn(logprobs=..., mask=..., batch=mb)`, where logprobs
-        (with grad) and mask are (b_mb, L_mb) and mb is the micro-batch's `TrainBatch`. Each micro-batch
-        loss is weighted by its share of the batch's response tokens before backward: for a token-mean
-        loss the accumulated gradient then equals the gradient of one full-batch pass, whatever the
-        split. (Sequence-level aggregations are weighted the same way, which is close but not exact.)
-
-        Returns the stats averaged with the same weights (keys ending in "_max": the max), plus loss,
-        grad_norm (before clipping), lr and step_skipped (1.0 when the gradient was not finite and the
-        update was dropped).
-        """
-        self.model.train()
-        self._zero_grad()
-        parts = micro_batches if micro_batches is not None else self._my_micro_batches(batch)
-        total = float(batch.response_mask.sum())
-        acc: dict[str, float] = {}
-        loss_sum = 0.0
-        for rows in parts:
-            mb = self._trimmed(batch, rows)[0]
-            n_tok = float(mb.response_mask.sum())
-            if n_tok == 0:
-                continue
-            mb = mb.to(self.device)
-            share = n_tok / total
-            lp = self._forward(self.model, mb)
-            loss, stats = loss_fn(logprobs=lp, mask=mb.response_mask, batch=mb)
-            (loss * share).backward()
-            loss_sum += float(loss.detach()) * share
-            for k, v in stats.items():
-                acc[k] = max(acc.get(k, v), v) if k.endswith("_max") else acc.get(k, 0.0) + v * share
-        self.ranks.all_reduce_gradients([p for p in self.model.parameters() if p.requires_grad])
-        acc, loss_sum = self.ranks.merge_stats(acc, loss_sum)
-        grad_norm = self._clip_gradients()
-        skipped = not torch.isfinite(torch.tensor(grad_norm))
-        if skipped:
-            self._zero_grad()
-        else:
-            self.optimizer.step()
-            self.step_count += 1
-        return {**acc, "loss": loss_sum, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
-                "step_skipped": float(skipped)}
-
-    def _my_micro_batches(self, batch: TrainBatch) -> list[Tensor]:
-        if self.ranks.world == 1:
-            return self.micro_batches(batch)
-        mine = self._my_rows(batch)
-        return [mine[rows] for rows in self.micro_batches(batch.select(mine))]
-
-    def _zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def _clip_gradients(self) -> float:
-        """Clip the gradients to max_grad_norm; return their norm before clipping."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip = self.max_grad_norm if self.max_grad_norm and self.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, clip)) if params else 0.0
 
     # ---- weights and checkpoints ------------------------------------------------------------------
     def export_weights(self, device: str | torch.device | None = None) -> dict[str, Tensor]:

@@ -120,7 +120,10 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
             remote = hook("remote.endpoints")(cfg)
         except ValueError as e:
             raise SetupError(str(e)) from None
-    model_path = resolve_model_path(cfg.model_path)
+    try:
+        model_path = resolve_model_path(cfg.model_path, cfg.prompts)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
     if not (Path(model_path) / "config.json").is_file():
         raise SetupError(f"model_path: {model_path} is not an HF model directory (no config.json)")
     if cfg.learner.backend == "megatron":
@@ -162,10 +165,11 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     return spec
 
 
-def resolve_model_path(model_path: str) -> str:
-    """`builtin:tiny` (or empty) → the built-in model's directory (made on first use); a path as it is."""
+def resolve_model_path(model_path: str, prompts: str = "") -> str:
+    """`builtin:tiny` (or empty) → the built-in model's directory (made on first use, warm-started on the
+    run's built-in task); a path as it is."""
     builtin = not model_path or model_path.startswith("builtin:")
-    return hook("builtin.resolve_model_path")(model_path) if builtin else model_path
+    return hook("builtin.resolve_model_path")(model_path, prompts) if builtin else model_path
 
 
 def vocab_size(model_path: str | Path) -> int:

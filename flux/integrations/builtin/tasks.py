@@ -1,4 +1,10 @@
-"""The built-in task: sort three distinct digits (`sort 381=` → `138`).
+"""The built-in tasks, with held-out splits, and the embedded model's warm-start on each.
+
+- `sort` (the default): sort three distinct digits (`sort 381=` → `138`).
+- `repeat`: write a digit n times (`rep 7 5=` → `77777`), n long-tailed from 1 to 48 (median answer 3
+  characters, 99th percentile 47): a generation-heavy workload whose batches wait on their longest
+  completion, as reasoning RL's do (docs/concepts.md, "Workloads").
+- `sort_pairs`: preference pairs on the sort prompts, for DPO.
 
 Why this task: its answer is checked exactly, it needs a real algorithm (order statistics over the
 prompt, one digit at a time), and held-out prompts test generalisation rather than memorisation: the
@@ -68,7 +74,36 @@ def sort_pairs(split: str = "train") -> list[dict]:
     return out
 
 
-TASKS = {"sort": sort_records, "sort_pairs": sort_pairs}
+REPEAT_MAX = 48
+
+
+def repeat_counts() -> dict[int, int]:
+    """How many prompts (per digit) ask for n repetitions: ⌈60 / n^1.3⌉-ish, a long tail from 1 to 48."""
+    return {n: max(1, round(60 / n ** 1.3)) for n in range(1, REPEAT_MAX + 1)}
+
+
+def repeat_records(split: str = "train") -> list[dict]:
+    """`rep <d> <n>=` → d written n times, `repeat_counts()[n]` copies of each prompt (the long tail); the
+    held-out split is by (digit, n) pair, so no held-out answer is ever trained on, with the same copies
+    (evaluation sees the training distribution of lengths) in a fixed shuffled order (so its first k
+    records are a fair sample of it). Deterministic."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"builtin:repeat:{split}: split must be `train` or `eval`")
+    out = []
+    for n, copies in repeat_counts().items():
+        for d in DIGITS:
+            if (zlib.crc32(f"{d}x{n}".encode()) % 5 == 0) == (split == "eval"):
+                out += [{"prompt": f"rep {d} {n}=", "answer": d * n, "task": "repeat"}] * copies
+    if split == "eval":
+        random.Random(0).shuffle(out)
+    return out
+
+
+TASKS = {"sort": sort_records, "sort_pairs": sort_pairs, "repeat": repeat_records}
+EVAL_TASK = {"sort_pairs": "sort"}  # tasks evaluated on another task's held-out split
+# The embedded model's start on each task (warm_start): sampled mean reward to reach, and the context
+# its completions need. A task's model is a separate cache entry (tiny.ensure_default_model).
+WARM = {"sort": (WARM_TARGET_REWARD, 64), "repeat": (0.3, 128)}
 
 
 def builtin_records(name: str) -> list[dict]:
@@ -80,16 +115,19 @@ def builtin_records(name: str) -> list[dict]:
 
 
 def eval_records(source: str) -> list[dict]:
-    """The held-out prompts of a `builtin:<task>` source (the sort task's for every task built on it);
-    other sources are files, loaded by the caller."""
+    """The held-out prompts of a `builtin:<task>` source (`sort_pairs`: the sort task's); other sources
+    are files, loaded by the caller."""
     task = source.removeprefix("builtin:").partition(":")[0]
     if task not in TASKS:
         raise ValueError(f"builtin:{task}: unknown built-in task (known: {', '.join(TASKS)})")
-    return sort_records("eval")
+    task = EVAL_TASK.get(task, task)
+    return TASKS[task]("eval")
 
 
-def warm_start(model, tokenizer, seed: int = 0, max_steps: int = 200, batch: int = 64, lr: float = 1e-3) -> int:
-    """Supervised warm-start on the training split until the sampled mean reward reaches 0.2.
+def warm_start(model, tokenizer, seed: int = 0, max_steps: int = 200, batch: int = 64, lr: float = 1e-3,
+               task: str = "sort") -> int:
+    """Supervised warm-start on the task's training split until the sampled mean reward reaches its
+    `WARM` target (sort: 0.2).
 
     Returns the number of SFT steps taken. Checked every 2 steps on 64 fixed prompts × 4 samples at
     temperature 1, the same way RL will sample.
@@ -101,18 +139,29 @@ def warm_start(model, tokenizer, seed: int = 0, max_steps: int = 200, batch: int
 
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    records = sort_records("train")
+    records = TASKS[task]("train")
+    target = WARM[task][0]
     probe = rng.sample(records, 64)
     eos = tokenizer.eos_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     for step in range(max_steps):
-        if step % 2 == 0 and _sampled_reward(model, tokenizer, probe, gen, char_match) >= WARM_TARGET_REWARD:
+        if step % 2 == 0 and _sampled_reward(model, tokenizer, probe, gen, char_match) >= target:
             return step
         rows = rng.sample(records, batch)
-        prompt_len = len(tokenizer(rows[0]["prompt"]).input_ids)  # all built-in prompts have one length
-        x = torch.tensor([tokenizer(r["prompt"] + r["answer"]).input_ids + [eos] for r in rows])
-        logits = model(x[:, :-1]).logits[:, prompt_len - 1:]
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, prompt_len:].reshape(-1))
+        prompts = [tokenizer(r["prompt"]).input_ids for r in rows]
+        seqs = [tokenizer(r["prompt"] + r["answer"]).input_ids + [eos] for r in rows]
+        if len({len(p) for p in prompts}) == 1 and len({len(q) for q in seqs}) == 1:  # sort: one shape
+            prompt_len = len(prompts[0])
+            x = torch.tensor(seqs)
+            logits = model(x[:, :-1]).logits[:, prompt_len - 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, prompt_len:].reshape(-1))
+        else:  # right-padded, the prompts and the padding left out of the loss
+            width = max(map(len, seqs))
+            x = torch.tensor([q + [eos] * (width - len(q)) for q in seqs])
+            labels = torch.tensor([[-100] * (len(p) - 1) + q[len(p):] + [-100] * (width - len(q))
+                                   for p, q in zip(prompts, seqs)])
+            logits = model(x[:, :-1]).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -120,22 +169,27 @@ def warm_start(model, tokenizer, seed: int = 0, max_steps: int = 200, batch: int
 
 
 def _sampled_reward(model, tokenizer, records, gen, reward_fn, samples: int = 4) -> float:
+    """Mean reward of `samples` completions per record, sampled at temperature 1 (records batched by
+    prompt length, so no padding is needed)."""
     import torch
 
     eos = tokenizer.eos_token_id
-    x = torch.tensor([tokenizer(r["prompt"]).input_ids for r in records for _ in range(samples)])
-    done = torch.zeros(len(x), dtype=torch.bool)
-    out = []
-    with torch.no_grad():
-        for _ in range(LENGTH + 2):
-            probs = model(x).logits[:, -1].softmax(-1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-            out.append(torch.where(done, eos, nxt))
-            done |= nxt == eos
-            x = torch.cat([x, nxt[:, None]], 1)
-    toks = torch.stack(out, 1).tolist()
+    by_len: dict[int, list[dict]] = {}
+    for r in records:
+        by_len.setdefault(len(tokenizer(r["prompt"]).input_ids), []).append(r)
     total = 0.0
-    for i, row in enumerate(toks):
-        text = tokenizer.decode(row[: row.index(eos)] if eos in row else row)
-        total += reward_fn(text, records[i // samples])
-    return total / len(toks)
+    for group in by_len.values():
+        x = torch.tensor([tokenizer(r["prompt"]).input_ids for r in group for _ in range(samples)])
+        done = torch.zeros(len(x), dtype=torch.bool)
+        out = []
+        with torch.no_grad():
+            for _ in range(max(len(r["answer"]) for r in group) + 2):
+                probs = model(x).logits[:, -1].softmax(-1)
+                nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                out.append(torch.where(done, eos, nxt))
+                done |= nxt == eos
+                x = torch.cat([x, nxt[:, None]], 1)
+        for i, row in enumerate(torch.stack(out, 1).tolist()):
+            text = tokenizer.decode(row[: row.index(eos)] if eos in row else row)
+            total += reward_fn(text, group[i // samples])
+    return total / (len(records) * samples)

@@ -32,10 +32,11 @@ MODEL_SHAPE = dict(
 )
 
 
-def default_model_dir() -> Path:
-    """Where the embedded default lives: $XDG_CACHE_HOME/flux (or ~/.cache/flux)/tiny-qwen2-v<recipe>."""
+def default_model_dir(task: str = "sort") -> Path:
+    """Where the embedded default lives: $XDG_CACHE_HOME/flux (or ~/.cache/flux)/tiny-qwen2-v<recipe>,
+    with a `-<task>` suffix for the one warm-started on another built-in task than sort."""
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "flux"
-    return base / f"tiny-qwen2-v{RECIPE_VERSION}"
+    return base / (f"tiny-qwen2-v{RECIPE_VERSION}" + ("" if task == "sort" else f"-{task}"))
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -72,8 +73,9 @@ def build_tokenizer():
     return tok
 
 
-def build_model(vocab_size: int, seed: int = 0):
-    """A randomly initialised tiny `Qwen2ForCausalLM` (about 0.3M parameters)."""
+def build_model(vocab_size: int, seed: int = 0, max_positions: int = 64):
+    """A randomly initialised tiny `Qwen2ForCausalLM` (about 0.3M parameters). (`max_positions` is a
+    RoPE setting, not a weight: the same seed gives the same weights for any value.)"""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -81,28 +83,28 @@ def build_model(vocab_size: int, seed: int = 0):
     # Embedding rows padded to a multiple of 64: transformers 5 loads the tokenizer as Qwen2Tokenizer,
     # which appends its own `<|endoftext|>` after our vocabulary; that id must still be a valid row.
     cfg = Qwen2Config(vocab_size=-(-(vocab_size + 1) // 64) * 64, tie_word_embeddings=True, bos_token_id=1, eos_token_id=1,
-                      pad_token_id=0, **MODEL_SHAPE)
+                      pad_token_id=0, **{**MODEL_SHAPE, "max_position_embeddings": max_positions})
     return Qwen2ForCausalLM(cfg)
 
 
-def ensure_default_model(path: str | Path | None = None, seed: int = 0) -> Path:
-    """Build (once) and return the directory of the embedded default model.
+def ensure_default_model(path: str | Path | None = None, seed: int = 0, task: str = "sort") -> Path:
+    """Build (once) and return the directory of the embedded default model, warm-started on `task`.
 
     Safe against concurrent callers: the model is written to a temporary directory and renamed.
     """
-    from flux.integrations.builtin.tasks import warm_start
+    from flux.integrations.builtin.tasks import WARM, warm_start
 
-    target = Path(path) if path else default_model_dir()
+    target = Path(path) if path else default_model_dir(task)
     if (target / "flux_recipe.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     tok = build_tokenizer()
-    model = build_model(len(tok), seed=seed)
-    warm_start(model, tok, seed=seed)
+    model = build_model(len(tok), seed=seed, max_positions=WARM[task][1])
+    warm_start(model, tok, seed=seed, task=task)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "flux_recipe.json").write_text(json.dumps({"recipe": RECIPE_VERSION, "seed": seed}))
+    (tmp / "flux_recipe.json").write_text(json.dumps({"recipe": RECIPE_VERSION, "seed": seed, "task": task}))
     try:
         os.rename(tmp, target)
     except OSError:  # another process finished first; theirs is identical
@@ -112,8 +114,18 @@ def ensure_default_model(path: str | Path | None = None, seed: int = 0) -> Path:
     return target
 
 
-def resolve_model_path(model_path: str) -> str:
-    """`builtin:tiny` (or empty) → the embedded default's directory; anything else is returned as is."""
+def resolve_model_path(model_path: str, prompts: str = "") -> str:
+    """`builtin:tiny` (or empty) → the embedded default's directory, warm-started on the run's built-in
+    task (`prompts: builtin:repeat` → the repeat model; any other prompts → the sort model);
+    `builtin:tiny:<task>` names the task; anything else is returned as is."""
+    from flux.integrations.builtin.tasks import WARM
+
     if model_path in ("", "builtin:tiny"):
-        return str(ensure_default_model())
+        task = prompts.removeprefix("builtin:").partition(":")[0] if prompts.startswith("builtin:") else ""
+        return str(ensure_default_model(task=task if task in WARM else "sort"))
+    if model_path.startswith("builtin:tiny:"):
+        task = model_path.removeprefix("builtin:tiny:")
+        if task not in WARM:
+            raise ValueError(f"model_path: {model_path}: no embedded model for that task (known: {', '.join(WARM)})")
+        return str(ensure_default_model(task=task))
     return model_path

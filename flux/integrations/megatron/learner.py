@@ -5,7 +5,7 @@ and out. The one module of Flux that imports `megatron.core`, and only inside fu
 What megatron-core provides here: the model (local layer spec on CPU, the Transformer Engine spec when TE is
 installed and the device is CUDA), tensor-parallel layers and the vocab-parallel cross-entropy that gives
 per-token log-probs through the model's labels path. What Flux keeps: the micro-batching, loss weighting and
-`step` of `TorchLearner` (losses from the algorithm registry, unchanged), AdamW over each rank's shards
+`step` of the `Learner` base class (losses from the algorithm registry, unchanged), AdamW over each rank's shards
 with a gradient norm taken over the whole tensor-parallel model, and checkpoints in HF format. Megatron's
 own DDP and distributed optimizer belong with data parallelism, which Flux has for the torch backend only
 (flux/integrations/distributed/data_parallel.py): learner.ranks > 1 with this backend is a config error.
@@ -44,7 +44,8 @@ from flux.integrations.megatron.hf_layout import (
     to_megatron,
     tp_replicated,
 )
-from flux.learner.torch_learner import TOKENIZER_FILES, TorchLearner, TrainBatch
+from flux.learner.base import Learner
+from flux.learner.torch_learner import TOKENIZER_FILES, TrainBatch
 
 
 def megatron_available() -> bool:
@@ -144,11 +145,11 @@ def read_hf_weights(path: str | Path) -> dict[str, Tensor]:
     return out
 
 
-class MegatronLearner(TorchLearner):
-    """`TorchLearner`'s surface over a megatron-core `GPTModel` (Llama / Qwen2 / Qwen3 checkpoints).
+class MegatronLearner(Learner):
+    """The `Learner` (flux/learner/base.py) over a megatron-core `GPTModel` (Llama / Qwen2 / Qwen3 checkpoints).
 
-    `logprobs`, `ref_logprobs`, `step(loss_fn, batch, micro_batches)` and the micro-batch options behave as
-    in `TorchLearner`; `export_weights` returns HF names and layouts (tensor-parallel shards merged), `save`
+    `logprobs`, `ref_logprobs`, `step(loss_fn, batch, micro_batches)` and the micro-batch options are the
+    base class's, as for `TorchLearner`; `export_weights` returns HF names and layouts (tensor-parallel shards merged), `save`
     writes an HF checkpoint that `AutoModelForCausalLM` loads. Rows must be right-padded (RoPE positions are
     0..L-1 in Megatron), which is what `TrainBatch.from_samples` builds.
     """

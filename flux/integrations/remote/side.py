@@ -181,7 +181,7 @@ def spec_from_info(info: P.RunInfo, address: str, curve: dict, out: Path, model:
         cfg.rollout.engine = engine
     model_path = model or info.model_path
     if not model and not Path(info.model_path, "config.json").is_file() and cfg.model_path.startswith("builtin:"):
-        model_path = resolve_model_path(cfg.model_path)  # the embedded default is built the same way here
+        model_path = resolve_model_path(cfg.model_path, cfg.prompts)  # the embedded default is built the same way here
     if not Path(model_path, "config.json").is_file():
         raise RemoteError(f"the run's model {model_path} is not on this machine: pass --model DIR (a copy of "
                           f"the run's base model {cfg.model_path})")

@@ -217,7 +217,7 @@ def time_to_target(rows: list[dict], target: float, every: int = 1) -> float | N
 
 AGG_KEYS = ("samples_per_s", "staleness_mean", "lag_mean", "async_ratio_mean", "learner_busy_frac",
             "generator_busy_frac", "dropped_samples", "wall_s", "response_len_p50", "response_len_p99",
-            "dropped_len_mean")
+            "dropped_len_mean", "trained_len_mean")
 
 
 def aggregate(per_seed: dict[int, dict], runs: dict[int, list[dict]], target_eval: float, every: int = 1) -> dict:

@@ -46,10 +46,21 @@ def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
 
 
+def finite(x):
+    """`x` with every NaN or infinity (a mean of nothing, a rate of no time) as None: strict JSON."""
+    if isinstance(x, float) and x != x or x in (float("inf"), float("-inf")):
+        return None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
+
+
 def write_json(path: str | Path, data: dict) -> None:
-    """Write a benchmark's JSON (making its folder) and say where."""
+    """Write a benchmark's JSON (making its folder; NaN as null) and say where."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=1))
+    Path(path).write_text(json.dumps(finite(data), indent=1, allow_nan=False))
     print(f"wrote {path}")
 
 

@@ -58,6 +58,7 @@ class SimGroup:
     versions: np.ndarray
     rewards: np.ndarray
     tokens: int
+    response_lens: np.ndarray  # (the Composer counts the lengths of what it drops)
 
 
 @dataclass
@@ -156,7 +157,8 @@ class Simulation:
         held = np.searchsorted(np.asarray(self.published), token_times - self.c.sync_s, side="right") - 1
         versions = np.concatenate([np.maximum(held[:k], 0) for k in lens]).astype(np.int32)
         n = len(lens)
-        self.composer.add(SimGroup(gid, n, versions, self.rng.random(n).astype(np.float32), int(lens.sum())))
+        self.composer.add(SimGroup(gid, n, versions, self.rng.random(n).astype(np.float32), int(lens.sum()),
+                                   np.asarray(lens, np.int32)))
         self.at(self.now, "gen_ready", g)
         if not self.learner_busy:
             self.learner_ready(None)

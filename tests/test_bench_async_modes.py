@@ -226,3 +226,12 @@ def test_schedule_from_set_is_validated_and_typed():
 def test_bad_schedules_are_rejected_naming_the_field(schedule):
     with pytest.raises(ConfigError, match="rollout.slowdown_schedule"):
         load_config(None, [f"rollout.slowdown_schedule={schedule}"])
+
+
+def test_benchmark_json_is_strict_nan_becomes_null(tmp_path):
+    import json
+
+    common = importlib.util.module_from_spec(importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py"))
+    common.__spec__.loader.exec_module(common)
+    common.write_json(tmp_path / "r.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": [1.0, None], "c": {"d": 2}}

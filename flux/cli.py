@@ -28,6 +28,10 @@ def fail(message: str, code: int = 2):
 @click.version_option(package_name="flux-rlhf")
 def main():
     """Flux: RL post-training with adaptive asynchrony."""
+    # Dotted paths (rewards, algorithms, engines, learners, sinks) resolve from the working directory, as
+    # under `python -m flux.cli` and in the actors (started with `python -m` in this directory).
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
 
 
 @main.command()

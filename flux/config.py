@@ -27,13 +27,16 @@ MOVED = {"learner.checkpoint_every": "checkpoint.every", "staleness.metric": "st
 
 
 def _resolves(dotted: str) -> bool:
-    """Whether `pkg.module:name` names something importable (flux.plugins.resolve)."""
+    """Whether `pkg.module:name` names something importable (flux.plugins.resolve); a module that fails
+    to import is a config error naming why."""
     from flux.plugins import resolve
 
     try:
         resolve(dotted)
     except ValueError:
         return False
+    except Exception as e:  # the user's module raised while importing
+        raise ConfigError(f"{dotted}: importing it raised {type(e).__name__}: {e}") from None
     return True
 
 
@@ -109,7 +112,8 @@ class LearnerConfig:
     min_lr_ratio: float = _doc("Final learning rate as a fraction of lr (cosine schedule).", 0.1)
     weight_decay: float = _doc("AdamW weight decay.", 0.0)
     max_grad_norm: float = _doc("Gradient clipping norm.", 1.0)
-    micro_batch_size: int = _doc("Samples per forward/backward (0 = whole batch at once).", 0)
+    micro_batch_size: int = _doc("About this many samples per forward/backward, the batch split into "
+                                 "ceil(rows / N) micro-batches of near-equal token counts (0 = whole batch).", 0)
     micro_batch_tokens: int = _doc("Padded tokens per forward/backward, rows packed longest-first so a long "
                                    "tail does not pad every row to it (0 = off; overrides micro_batch_size).", 0)
     threads: int = _doc("torch intra-op threads in the learner process.", 1)
@@ -418,6 +422,8 @@ def _build(cls, data: dict, path: str):
     kwargs = {}
     for key, value in data.items():
         dotted = f"{path}.{key}" if path else str(key)
+        if dotted == "staleness.metric" and value == "k3" and "signal" not in data:  # an older run's config
+            key, dotted = "signal", "staleness.signal"
         if key not in names:
             if dotted in MOVED:
                 raise ConfigError(f"{dotted}: moved to {MOVED[dotted]}")

@@ -243,9 +243,12 @@ def test_an_algorithm_declares_its_inputs_and_its_reference():
     assert not algo.wants_reference() and algo.wants_reference({"beta": 0.1})
     with pytest.raises(ValueError, match="names no hyper-parameter"):
         register_algorithm("t_badref", advantages=token_adv, loss=loss, inputs="token", reference="kl_coef")
-    # a kl-like name alone no longer loads a reference model: only a declaration does
+    # a kl-like name alone loads no reference model: only a declaration does, and a KL coefficient that
+    # would be ignored for want of one is an error, not a silent no-op
     plain = register_algorithm("t_plain", advantages=grpo_advantages, loss=grpo_loss)
-    assert not plain.wants_reference({"kl_coef": 0.5})
+    assert not plain.wants_reference()
+    with pytest.raises(ValueError, match="algo.kl_coef > 0, but algorithm 't_plain' keeps no reference model"):
+        plain.params({"kl_coef": 0.5})
 
 
 def test_registry_unknown_name_lists_known():

@@ -196,3 +196,20 @@ def test_config_fields_cover_every_leaf_with_a_doc():
     # every listed key is settable with its own default
     defaults = [f"{k}={v}" for k, _, v, _ in rows if not isinstance(v, (dict, str))]
     assert load_config(None, defaults) == FluxConfig()
+
+
+def test_an_older_runs_staleness_metric_k3_reads_as_the_signal(tmp_path):
+    old = tmp_path / "config.yaml"
+    old.write_text("staleness:\n  metric: k3\n  w_lag: 0.5\n")
+    cfg = load_config(str(old))
+    assert cfg.staleness.signal == "k3" and cfg.staleness.w_lag == 0.5
+    old.write_text("staleness:\n  metric: abs_log_ratio\n")
+    with pytest.raises(ConfigError, match="staleness.metric: moved to staleness.signal"):
+        load_config(str(old))
+
+
+def test_a_dotted_path_whose_module_raises_on_import_is_a_config_error(tmp_path, monkeypatch):
+    (tmp_path / "broken_engine_mod.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="importing it raised RuntimeError: no GPU here"):
+        load_config(None, ["rollout.engine=broken_engine_mod:build"])

@@ -40,3 +40,20 @@ def test_a_dotted_path_that_does_not_import_is_a_one_line_config_error(tmp_path)
         out = flux_train("--set", f"{key}=examples.nope:build", "--out", str(tmp_path / "r"), cwd=ROOT)
         assert out.returncode == 2 and key in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_installed_flux_command_resolves_dotted_paths_from_the_working_directory(default_model, tmp_path):
+    import shutil
+    import subprocess
+
+    flux = shutil.which("flux")
+    if flux is None:
+        import pytest
+
+        pytest.skip("the `flux` console script is not installed")
+    run = tmp_path / "run"
+    out = subprocess.run([flux, "train", *SMALL, "--max-steps", "1", "--out", str(run), "--set",
+                          "adaptive_async.mode=sync", "--set", "rollout.engine=examples.custom_engine:build"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=150, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert len(metrics(run)) == 1

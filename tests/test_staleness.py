@@ -74,7 +74,7 @@ def test_batch_signals_split_the_lag_0_tokens_out():
     x = np.array([0.2, -0.2, 0.0, 1.5])                          # log π − log μ on the real tokens
     k3 = lambda v: float(np.mean(np.expm1(v) - v))
     w = np.exp(x)
-    assert out["tokens"] == 4 and out["lag0_tokens"] == 2 and out["lag_mean"] == pytest.approx(1.0)
+    assert out["sig_tokens"] == 4 and out["lag0_tokens"] == 2 and out["lag_mean"] == pytest.approx(1.0)
     assert out["sig_k3"] == pytest.approx(k3(x)) and out["sig_k3_lag0"] == pytest.approx(k3(x[:2]))
     assert out["sig_ess_loss"] == pytest.approx(1 - w.sum() ** 2 / (w ** 2).sum() / 4)
     assert out["sig_is_cap"] == pytest.approx(0.25) and out["sig_is_cap_lag0"] == 0.0   # e^1.5 > 2

@@ -98,6 +98,15 @@ class Algorithm:
             if unknown:
                 raise ValueError(f"algorithm {self.name!r} has no parameter(s) {unknown}; "
                                  f"known: {sorted(accepted)}")
+        # A KL coefficient set > 0 on an algorithm that declares no reference model would be ignored
+        # without a word (the loss gets ref_logprobs=None): refuse it instead.
+        declared = set(self.reference) if isinstance(self.reference, tuple) else set()
+        silent = sorted(k for k, v in merged.items() if k.startswith("kl") and k.endswith("coef")
+                        and k not in declared and self.reference is not True
+                        and isinstance(v, (int, float)) and v > 0)
+        if silent:
+            raise ValueError(f"algo.{silent[0]} > 0, but algorithm {self.name!r} keeps no reference model: "
+                             f"register it with reference=({silent[0]!r},)")
         return merged
 
     def advantage_kwargs(self, params: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def batch_signals(logprobs: Any, behaviour_logprobs: Any, mask: Any, versions: A
                   tis_cap: float = 2.0) -> dict[str, float]:
     """What a learner step reports about staleness, in one flat dict (the controller turns it into S).
 
-    Keys: lag_mean, lag_p95, lag_max, div_abs_log_ratio, div_k3, tokens, lag0_tokens, and per candidate
+    Keys: lag_mean, lag_p95, lag_max, div_abs_log_ratio, div_k3, sig_tokens, lag0_tokens, and per candidate
     signal `sig_<name>` (over all tokens) and `sig_<name>_lag0` (over the tokens of lag 0 only).
 
     Shape: all tensors (b, t).
@@ -119,7 +119,7 @@ def batch_signals(logprobs: Any, behaviour_logprobs: Any, mask: Any, versions: A
     lag = lag_stats(versions, current_version, mask)
     div = divergence(logprobs, behaviour_logprobs, mask)
     out = {**{f"lag_{k}": v for k, v in lag.items()}, **{f"div_{k}": v for k, v in div.items()},
-           "tokens": int(x.size), "lag0_tokens": int(fresh.sum())}
+           "sig_tokens": int(x.size), "lag0_tokens": int(fresh.sum())}
     for name, value in _signals(x, tis_cap).items():
         out[f"sig_{name}"] = value
     for name, value in _signals(x[fresh], tis_cap).items():

@@ -40,7 +40,7 @@ import msgpack
 import numpy as np
 import zmq
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: Admit carries its version's weights handle
 MAX_HEADER_BYTES = 16 * 2**20
 MAX_FRAME_BYTES = 2**30
 ROLES = ("controller", "generator", "buffer", "learner")

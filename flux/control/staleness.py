@@ -65,8 +65,16 @@ def divergence(logprobs: Any, behaviour_logprobs: Any, mask: Any) -> dict[str, f
 
     Shape: logprobs, behaviour_logprobs, mask (b, t) (or any equal shapes). Empty mask gives zeros.
     """
+    return _divergence(_log_ratios(logprobs, behaviour_logprobs, mask))
+
+
+def _log_ratios(logprobs: Any, behaviour_logprobs: Any, mask: Any) -> np.ndarray:
+    """x = log π − log μ on the masked tokens (1-D, float64)."""
     on = _np(mask) > 0
-    x = (_np(logprobs).astype(np.float64) - _np(behaviour_logprobs).astype(np.float64))[on]
+    return (_np(logprobs).astype(np.float64) - _np(behaviour_logprobs).astype(np.float64))[on]
+
+
+def _divergence(x: np.ndarray) -> dict[str, float]:
     if x.size == 0:
         return {"abs_log_ratio": 0.0, "k3": 0.0}
     return {"abs_log_ratio": float(np.abs(x).mean()), "k3": float((np.expm1(x) - x).mean())}
@@ -95,13 +103,13 @@ SIGNALS = ("k3", "ess_loss", "is_cap")
 
 
 def _signals(x: np.ndarray, tis_cap: float) -> dict[str, float]:
-    """The candidate signals of log-ratios x = log π − log μ (1-D, float64)."""
+    """The candidate signals of log-ratios x = log π − log μ (1-D, float64), with abs_log_ratio beside."""
+    out = _divergence(x)
     if x.size == 0:
-        return {name: 0.0 for name in SIGNALS}
+        return {**out, "ess_loss": 0.0, "is_cap": 0.0}
     w = np.exp(np.clip(x, -50.0, 50.0))
     ess = w.sum() ** 2 / max(1e-300, float((w * w).sum()))
-    return {"k3": float((np.expm1(x) - x).mean()), "ess_loss": float(max(0.0, 1.0 - ess / x.size)),
-            "is_cap": float((w > tis_cap).mean())}
+    return {**out, "ess_loss": float(max(0.0, 1.0 - ess / x.size)), "is_cap": float((w > tis_cap).mean())}
 
 
 def batch_signals(logprobs: Any, behaviour_logprobs: Any, mask: Any, versions: Any, current_version: int,
@@ -113,17 +121,15 @@ def batch_signals(logprobs: Any, behaviour_logprobs: Any, mask: Any, versions: A
 
     Shape: all tensors (b, t).
     """
-    on = _np(mask) > 0
-    x = (_np(logprobs).astype(np.float64) - _np(behaviour_logprobs).astype(np.float64))[on]
-    fresh = (int(current_version) - _np(versions).astype(np.int64))[on] == 0
+    x = _log_ratios(logprobs, behaviour_logprobs, mask)
+    fresh = (int(current_version) - _np(versions).astype(np.int64))[_np(mask) > 0] == 0
     lag = lag_stats(versions, current_version, mask)
-    div = divergence(logprobs, behaviour_logprobs, mask)
-    out = {**{f"lag_{k}": v for k, v in lag.items()}, **{f"div_{k}": v for k, v in div.items()},
+    every, lag0 = _signals(x, tis_cap), _signals(x[fresh], tis_cap)
+    out = {**{f"lag_{k}": v for k, v in lag.items()},
+           "div_abs_log_ratio": every["abs_log_ratio"], "div_k3": every["k3"],
            "sig_tokens": int(x.size), "lag0_tokens": int(fresh.sum())}
-    for name, value in _signals(x, tis_cap).items():
-        out[f"sig_{name}"] = value
-    for name, value in _signals(x[fresh], tis_cap).items():
-        out[f"sig_{name}_lag0"] = value
+    for name in SIGNALS:
+        out[f"sig_{name}"], out[f"sig_{name}_lag0"] = every[name], lag0[name]
     return out
 
 

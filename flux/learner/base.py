@@ -50,10 +50,11 @@ def micro_batches(lengths: Sequence[int], *, size: int = 0, tokens: int = 0, pai
             return []
     rows = sum(len(u) for u in units)
     if tokens:
+        widths = [max(int(lengths[r]) for r in u) for u in units]
         parts: list[list[int]] = [[]]
         longest = 0
-        for u in sorted(range(len(units)), key=lambda u: -max(int(lengths[r]) for r in units[u])):
-            width = max(int(lengths[r]) for r in units[u])
+        for u in sorted(range(len(units)), key=lambda u: -widths[u]):
+            width = widths[u]
             if parts[-1] and max(longest, width) * (len(parts[-1]) + len(units[u])) > tokens:
                 parts.append([])
                 longest = 0

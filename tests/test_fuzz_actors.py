@@ -13,7 +13,7 @@ import json
 import random
 import subprocess
 
-import msgpack
+import msgspec
 import numpy as np
 import zmq
 
@@ -40,7 +40,8 @@ def unexpected_messages(socket: str) -> list[P.Message]:
 def malformed(rng: random.Random, messages: list[P.Message]) -> list[bytes]:
     kind = rng.randrange(9)
     frames = [bytes(f) for f in P.encode(rng.choice(messages))]
-    head = msgpack.unpackb(frames[0])
+    head = msgspec.msgpack.decode(frames[0])  # [version, message map]
+    body = head[1]
     if kind == 0:
         return [rng.randbytes(rng.randrange(0, 200)) for _ in range(rng.randrange(1, 4))]
     if kind == 1:  # a real message, bit-flipped and cut short
@@ -52,28 +53,25 @@ def malformed(rng: random.Random, messages: list[P.Message]) -> list[bytes]:
         frames[i] = bytes(f)
         return frames
     if kind == 2:
-        head["v"] = rng.choice([0, 2, 99, "1", None])
+        head[0] = rng.choice([0, 2, 99, "1", None])
     elif kind == 3:
-        head["type"] = rng.choice(["Nope", "", 7, None, "Message"])
+        body["type"] = rng.choice(["Nope", "", 7, None, "Message"])
     elif kind == 4:  # a field of the wrong type
-        if head.get("fields"):
-            key = rng.choice(sorted(head["fields"]))
-            head["fields"][key] = rng.choice(["x", -1, 1e308, None, [1, 2], {"a": 1}, float("nan")])
-        else:
-            head["fields"] = "not a map"
+        key = rng.choice(sorted(set(body) - {"type"}))
+        body[key] = rng.choice(["x", -1, 1e308, None, [1, 2], {"a": 1}, float("nan")])
     elif kind == 5:  # declared array length disagrees with the frame, or is huge
-        if head.get("arrays"):
-            entry = rng.choice(head["arrays"])
-            entry[2] = [rng.choice([10**12, 2**62, 0, 3])]
+        arrays = [k for k, v in body.items() if type(v) is list and len(v) == 3 and type(v[0]) is str]
+        if arrays:
+            body[rng.choice(arrays)][1] = rng.choice([10**12, 2**62, 0, 3])
         else:
-            head["arrays"] = [["x", "<f4", [2**40]]]
+            body["x"] = ["<f4", 2**40, 1]
     elif kind == 6:  # missing or extra frames
         return frames[:-1] if len(frames) > 1 and rng.random() < 0.5 else [*frames, rng.randbytes(16)]
     elif kind == 7:  # a header map of the wrong shape, or bigger than the limit claims
-        return [msgpack.packb(rng.choice([[1, 2, 3], "header", 12, {"v": 1}]))]
+        return [msgspec.msgpack.encode(rng.choice([[1, 2, 3], "header", 12, {"v": 1}]))]
     else:  # a well-formed message of a type this socket does not take
         return frames
-    return [msgpack.packb(head), *frames[1:]]
+    return [msgspec.msgpack.encode(head), *frames[1:]]
 
 
 def finish(proc, tmp_path, run_dir, steps) -> dict:

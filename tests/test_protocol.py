@@ -1,8 +1,7 @@
 """flux.run.protocol: round trips, the validating decoder (targeted + fuzzed), drop counting, real sockets."""
-import dataclasses
 import logging
 
-import msgpack
+import msgspec
 import numpy as np
 import pytest
 import zmq
@@ -61,10 +60,10 @@ EXAMPLES = [
 def same(a: P.Message, b: P.Message) -> bool:
     if type(a) is not type(b):
         return False
-    for f in dataclasses.fields(a):
-        x, y = getattr(a, f.name), getattr(b, f.name)
-        if f.name in a.ARRAYS:
-            if x.dtype != np.dtype(a.ARRAYS[f.name]) or not np.array_equal(x, y):
+    for name in a.__struct_fields__:
+        x, y = getattr(a, name), getattr(b, name)
+        if name in a.ARRAYS:
+            if x.dtype != np.dtype(a.ARRAYS[name]) or not np.array_equal(x, y):
                 return False
         elif x != y or type(x) is not type(y):
             return False
@@ -72,11 +71,16 @@ def same(a: P.Message, b: P.Message) -> bool:
 
 
 def with_header(msg: P.Message, edit) -> list:
-    """Encode ``msg``, then let ``edit`` mutate its decoded header in place."""
+    """Encode ``msg``, then let ``edit`` mutate its decoded header ``[version, body]`` in place."""
     frames = encode(msg)
-    header = msgpack.unpackb(frames[0])
+    header = msgspec.msgpack.decode(frames[0])
     edit(header)
-    return [msgpack.packb(header), *frames[1:]]
+    return [msgspec.msgpack.encode(header), *frames[1:]]
+
+
+def with_body(msg: P.Message, edit) -> list:
+    """Encode ``msg``, then let ``edit`` mutate the message map in its header in place."""
+    return with_header(msg, lambda h: edit(h[1]))
 
 
 def reason(frames) -> str:
@@ -106,7 +110,7 @@ def test_encode_normalises_scalars_and_arrays():
     out = decode(encode(msg))
     assert out.busy_frac == 1.0 and type(out.busy_frac) is float
     assert out.stats == {"x": 0.5, "n": 3}
-    g = decode(encode(dataclasses.replace(group(), group_id=np.int64(9))))
+    g = decode(encode(msgspec.structs.replace(group(), group_id=np.int64(9))))
     assert g.group_id == 9 and type(g.group_id) is int
     assert g.response_ids.dtype == np.dtype("<i4") and g.logprobs.dtype == np.dtype("<f4")
     assert g.finish.tolist() == [1, 0] and g.finish.dtype == np.uint8
@@ -114,10 +118,10 @@ def test_encode_normalises_scalars_and_arrays():
 
 def test_header_layout():
     frames = encode(group())
-    header = msgpack.unpackb(frames[0])
-    assert header["type"] == "TrajectoryGroup" and header["v"] == P.PROTOCOL_VERSION
-    assert header["arrays"][0] == ["prompt_ids", "<i4", [3]]
-    assert [a[0] for a in header["arrays"]] == list(P.TrajectoryGroup.ARRAYS)
+    version, body = msgspec.msgpack.decode(frames[0])
+    assert body["type"] == "TrajectoryGroup" and version == P.PROTOCOL_VERSION
+    assert body["prompt_ids"] == ["<i4", 3, 1]
+    assert [body[name][2] for name in P.TrajectoryGroup.ARRAYS] == list(range(1, 8))
     assert len(frames) == 1 + len(P.TrajectoryGroup.ARRAYS)
     assert bytes(frames[2]) == np.arange(10, 15, dtype="<i4").tobytes()
 
@@ -132,10 +136,10 @@ def test_header_layout():
     P.Published(version=4, weights=HANDLE),
     P.Stop(reason=None),
     P.StepReport(step=1, version=1, metrics={"t": object()}),
-    dataclasses.replace(group(), sample_count=3),
-    dataclasses.replace(group(), logprobs=np.zeros(2)),
-    dataclasses.replace(group(), response_ids=np.arange(5.0)),
-    dataclasses.replace(group(), rewards=np.array([0.0, np.inf])),
+    msgspec.structs.replace(group(), sample_count=3),
+    msgspec.structs.replace(group(), logprobs=np.zeros(2)),
+    msgspec.structs.replace(group(), response_ids=np.arange(5.0)),
+    msgspec.structs.replace(group(), rewards=np.array([0.0, np.inf])),
     P.RunInfo(run_id="r", name="far", version=0, model_path="/m", num_prompts=1, prompts_digest="", config={},
               ports={"pub": 1, "pull": 70000, "weights": 3}, weights_token=""),
     P.WeightManifest(version=1, nbytes=192, chunk_bytes=64, n_chunks=2, checksum=0, tensors=[]),
@@ -152,24 +156,37 @@ def test_encode_rejects_invalid_messages(bad):
 def test_decode_rejects_each_kind_of_malformation(monkeypatch):
     good = encode(group())
     assert reason([b"\xc1"]) == "not_msgpack"
-    assert reason([msgpack.packb([1, 2])]) == "bad_header"
-    assert reason(with_header(group(), lambda h: h.update(v=P.PROTOCOL_VERSION + 1))) == "bad_header"
-    assert reason(with_header(group(), lambda h: h.update(v=True))) == "bad_header"
-    assert reason(with_header(group(), lambda h: h.update(type="Nope"))) == "unknown_type"
-    assert reason(with_header(group(), lambda h: h["fields"].pop("meta"))) == "bad_fields"
-    assert reason(with_header(group(), lambda h: h["fields"].update(extra=1))) == "bad_fields"
-    assert reason(with_header(group(), lambda h: h["fields"].update(group_id=1.0))) == "bad_value"
-    assert reason(with_header(group(), lambda h: h["fields"].update(group_id=True))) == "bad_value"
-    assert reason(with_header(group(), lambda h: h["fields"].update(gen_seconds=2))) == "bad_value"
-    assert reason(with_header(group(), lambda h: h["fields"].update(meta=None))) == "bad_value"
+    assert reason([msgspec.msgpack.encode([1, 2])]) == "bad_header"
+    assert reason([msgspec.msgpack.encode({"v": 1})]) == "bad_header"
+    assert reason(with_header(group(), lambda h: h.__setitem__(0, P.PROTOCOL_VERSION + 1))) == "bad_header"
+    assert reason(with_header(group(), lambda h: h.__setitem__(0, True))) == "bad_header"
+    assert reason(with_body(group(), lambda b: b.update(type="Nope"))) == "unknown_type"
+    assert reason(with_body(group(), lambda b: b.pop("type"))) == "unknown_type"
+    assert reason(with_body(group(), lambda b: b.pop("meta"))) == "bad_fields"
+    assert reason(with_body(group(), lambda b: b.update(extra=1))) == "bad_fields"
+    assert reason(with_body(group(), lambda b: b.update(group_id=1.0))) == "bad_value"
+    assert reason(with_body(group(), lambda b: b.update(group_id=True))) == "bad_value"
+    assert reason(with_body(group(), lambda b: b.update(group_id=-1))) == "bad_value"
+    assert reason(with_body(group(), lambda b: b.update(gen_seconds=-1.0))) == "bad_value"
+    assert reason(with_body(group(), lambda b: b.update(meta=None))) == "bad_value"
+    assert reason(with_body(group(), lambda b: b.update(meta={1: 2}))) == "bad_value"
+    assert decode(with_body(group(), lambda b: b.update(gen_seconds=2))).gen_seconds == 2.0  # int for float
     welcome = P.Welcome(run_id="r", version=0, weights=None)
-    assert reason(with_header(welcome, lambda h: h["fields"].update(weights=[]))) == "bad_value"
-    assert reason(good[:-1]) == "bad_frames"
+    assert reason(with_body(welcome, lambda b: b.update(weights=[]))) == "bad_value"
+    assert reason(with_body(P.Register(role="learner", name="x", pid=1, host="h"),
+                            lambda b: b.update(role="wizard"))) == "bad_value"
+    assert reason(good[:-1]) == "bad_array"  # the last array's frame is missing
     assert reason([*good, b""]) == "bad_frames"
-    assert reason(with_header(group(), lambda h: h["arrays"][1].__setitem__(1, "<i8"))) == "bad_array"
-    assert reason(with_header(group(), lambda h: h["arrays"][1].__setitem__(2, [4]))) == "bad_array"
+    assert reason(with_body(group(), lambda b: b["response_ids"].__setitem__(0, "<i8"))) == "bad_array"
+    assert reason(with_body(group(), lambda b: b["response_ids"].__setitem__(0, "<c16"))) == "bad_array"
+    assert reason(with_body(group(), lambda b: b["response_ids"].__setitem__(1, 4))) == "bad_array"
+    assert reason(with_body(group(), lambda b: b["response_ids"].__setitem__(2, 1))) == "bad_array"
+    assert reason(with_body(group(), lambda b: b.update(response_ids=[1, 2]))) == "bad_array"
     assert reason([*good[:2], bytes(good[2])[:-1], *good[3:]]) == "bad_array"
-    assert reason(with_header(group(), lambda h: h["arrays"].reverse())) == "bad_array"
+    swapped = [good[0], good[2], good[1], *good[3:]]
+    assert reason(swapped) == "bad_array"
+    as_float = with_body(group(), lambda b: b["versions"].__setitem__(0, "<f4"))  # right size, wrong dtype
+    assert reason(as_float) == "bad_array"
     assert reason([b"", *good]) == "not_msgpack"
     monkeypatch.setattr(P, "MAX_FRAME_BYTES", 8)
     assert reason(good) == "too_large"
@@ -186,18 +203,17 @@ def test_decode_checks_consistency():
     assert reason([*g[:4], nan.tobytes(), *g[5:]]) == "inconsistent"
     neg = np.array([4, 4, -1, 4, 4], "<i4")
     assert reason([*g[:5], neg.tobytes(), *g[6:]]) == "inconsistent"  # versions >= 0
-    assert reason(with_header(group(), lambda h: h["fields"].update(sample_count=3))) == "inconsistent"
+    assert reason(with_body(group(), lambda b: b.update(sample_count=3))) == "inconsistent"
     admit = P.Admit(groups=[{"group_id": 1, "prompt_index": 0, "token": "t"}])
     credit = {"group_id": 1, "prompt_index": 2, "token": "t"}
-    negative_id = with_header(admit, lambda h: h["fields"]["groups"][0].update(group_id=-1))
-    assert reason(negative_id) == "inconsistent"
-    assert reason(with_header(admit, lambda h: h["fields"]["groups"].append(credit))) == "inconsistent"
-    assert reason(with_header(admit, lambda h: h["fields"]["groups"][0].pop("group_id"))) == "inconsistent"
+    assert reason(with_body(admit, lambda b: b["groups"][0].update(group_id=-1))) == "bad_value"
+    assert reason(with_body(admit, lambda b: b["groups"].append(credit))) == "inconsistent"
+    assert reason(with_body(admit, lambda b: b["groups"][0].pop("group_id"))) == "bad_value"
     published = P.Published(version=3, weights=HANDLE)
-    wrong_version = with_header(published, lambda h: h["fields"]["weights"].update(version=9))
+    wrong_version = with_body(published, lambda b: b["weights"].update(version=9))
     assert reason(wrong_version) == "inconsistent"
     batch = P.Batch.from_groups(0, [group(1), group(2)])
-    assert reason(with_header(batch, lambda h: h["fields"]["generators"].pop())) == "inconsistent"
+    assert reason(with_body(batch, lambda b: b["generators"].pop())) == "inconsistent"
     frames = encode(batch)
     assert reason([*frames[:3], np.array([2, 1], "<i4").tobytes(), *frames[4:]]) == "inconsistent"
 
@@ -227,8 +243,8 @@ def test_drop_counter_counts_and_rate_limits_logging(caplog):
     counter = P.DropCounter("buffer", interval_s=60.0)
     with caplog.at_level(logging.WARNING, logger="flux.run.protocol"):
         for _ in range(3):
-            assert P.try_decode([b"junk"], counter) is None
-        assert P.try_decode([msgpack.packb({"v": 1})], counter) is None
+            assert P.try_decode([b"\xc1junk"], counter) is None
+        assert P.try_decode([msgspec.msgpack.encode({"v": 1})], counter) is None
         assert P.try_decode(encode(P.Stop(reason="x")), counter) == P.Stop(reason="x")
     assert counter.counts == {"not_msgpack": 3, "bad_header": 1} and counter.total == 4
     assert len(caplog.records) == 2  # one line per reason within the interval
@@ -329,18 +345,21 @@ def test_fuzz_random_bytes(frames):
 @given(st.sampled_from(EXAMPLES), st.data())
 def test_fuzz_random_header_values(msg, data):
     frames = encode(msg)
-    header = msgpack.unpackb(frames[0])
-    where = data.draw(st.sampled_from(["v", "type", "fields", "arrays", "field", "array", "new"]))
-    if where == "field" and header["fields"]:
-        header["fields"][data.draw(st.sampled_from(sorted(header["fields"])))] = data.draw(values)
-    elif where == "array" and header["arrays"]:
-        i = data.draw(st.integers(0, len(header["arrays"]) - 1))
-        header["arrays"][i][data.draw(st.integers(0, 2))] = data.draw(values)
+    header = msgspec.msgpack.decode(frames[0])
+    body = header[1]
+    where = data.draw(st.sampled_from(["v", "body", "field", "array", "new", "extra"]))
+    if where == "field":
+        body[data.draw(st.sampled_from(sorted(body)))] = data.draw(values)  # "type" included
+    elif where == "array" and msg.ARRAYS:
+        entry = body[data.draw(st.sampled_from(sorted(msg.ARRAYS)))]
+        entry[data.draw(st.integers(0, 2))] = data.draw(values)
     elif where == "new":
-        header[data.draw(st.text(max_size=5))] = data.draw(values)
+        body[data.draw(st.text(max_size=5))] = data.draw(values)
+    elif where == "extra":
+        header.append(data.draw(values))
     else:
-        header[where if where in header else "v"] = data.draw(values)
-    check_decode([msgpack.packb(header), *frames[1:]])
+        header[0 if where == "v" else 1] = data.draw(values)
+    check_decode([msgspec.msgpack.encode(header), *frames[1:]])
 
 
 @FUZZ
@@ -367,7 +386,7 @@ def test_fuzz_mutated_frames(msg, data):
 
 
 def test_decode_never_raises_anything_else_on_odd_inputs():
-    for frames in ([], None, "abc", [None], [object()], [12], [msgpack.packb({"v": 1, "type": [], "fields": 1,
+    for frames in ([], None, "abc", [None], [object()], [12], [msgspec.msgpack.encode({"v": 1, "type": [], "fields": 1,
                                                                             "arrays": 2})]):
         with pytest.raises(ProtocolError):
             decode(frames)

@@ -11,10 +11,11 @@ The conversation (socket types in capitals):
     remote generator DEALER -> weight server ROUTER        WeightFetch -> WeightManifest | WeightChunk...
                                                            | WeightUnavailable
 
-Wire format (ZeroMQ multipart): ``[envelope | topic] header array_0 array_1 ...``
+Wire format (ZeroMQ multipart): ``[envelope | topic] header array_1 array_2 ...``
 
-- ``header`` is a MessagePack map ``{"v": PROTOCOL_VERSION, "type": TYPE, "fields": {scalar fields},
-  "arrays": [[name, dtype, [length]], ...]}``.
+- ``header`` is MessagePack ``[PROTOCOL_VERSION, message]``; ``message`` is the msgspec Struct as a map
+  tagged with its class name (``{"type": "Register", "role": ..., ...}``), each array field replaced by
+  ``[dtype, length, frame]``: the index of the frame that holds its bytes.
 - ``array_i`` are the raw little-endian bytes of the class's 1-D ``ARRAYS``, in declaration order. They
   are sent zero-copy and decoded with ``np.frombuffer``: decoded arrays are views of the frames.
 - Envelopes follow the REQ/REP convention: a DEALER sends ``["", header, ...]``, so a ROUTER receives
@@ -22,30 +23,41 @@ Wire format (ZeroMQ multipart): ``[envelope | topic] header array_0 array_1 ...`
 - A PUB sends the message TYPE as a topic frame first (``b"NewVersion"``), so a SUB can filter with
   ``sock.subscribe(b"Stop")``; ``decode`` recognises and skips it.
 
-``encode`` normalises (numpy scalars -> Python, int -> float where a float is declared, arrays cast to
-their wire dtype) and validates, so a bad message fails at its sender. ``decode`` trusts nothing: on any
-malformed input it raises ``ProtocolError`` and nothing else. Wire-wide rules: every int is >= 0 (ids,
-counts, versions, steps), every float is finite, every array is 1-D.
+Field types are msgspec's: ``NonNeg`` for ids, counts, versions and steps, ``Finite`` floats, ``Literal``
+roles; msgspec checks them on decode (an int is never a bool) and each class's ``validate`` checks what
+types cannot say (lengths that must agree, handles whose version must match). ``encode`` normalises
+(numpy scalars -> Python, arrays cast to their wire dtype) and then decodes its own frames, so a bad
+message fails at its sender. ``decode`` trusts nothing: on any malformed input it raises
+``ProtocolError`` and nothing else.
 """
-import dataclasses
 import logging
 import math
+import sys
+import threading
 import time
-import types
-import typing
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Sequence, TypedDict, Union
 
-import msgpack
+import msgspec
 import numpy as np
 import zmq
+from msgspec import Meta
 
-PROTOCOL_VERSION = 2  # 2: Admit carries its version's weights handle
+PROTOCOL_VERSION = 3  # 2: Admit carries its version's weights handle; 3: msgspec structs, header [v, message]
 MAX_HEADER_BYTES = 16 * 2**20
 MAX_FRAME_BYTES = 2**30
-ROLES = ("controller", "generator", "buffer", "learner")
 
 log = logging.getLogger("flux.run.protocol")
+
+# Field types: msgspec checks them on decode (an int is never a bool, a float accepts an int).
+_MAX = sys.float_info.max
+NonNeg = Annotated[int, Meta(ge=0)]  # ids, counts, versions, steps
+Positive = Annotated[int, Meta(ge=1)]
+Finite = Annotated[float, Meta(ge=-_MAX, le=_MAX)]  # NaN and infinities fail both bounds
+Seconds = Annotated[float, Meta(ge=0.0, le=_MAX)]
+Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
+Map = dict[str, Any]
+Role = Literal["controller", "generator", "buffer", "learner"]
+Port = Annotated[int, Meta(ge=1, le=65535)]
 
 
 class ProtocolError(ValueError):
@@ -57,12 +69,19 @@ class ProtocolError(ValueError):
         self.detail = detail
 
 
-class Message:
-    """Base of every wire message. Subclasses are ``@message @dataclass(slots=True)`` classes."""
+class Message(msgspec.Struct, tag=True, forbid_unknown_fields=True):
+    """Base of every wire message: a msgspec Struct tagged with its class name (``TYPE``). ``ARRAYS``
+    names its 1-D numpy array fields and their wire dtypes; they travel as frames of their own."""
 
-    __slots__ = ()
     TYPE: ClassVar[str] = ""
-    ARRAYS: ClassVar[dict[str, str]] = {}  # array field -> wire dtype; every array is 1-D
+    ARRAYS: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any):
+        super().__init_subclass__(**kwargs)
+        cls.TYPE = cls.__name__
+        cls.ARRAYS = {name: np.dtype(dt).str for name, dt in cls.ARRAYS.items()}
+        MESSAGES[cls.TYPE] = cls
+        _TOPICS.add(cls.TYPE.encode())
 
     def validate(self) -> None:
         """Consistency checks beyond field types; raise ProtocolError."""
@@ -70,105 +89,60 @@ class Message:
 
 MESSAGES: dict[str, type[Message]] = {}
 _TOPICS: set[bytes] = set()
-_FIELDS: dict[type, dict[str, tuple[Any, Callable[[Any], bool]]]] = {}
 
 
-def message(cls: type) -> type:
-    """Register a message class: its TYPE is its name; scalar fields get a wire checker from their type."""
-    cls.TYPE = cls.__name__
-    cls.ARRAYS = {name: np.dtype(dt).str for name, dt in cls.ARRAYS.items()}
-    fields = {f.name: f.type for f in dataclasses.fields(cls)}
-    assert all(fields.get(name) is np.ndarray for name in cls.ARRAYS), cls
-    _FIELDS[cls] = {n: (tp, _checker(tp)) for n, tp in fields.items() if n not in cls.ARRAYS}
-    MESSAGES[cls.TYPE] = cls
-    _TOPICS.add(cls.TYPE.encode())
-    return cls
+class Credit(TypedDict):
+    """One admitted group (``Admit.groups``): its id, its prompt, and the admission token that goes back
+    with it."""
+    group_id: NonNeg
+    prompt_index: NonNeg
+    token: str
 
 
-def _checker(tp: Any) -> Callable[[Any], bool]:
-    # `type(v) is int` on purpose: bool is an int subclass and must not pass for one.
-    simple = {int: lambda v: type(v) is int and v >= 0,
-              float: lambda v: type(v) is float and math.isfinite(v),
-              str: lambda v: type(v) is str, bool: lambda v: type(v) is bool, dict: lambda v: type(v) is dict,
-              list: lambda v: type(v) is list}
-    if tp in simple:
-        return simple[tp]
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is list:
-        item = _checker(args[0])
-        return lambda v: type(v) is list and all(item(x) for x in v)
-    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
-        inner = _checker(args[0] if args[1] is type(None) else args[1])
-        return lambda v: v is None or inner(v)
-    raise TypeError(f"unsupported wire type {tp!r}")
+class Ports(TypedDict):
+    """``RunInfo.ports``: the run's other TCP endpoints on the host a remote generator connected to."""
+    pub: Port
+    pull: Port
+    weights: Port
 
 
-def _normalize(tp: Any, v: Any) -> Any:
-    if tp is float and isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool):
-        return float(v)
-    if tp is int and isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        return int(v)
-    if typing.get_origin(tp) is list and isinstance(v, (list, tuple)):
-        return [_normalize(typing.get_args(tp)[0], x) for x in v]
-    if typing.get_origin(tp) in (typing.Union, types.UnionType) and v is not None:
-        return _normalize(next(a for a in typing.get_args(tp) if a is not type(None)), v)
-    return v
+TensorEntry = tuple[str, str, list[NonNeg], NonNeg, NonNeg]  # WeightManifest: name, dtype, shape, offset, nbytes
 
 
 # ---------------------------------------------------------------- any actor DEALER -> controller ROUTER
-@message
-@dataclass(slots=True)
 class Register(Message):
     """Any actor -> controller, first message after connecting. Reply: Welcome."""
-    role: str
+    role: Role
     name: str
-    pid: int
+    pid: NonNeg
     host: str
 
-    def validate(self) -> None:
-        _check_role(self.role)
 
-
-@message
-@dataclass(slots=True)
 class Welcome(Message):
     """Controller -> a registering actor. ``weights`` is the newest weights handle (weights.py), or None."""
     run_id: str
-    version: int
-    weights: dict | None
+    version: NonNeg
+    weights: Map | None
 
     def validate(self) -> None:
         if self.weights is not None:
             _check_handle(self.weights, None)
 
 
-@message
-@dataclass(slots=True)
 class Heartbeat(Message):
     """Any actor -> controller, periodically (no reply). ``busy_frac`` in [0, 1]."""
-    role: str
+    role: Role
     name: str
-    busy_frac: float
-    stats: dict
-
-    def validate(self) -> None:
-        _check_role(self.role)
-        _require(0.0 <= self.busy_frac <= 1.0, "busy_frac must be in [0, 1]")
+    busy_frac: Fraction
+    stats: Map
 
 
-@message
-@dataclass(slots=True)
 class AdmitRequest(Message):
     """Generator -> controller: may I start up to ``max_groups`` prompt groups? Reply: Admit."""
     name: str
-    max_groups: int
-
-    def validate(self) -> None:
-        _require(self.max_groups >= 1, "max_groups must be >= 1")
+    max_groups: Positive
 
 
-@message
-@dataclass(slots=True)
 class Admit(Message):
     """Controller -> generator: credits, each ``{"group_id": int, "prompt_index": int, "token": str}``;
     [] = retry later. The token (``flux.control.admission.admission_token``) goes back with the group, so the buffer
@@ -179,113 +153,79 @@ class Admit(Message):
     version's handle (as in Welcome), so a generator that missed its NewVersion broadcast (a PUB drops
     what it sends before a SUB has joined) can still fetch it instead of waiting forever.
     """
-    groups: list[dict]
-    version: int = 0
-    weights: dict | None = None
+    groups: list[Credit]
+    version: NonNeg = 0
+    weights: Map | None = None
 
     def validate(self) -> None:
         if self.weights is not None:
             _check_handle(self.weights, None)
-        for g in self.groups:
-            _require(set(g) == {"group_id", "prompt_index", "token"}
-                     and type(g["group_id"]) is int and type(g["prompt_index"]) is int
-                     and g["group_id"] >= 0 and g["prompt_index"] >= 0 and type(g["token"]) is str,
-                     "each admitted group is {group_id: int >= 0, prompt_index: int >= 0, token: str}")
         _require(len({g["group_id"] for g in self.groups}) == len(self.groups), "duplicate group_id")
 
 
-@message
-@dataclass(slots=True)
 class GroupDone(Message):
     """Generator -> controller: group ``group_id`` (``n_samples`` samples) will never reach the buffer, for
     the ``dropped`` reason (e.g. ``reward_failed``): its credit comes back. (A pushed group needs no word
     from its generator: the buffer reports what it received. One without a reason is ignored.)"""
     name: str
-    group_id: int
-    n_samples: int
+    group_id: NonNeg
+    n_samples: Positive
     dropped: str = ""
 
-    def validate(self) -> None:
-        _require(self.n_samples >= 1, "n_samples must be >= 1")
 
-
-@message
-@dataclass(slots=True)
 class Published(Message):
     """Learner -> controller: version ``version`` is complete at ``weights`` (a handle); announce it."""
-    version: int
-    weights: dict
+    version: NonNeg
+    weights: Map
 
     def validate(self) -> None:
         _check_handle(self.weights, self.version)
 
 
-@message
-@dataclass(slots=True)
 class StepReport(Message):
     """Learner -> controller after each optimizer step (staleness, reward, trained/dropped group ids...)."""
-    step: int
-    version: int
-    metrics: dict
+    step: NonNeg
+    version: NonNeg
+    metrics: Map
 
 
-@message
-@dataclass(slots=True)
 class BufferReport(Message):
     """Buffer -> controller, periodically and whenever groups arrive or are dropped: queue depth, groups
     dropped as too stale (cumulative), the ids ``received`` since the last report, and the ids ``dropped``
     since then by reason (``{"stale": [3, 4], "bad_tokens": [7]}``)."""
-    depth: int
-    dropped_stale: int
-    stats: dict
-    received: list[int] = dataclasses.field(default_factory=list)
-    dropped: dict = dataclasses.field(default_factory=dict)
-
-    def validate(self) -> None:
-        _require(all(type(r) is str and type(ids) is list and all(type(i) is int and i >= 0 for i in ids)
-                     for r, ids in self.dropped.items()), "dropped is {reason: [group id >= 0, ...]}")
+    depth: NonNeg
+    dropped_stale: NonNeg
+    stats: Map
+    received: list[NonNeg] = []
+    dropped: dict[str, list[NonNeg]] = {}
 
 
-@message
-@dataclass(slots=True)
 class Goodbye(Message):
     """Any actor -> controller: I am exiting (``ok``) or dying (``not ok``, ``reason`` says why). ``fatal``:
     the reason stops the whole run (e.g. the policy's weights overflowed), even from a generator."""
-    role: str
+    role: Role
     name: str
     reason: str
     ok: bool
     fatal: bool = False
 
-    def validate(self) -> None:
-        _check_role(self.role)
-
 
 # ---------------------------------------------------------------- controller PUB -> every SUB
-@message
-@dataclass(slots=True)
 class NewVersion(Message):
     """Controller -> all: weights ``version`` is complete and loadable from ``weights`` (a handle)."""
-    version: int
-    weights: dict
+    version: NonNeg
+    weights: Map
 
     def validate(self) -> None:
         _check_handle(self.weights, self.version)
 
 
-@message
-@dataclass(slots=True)
 class Control(Message):
     """Controller -> all: the current async ratio in [0, 1] and other live knobs."""
-    async_ratio: float
-    knobs: dict
-
-    def validate(self) -> None:
-        _require(0.0 <= self.async_ratio <= 1.0, "async_ratio must be in [0, 1]")
+    async_ratio: Fraction
+    knobs: Map
 
 
-@message
-@dataclass(slots=True)
 class Stop(Message):
     """Controller -> all: drain and exit. Also the reply to a remote generator that is cut off (KEY_REMOVED)."""
     reason: str
@@ -295,8 +235,6 @@ KEY_REMOVED = "this generator's key was removed from the run's authorized keys"
 
 
 # ---------------------------------------------------------------- generator PUSH -> buffer PULL
-@message
-@dataclass(slots=True)
 class TrajectoryGroup(Message):
     """Generator -> buffer: all n samples of one prompt. Token arrays are the n responses concatenated.
 
@@ -308,10 +246,10 @@ class TrajectoryGroup(Message):
     ARRAYS: ClassVar[dict[str, str]] = {
         "prompt_ids": "<i4", "response_ids": "<i4", "response_lens": "<i4", "logprobs": "<f4",
         "versions": "<i4", "rewards": "<f4", "finish": "<u1"}
-    group_id: int
-    prompt_index: int
+    group_id: NonNeg
+    prompt_index: NonNeg
     generator: str
-    sample_count: int
+    sample_count: Positive
     prompt_ids: np.ndarray
     response_ids: np.ndarray
     response_lens: np.ndarray
@@ -319,33 +257,24 @@ class TrajectoryGroup(Message):
     versions: np.ndarray
     rewards: np.ndarray
     finish: np.ndarray
-    gen_seconds: float
-    meta: dict
+    gen_seconds: Seconds
+    meta: Map
     token: str = ""
 
     def validate(self) -> None:
-        _require(self.sample_count >= 1, "sample_count must be >= 1")
         _require(len(self.response_lens) == self.sample_count, "len(response_lens) != sample_count")
         _require(len(self.prompt_ids) >= 1 and _nonneg(self.prompt_ids), "the prompt needs token ids >= 0")
-        _require(self.gen_seconds >= 0, "negative gen_seconds")
         _check_samples(self)
 
 
 # ---------------------------------------------------------------- learner DEALER <-> buffer ROUTER
-@message
-@dataclass(slots=True)
 class BatchRequest(Message):
     """Learner -> buffer: ``groups`` whole groups for optimizer step ``step`` at policy ``version``."""
-    step: int
-    version: int
-    groups: int
-
-    def validate(self) -> None:
-        _require(self.groups >= 1, "groups must be >= 1")
+    step: NonNeg
+    version: NonNeg
+    groups: Positive
 
 
-@message
-@dataclass(slots=True)
 class Batch(Message):
     """Buffer -> learner: g whole groups, flattened; zero groups means nothing is ready yet.
 
@@ -359,7 +288,7 @@ class Batch(Message):
         "group_ids": "<i8", "prompt_indices": "<i8", "group_sizes": "<i4", "prompt_lens": "<i4",
         "prompt_ids": "<i4", "response_lens": "<i4", "response_ids": "<i4", "logprobs": "<f4",
         "versions": "<i4", "rewards": "<f4", "finish": "<u1"}
-    step: int
+    step: NonNeg
     group_ids: np.ndarray
     prompt_indices: np.ndarray
     group_sizes: np.ndarray
@@ -372,10 +301,10 @@ class Batch(Message):
     rewards: np.ndarray
     finish: np.ndarray
     generators: list[str]
-    gen_seconds: list[float]
-    metas: list[dict]
-    dropped_stale: int
-    dropped_ids: list[int]
+    gen_seconds: list[Seconds]
+    metas: list[Map]
+    dropped_stale: NonNeg
+    dropped_ids: list[NonNeg]
 
     def validate(self) -> None:
         g = len(self.group_ids)
@@ -384,7 +313,6 @@ class Batch(Message):
                  "per-group fields disagree on the number of groups")
         _require(_nonneg(self.group_ids) and _nonneg(self.prompt_indices), "negative group id/index")
         _require(len(np.unique(self.group_ids)) == g, "duplicate group id")
-        _require(all(s >= 0 for s in self.gen_seconds), "negative gen_seconds")
         _check_runs("prompt", len(self.prompt_ids), self.prompt_lens)
         _require(_nonneg(self.prompt_ids), "negative token id")
         _check_runs("group", len(self.response_lens), self.group_sizes)
@@ -431,16 +359,12 @@ class Batch(Message):
 
 
 # ---------------------------------------------------------------- remote generators (CURVE endpoints)
-@message
-@dataclass(slots=True)
 class RunInfoRequest(Message):
     """Remote generator -> controller (its CURVE ROUTER), before registering: what does this run need?"""
     name: str
     host: str
 
 
-@message
-@dataclass(slots=True)
 class RunInfo(Message):
     """Controller -> remote generator: the run's resolved config and its other CURVE endpoints.
 
@@ -453,81 +377,64 @@ class RunInfo(Message):
     """
     run_id: str
     name: str
-    version: int
+    version: NonNeg
     model_path: str
-    num_prompts: int
+    num_prompts: NonNeg
     prompts_digest: str
-    config: dict
-    ports: dict
+    config: Map
+    ports: Ports
     weights_token: str
 
     def validate(self) -> None:
         _require(bool(self.name), "empty name")
-        _require(set(self.ports) == {"pub", "pull", "weights"}
-                 and all(type(p) is int and 0 < p < 65536 for p in self.ports.values()),
-                 "ports must be {pub, pull, weights: int in 1..65535}")
 
 
-@message
-@dataclass(slots=True)
 class WeightFetch(Message):
     """Generator -> weight server: chunks [first, first + count) of ``version``; count 0 asks for its
     WeightManifest. Resuming after a dropped connection is asking again from the first missing chunk.
     ``token``: the generator's RunInfo.weights_token (an unencrypted stream serves no one without one)."""
-    version: int
-    first: int
-    count: int
+    version: NonNeg
+    first: NonNeg
+    count: NonNeg
     token: str = ""
 
 
-@message
-@dataclass(slots=True)
 class WeightManifest(Message):
     """Weight server -> generator: version ``version`` is ``nbytes`` of data in ``n_chunks`` chunks of
     ``chunk_bytes`` (the last may be shorter). ``checksum`` is the learner's wrapping uint64 sum of the
     data words (weights.py); ``tensors`` the layout [[name, dtype, shape, offset, nbytes], ...]."""
-    version: int
-    nbytes: int
-    chunk_bytes: int
-    n_chunks: int
-    checksum: int
-    tensors: list
+    version: NonNeg
+    nbytes: NonNeg
+    chunk_bytes: Positive
+    n_chunks: NonNeg
+    checksum: NonNeg  # MessagePack's ints stop at 2**64 - 1
+    tensors: list[TensorEntry]
 
     def validate(self) -> None:
         _require(self.chunk_bytes >= 8 and self.chunk_bytes % 8 == 0 and self.nbytes % 8 == 0,
                  "chunk_bytes and nbytes must be multiples of 8 (checksums sum 64-bit words)")
         _require(self.n_chunks == -(-self.nbytes // self.chunk_bytes), "n_chunks != ceil(nbytes / chunk_bytes)")
-        _require(self.checksum < 2**64, "checksum must fit in 64 bits")
-        for t in self.tensors:
-            _require(type(t) is list and len(t) == 5 and type(t[0]) is str and type(t[1]) is str
-                     and type(t[2]) is list and all(type(d) is int and d >= 0 for d in t[2])
-                     and all(type(x) is int and x >= 0 for x in t[3:]) and t[3] + t[4] <= self.nbytes,
-                     "each tensor is [name, dtype, shape, offset, nbytes] inside the data")
+        _require(all(t[3] + t[4] <= self.nbytes for t in self.tensors), "a tensor lies outside the data")
 
 
-@message
-@dataclass(slots=True)
 class WeightChunk(Message):
     """Weight server -> generator: chunk ``index`` of ``version``; ``checksum`` is the wrapping uint64 sum
     of its 64-bit words. Shape: data (chunk_bytes,), or shorter for the last chunk."""
     ARRAYS: ClassVar[dict[str, str]] = {"data": "|u1"}
-    version: int
-    index: int
-    checksum: int
+    version: NonNeg
+    index: NonNeg
+    checksum: NonNeg  # MessagePack's ints stop at 2**64 - 1
     data: np.ndarray
 
     def validate(self) -> None:
         _require(len(self.data) >= 8 and len(self.data) % 8 == 0, "a chunk is a non-empty run of 64-bit words")
-        _require(self.checksum < 2**64, "checksum must fit in 64 bits")
 
 
-@message
-@dataclass(slots=True)
 class WeightUnavailable(Message):
     """Weight server -> generator: it cannot serve ``version`` (superseded, or not announced yet);
     ``newest`` is the newest version it knows of (0: none)."""
-    version: int
-    newest: int
+    version: NonNeg
+    newest: NonNeg
     reason: str
 
 
@@ -535,10 +442,6 @@ class WeightUnavailable(Message):
 def _require(ok: bool, detail: str) -> None:
     if not ok:
         raise ProtocolError("inconsistent", detail)
-
-
-def _check_role(role: str) -> None:
-    _require(role in ROLES, f"role must be one of {ROLES}")
 
 
 def _check_handle(weights: dict, version: int | None) -> None:
@@ -574,16 +477,6 @@ def _check_samples(m: TrajectoryGroup | Batch) -> None:
              "non-finite logprob/reward")
 
 
-def _check(msg: Message) -> None:
-    for name, (tp, ok) in _FIELDS[type(msg)].items():
-        value = getattr(msg, name)
-        if not ok(value):
-            hint = " >= 0" if tp is int else " (finite)" if tp is float else ""
-            raise ProtocolError("bad_value",
-                                f"{msg.TYPE}.{name}: expected {tp}{hint}, got {type(value).__name__}")
-    msg.validate()
-
-
 # ---------------------------------------------------------------- encode / decode
 def _wire_array(owner: str, name: str, value: Any, dtype: str) -> np.ndarray:
     if not isinstance(value, np.ndarray) or value.ndim != 1:
@@ -594,33 +487,85 @@ def _wire_array(owner: str, name: str, value: Any, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(value, dtype=dst)
 
 
-def _msgpack_default(obj: Any) -> Any:
+def _enc_hook(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
-    raise TypeError(f"cannot send a {type(obj).__name__} in a header")
+    raise NotImplementedError(f"cannot send a {type(obj).__name__} in a header")
+
+
+class _Codec:
+    """msgspec's encoder and the validating decoder of every message, one per thread: a decode hook takes
+    no per-call argument, so the frames of the message being decoded are held here while it runs."""
+
+    def __init__(self):
+        self.encoder = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+        wire = tuple[Literal[PROTOCOL_VERSION], Union[tuple(MESSAGES.values())]]  # type: ignore[misc]
+        self.decoder = msgspec.msgpack.Decoder(wire, dec_hook=self._array)
+        self.dtypes = {dt: np.dtype(dt) for cls in MESSAGES.values() for dt in cls.ARRAYS.values()}
+        self.frames: list[memoryview] = []
+        self.used: list[int] = []
+
+    def _array(self, tp: type, entry: Any) -> Any:
+        """An array field's header entry ``[dtype, length, frame]`` -> a view of that frame."""
+        if tp is not np.ndarray:
+            raise NotImplementedError(tp)
+        if (type(entry) is not list or len(entry) != 3 or type(entry[0]) is not str
+                or type(entry[1]) is not int or type(entry[2]) is not int):
+            raise ValueError("an array is [dtype, length, frame]")
+        dtype, n, i = self.dtypes.get(entry[0]), entry[1], entry[2]
+        if dtype is None:
+            raise ValueError(f"an array is [dtype, length, frame]; {entry[0]!r:.20} is no wire dtype")
+        if not 1 <= i < len(self.frames) or i in self.used:
+            raise ValueError(f"no frame {i}")
+        self.used.append(i)
+        buf = self.frames[i]
+        if len(buf) > MAX_FRAME_BYTES:
+            raise ValueError(f"too large: {len(buf)} bytes")
+        if n < 0 or n * dtype.itemsize != len(buf):
+            raise ValueError(f"{len(buf)} bytes for {n} x {dtype}")
+        return np.frombuffer(buf, dtype=dtype)
+
+    def decode(self, bufs: list[memoryview]) -> Message:
+        self.frames, self.used = bufs, []
+        try:
+            _, msg = self.decoder.decode(bufs[0])
+        finally:
+            self.frames = []
+        return msg
+
+
+_local = threading.local()
+
+
+def _codec() -> _Codec:
+    codec = getattr(_local, "codec", None)
+    if codec is None:
+        codec = _local.codec = _Codec()
+    return codec
 
 
 def encode(msg: Message) -> list[bytes | memoryview]:
-    """Header frame + one zero-copy frame per array. Raises ProtocolError if ``msg`` is invalid.
+    """Header frame + one zero-copy frame per array. Raises ProtocolError if ``msg`` is invalid: it is
+    checked by decoding it, so the sender fails exactly where a receiver would.
 
     The array frames alias the message's arrays when they already have their wire dtype: do not
     mutate them until the send has completed.
     """
     cls = type(msg)
-    if cls not in _FIELDS:
+    if MESSAGES.get(getattr(cls, "TYPE", None)) is not cls:
         raise ProtocolError("unknown_type", f"{cls.__name__} is not a registered message")
-    fields = {n: _normalize(tp, getattr(msg, n)) for n, (tp, _) in _FIELDS[cls].items()}
-    arrays = {n: _wire_array(cls.TYPE, n, getattr(msg, n), dt) for n, dt in cls.ARRAYS.items()}
-    _check(cls(**fields, **arrays))
-    header = {"v": PROTOCOL_VERSION, "type": cls.TYPE, "fields": fields,
-              "arrays": [[n, a.dtype.str, [len(a)]] for n, a in arrays.items()]}
+    arrays = [_wire_array(cls.TYPE, n, getattr(msg, n), dt) for n, dt in cls.ARRAYS.items()]
+    if arrays:
+        refs = {n: [a.dtype.str, len(a), i + 1] for i, (n, a) in enumerate(zip(cls.ARRAYS, arrays))}
+        msg = msgspec.structs.replace(msg, **refs)
+    encoder = _codec().encoder
     try:
-        head = msgpack.packb(header, use_bin_type=True, default=_msgpack_default)
-    except (TypeError, ValueError, OverflowError) as e:
+        head = encoder.encode((PROTOCOL_VERSION, msg))
+    except (TypeError, ValueError, OverflowError, NotImplementedError) as e:
         raise ProtocolError("bad_value", f"{cls.TYPE}: {e}") from e
-    if len(head) > MAX_HEADER_BYTES or any(a.nbytes > MAX_FRAME_BYTES for a in arrays.values()):
-        raise ProtocolError("too_large", f"{cls.TYPE}: header or array over the size cap")
-    return [head, *(memoryview(a.view(np.uint8)) for a in arrays.values())]
+    frames = [head, *(memoryview(a.view(np.uint8)) for a in arrays)]
+    decode(frames)
+    return frames
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -649,45 +594,39 @@ def _decode(frames: Sequence[Any]) -> Message:
             raise ProtocolError("bad_frames", "topic without a header")
     if len(bufs[0]) > MAX_HEADER_BYTES:
         raise ProtocolError("too_large", f"header of {len(bufs[0])} bytes")
+    codec = _codec()
     try:
-        header = msgpack.unpackb(bufs[0], raw=False, strict_map_key=True)
-    except Exception as e:
-        raise ProtocolError("not_msgpack", f"{type(e).__name__}") from e
-    if type(header) is not dict or set(header) != {"v", "type", "fields", "arrays"}:
-        raise ProtocolError("bad_header", "expected a map with keys v, type, fields, arrays")
-    if type(header["v"]) is not int or header["v"] != PROTOCOL_VERSION:
-        raise ProtocolError("bad_header", f"protocol version {header['v']!r:.20} != {PROTOCOL_VERSION}")
-    cls = MESSAGES.get(header["type"]) if type(header["type"]) is str else None
-    if cls is None:
-        raise ProtocolError("unknown_type", f"{header['type']!r:.40}")
+        msg = codec.decode(bufs)
+    except msgspec.ValidationError as e:  # a DecodeError too: catch it first
+        raise ProtocolError(_reason(str(e)), str(e)) from e
+    except msgspec.DecodeError as e:
+        raise ProtocolError("not_msgpack", str(e)) from e
+    cls = type(msg)
     if topic is not None and topic != cls.TYPE.encode():
         raise ProtocolError("bad_header", f"topic {topic!r} carries a {cls.TYPE}")
-    fields, meta = header["fields"], header["arrays"]
-    if type(fields) is not dict or set(fields) != set(_FIELDS[cls]):
-        expected = set(_FIELDS[cls])
-        got = set(fields) if type(fields) is dict else set()
-        raise ProtocolError("bad_fields", f"{cls.TYPE}: missing {sorted(expected - got)}, "
-                                          f"unexpected {sorted(map(str, got - expected))[:5]}")
-    if type(meta) is not list or len(meta) != len(cls.ARRAYS) or len(bufs) != 1 + len(cls.ARRAYS):
+    if len(codec.used) != len(bufs) - 1 or len(cls.ARRAYS) != len(bufs) - 1:
         raise ProtocolError("bad_frames", f"{cls.TYPE} takes {len(cls.ARRAYS)} arrays, got {len(bufs) - 1}")
-    arrays = {name: _read_array(cls.TYPE, name, dtype, entry, buf)
-              for (name, dtype), entry, buf in zip(cls.ARRAYS.items(), meta, bufs[1:])}
-    msg = cls(**fields, **arrays)
-    _check(msg)
+    for name, dtype in cls.ARRAYS.items():
+        if getattr(msg, name).dtype.str != dtype:
+            raise ProtocolError("bad_array", f"{cls.TYPE}.{name} must be {dtype}")
+    msg.validate()
     return msg
 
 
-def _read_array(owner: str, name: str, dtype: str, entry: Any, buf: memoryview) -> np.ndarray:
-    if type(entry) is not list or len(entry) != 3 or entry[0] != name or entry[1] != dtype:
-        raise ProtocolError("bad_array", f"{owner}.{name}: header entry is not [{name!r}, {dtype!r}, [n]]")
-    shape = entry[2]
-    if type(shape) is not list or len(shape) != 1 or type(shape[0]) is not int or shape[0] < 0:
-        raise ProtocolError("bad_array", f"{owner}.{name}: shape must be [length >= 0]")
-    if len(buf) > MAX_FRAME_BYTES:
-        raise ProtocolError("too_large", f"{owner}.{name}: {len(buf)} bytes")
-    if shape[0] * np.dtype(dtype).itemsize != len(buf):
-        raise ProtocolError("bad_array", f"{owner}.{name}: {len(buf)} bytes for {shape[0]} x {dtype}")
-    return np.frombuffer(buf, dtype=dtype)
+def _reason(error: str) -> str:
+    """The drop reason of a msgspec ValidationError, from where it happened (``... - at `$[1].name```)."""
+    where = error.rpartition(" - at `")[2].rstrip("`") if " - at `" in error else "$"
+    if where in ("$", "$[0]"):
+        return "bad_header"
+    if where == "$[1].type" or "missing required field `type`" in error:
+        return "unknown_type"
+    if where == "$[1]" and ("missing required field" in error or "unknown field" in error):
+        return "bad_fields"
+    if where.count(".") == 1 and "an array is" in error or "no frame" in error or " bytes for " in error:
+        return "bad_array"
+    if "too large" in error:
+        return "too_large"
+    return "bad_value"
 
 
 # ---------------------------------------------------------------- dropping, envelopes, sockets

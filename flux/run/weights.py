@@ -34,7 +34,7 @@ import weakref
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
-import msgpack
+import msgspec
 import numpy as np
 import torch
 
@@ -146,7 +146,7 @@ class WeightPublisher:
         tensors = {name: t.detach() for name, t in state_dict.items()}
         manifest, data_len = _layout(tensors)
         on_gpu = self.cuda_ipc and data_len > 0 and all(t.is_cuda for t in tensors.values())
-        meta = msgpack.packb(manifest)
+        meta = msgspec.msgpack.encode(manifest)
         data_off = _align(HEADER_BYTES + len(meta))
         slot, self._next = self._next, (self._next + 1) % self.slots
         shm = self._segment(slot, data_off + (0 if on_gpu else data_len))
@@ -325,7 +325,7 @@ def _read(fd: int, handle: dict, device: int | None,
         raise TornRead("the slot was rewritten during the copy")
     if flags & FLAG_CHECKSUM and (_sum64(blob.numpy()) if on_gpu else sum(sums) & MASK64) != checksum:
         raise TornRead("checksum mismatch")
-    return blob, msgpack.unpackb(meta), (checksum if flags & FLAG_CHECKSUM else None), \
+    return blob, msgspec.msgpack.decode(meta), (checksum if flags & FLAG_CHECKSUM else None), \
         (sums if flags & FLAG_CHECKSUM and not on_gpu else None)
 
 

@@ -149,10 +149,9 @@ class AdaptiveAsyncConfig:
     max_async_ratio: float = _doc("Upper clamp of the async ratio a.", 1.0)
     initial_async_ratio: float = _doc("a at the start of an adaptive run.", 0.5)
     eta_max: int = _doc("Largest allowed lead in optimizer steps; older samples are dropped.", 4)
-    kp: float = _doc("PID proportional gain, per unit of relative staleness error (target − S̄) / target "
-                     "(clamped to ±1).", 0.3)
-    ki: float = _doc("PID integral gain (per step, same units as kp).", 0.05)
-    kd: float = _doc("PID derivative gain (on the measurement, relative to the target).", 0.0)
+    kp: float = _doc("PID proportional gain (per unit of staleness error).", 1.0)
+    ki: float = _doc("PID integral gain (per step).", 0.2)
+    kd: float = _doc("PID derivative gain (on the measurement).", 0.0)
     ema_horizon: float = _doc("EMA horizon in steps for the measured staleness.", 5.0)
 
 
@@ -327,7 +326,7 @@ class FluxConfig:
              "need 0 <= min_async_ratio <= max_async_ratio <= 1"),
             ("adaptive_async.initial_async_ratio",
              a.min_async_ratio <= a.initial_async_ratio <= a.max_async_ratio, "must lie in [min, max]"),
-            ("adaptive_async.target_staleness", 0 < a.target_staleness <= 1, "must be in (0, 1] (mode: sync is a target of 0)"),
+            ("adaptive_async.target_staleness", 0 <= a.target_staleness <= 1, "must be in [0, 1]"),
             ("adaptive_async.eta_max", a.eta_max >= 0, "must be >= 0"),
             ("adaptive_async.ema_horizon", a.ema_horizon >= 1, "must be >= 1"),
             ("staleness.w_lag", 0 <= s.w_lag <= 1, "must be in [0, 1]"),

@@ -1,9 +1,9 @@
-"""The adaptive-asynchrony regulator: a PID on the relative staleness error of an EMA of S.
+"""The adaptive-asynchrony regulator: a PID on (target staleness − EMA of measured staleness).
 
 Position form, one update per learner step (dt = 1 step):
 
     S̄_k   = S̄_{k-1} + α (S_k − S̄_{k-1}),            α = 2 / (horizon + 1)
-    e_k   = clamp((target − S̄_k) / target, −1, 1)
+    e_k   = target − S̄_k
     I_k   = I_{k-1} + ki · e_k                       (clamped so the output never winds past its
                                                       limits: anti-windup)
     a_k   = clamp(a_0 + kp · e_k + I_k − kd · (S̄_k − S̄_{k-1}), a_min, a_max)
@@ -11,12 +11,6 @@ Position form, one update per learner step (dt = 1 step):
 Derivative on the measurement (not the error) so that a change of target does not kick the output.
 Staleness below target (e > 0) raises the async ratio — more lead, more throughput — and staleness
 above target lowers it towards synchronous.
-
-The error is relative and clamped so that the gains mean the same thing at any target, and so that
-both directions have the same reach: "no staleness at all" (e = 1) opens the ratio as fast as "twice
-the target or more" (e = −1) closes it. With an absolute error a target of 0.1 let one batch at S = 1
-(a burst of policy movement) push the ratio down nine times harder than a clean batch could pull it up,
-and a run whose staleness sat far below target spent much of its time near sync.
 """
 
 from __future__ import annotations
@@ -27,8 +21,8 @@ from dataclasses import asdict, dataclass
 @dataclass
 class PID:
     target: float
-    kp: float = 0.3
-    ki: float = 0.05
+    kp: float = 1.0
+    ki: float = 0.2
     kd: float = 0.0
     out_min: float = 0.0
     out_max: float = 1.0
@@ -43,8 +37,8 @@ class PID:
         alpha = 2.0 / (self.ema_horizon + 1.0)
         prev = measured if self.ema is None else self.ema
         self.ema = prev + alpha * (measured - prev)
-        error = max(-1.0, min(1.0, (self.target - self.ema) / self.target))
-        rest = self.bias + self.kp * error - self.kd * (self.ema - prev) / self.target
+        error = self.target - self.ema
+        rest = self.bias + self.kp * error - self.kd * (self.ema - prev)
         # Anti-windup by clamped integration: the integral grows only as far as the output can still
         # move, so it never winds past the clamp, yet a constant error drives the output all the way to it.
         step = self.ki * error

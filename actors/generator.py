@@ -27,7 +27,7 @@ import numpy as np
 import zmq
 
 from flux.run import protocol as P
-from flux.run.runtime import RunSpec, StopFlag, actor_main, connect, set_threads
+from flux.run.runtime import TIMELINE, RunSpec, StopFlag, actor_main, connect, set_threads
 
 
 class ControllerLink:
@@ -40,6 +40,7 @@ class ControllerLink:
         self.req.setsockopt(zmq.LINGER, 0)
         connect(self.req, spec.controller_router, spec)
         self.newest = 0  # newest version announced (engine.version lags until it swaps)
+        self.run_over = False  # the controller said Stop: the buffer is going too
         self.version_arrived = threading.Event()
         self._ctx = ctx
         self._io = threading.Thread(target=self._io_loop, name="gen-io", daemon=True)
@@ -115,6 +116,7 @@ class ControllerLink:
                 if isinstance(msg, P.NewVersion):
                     self.queue_weights(msg.version, msg.weights)
                 elif isinstance(msg, P.Stop):
+                    self.run_over = True
                     self.stop.set(msg.reason)
                     self.version_arrived.set()
             if time.monotonic() - last >= period:
@@ -164,11 +166,13 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     from flux.engine.base import SamplingParams
     from flux.rewards import guarded_reward
 
+    TIMELINE.mark("libraries")  # torch and transformers
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     records = load_prompts(cfg.prompts)
     reward_fn = guarded_reward(cfg, log)
     seed = cfg.seed * 7919 + int.from_bytes(name.encode()[-4:], "little")
     engine = build_engine(cfg, spec.model_path, name=name, seed=seed, log_dir=f"{spec.run_dir}/logs")
+    TIMELINE.mark("model")
     r = cfg.rollout
     stops = tuple(t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
                   if isinstance(t, int) and t >= 0)
@@ -186,6 +190,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     link = ControllerLink(ctx, spec, name, engine, stop, log)
     link.start()
     log.info("%s up: %d prompts, engine %s", name, len(records), r.engine)
+    TIMELINE.mark("ready", save=True)
     while not stop.is_set():
         admit = link.request(P.AdmitRequest(name, r.groups_per_call))
         if admit is None or not admit.groups:
@@ -231,8 +236,12 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                 versions=np.concatenate([c.versions for c in comps]),
                 rewards=np.array(rewards, np.float32), finish=np.array([c.finished for c in comps], np.uint8),
                 gen_seconds=gen_s / len(groups), meta={"sample": texts[0][:64]}))
+            TIMELINE.mark("first_group")
         reward_fn.check()  # a reward that keeps failing stops the run, in one line
     log.info("%s stopping (%s)", name, stop.reason)
+    TIMELINE.mark("stopping")
+    TIMELINE.totals.update(busy_s=engine.busy_seconds, tokens=engine.tokens_generated,
+                           weight_load_s=getattr(engine, "load_seconds", 0.0), weight_loads=getattr(engine, "loads", 0))
     P.send(link.req, P.Goodbye("generator", name, stop.reason or "stopped", True))
     engine.close()
     if link._io.ident is not None:  # started (a Stop can come before registration finished)
@@ -240,7 +249,9 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     if link.fetcher is not None:
         link.fetcher.stop()
         log.info("%s: weight stream %s", name, link.fetcher.stats)
-    push.close()
+    # Leaving a running run, groups still queued for the buffer get 2 s to reach it; once the run is over
+    # the buffer is gone and they are counted as unfinished: waiting for them would only delay the exit.
+    push.close(linger=0 if link.run_over else 2000)
     link.req.close()
     ctx.term()
     return 0

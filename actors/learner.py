@@ -31,7 +31,7 @@ from flux.run import protocol as P
 from flux.run.checkpoints import staging_dir
 from flux.control.composer import add_lengths
 from flux.learner.base import micro_batches as split_rows
-from flux.run.runtime import FluxRunError, Heartbeater, RunSpec, actor_main, set_threads
+from flux.run.runtime import TIMELINE, FluxRunError, Heartbeater, RunSpec, actor_main, set_threads
 
 
 class BatchClient:
@@ -44,14 +44,19 @@ class BatchClient:
         self.stop = stop
         self.drops = P.DropCounter(name)
 
-    def get(self, step: int, version: int, groups: int) -> P.Batch | None:
-        P.send(self.sock, P.BatchRequest(step, version, groups))
+    def get(self, step: int, version: int, groups: int, asked: bool = False) -> P.Batch | None:
+        """The batch of ``step``; ``asked``: its request went out already (``ask``)."""
+        if not asked:
+            self.ask(step, version, groups)
         while not self.stop.is_set():
             if self.sock.poll(100):
                 _, msg = P.recv(self.sock, self.drops)
                 if isinstance(msg, P.Batch) and msg.step == step:
                     return msg
         return None
+
+    def ask(self, step: int, version: int, groups: int) -> None:
+        P.send(self.sock, P.BatchRequest(step, version, groups))
 
 
 def to_train_batch(batch: P.Batch, pad_id: int):
@@ -152,7 +157,12 @@ class Trainer:
             tb.advantages, _ = algorithm.compute_advantages(group_rewards, tb, params, **adv_inputs)
         if algorithm.preference:  # train on the (chosen, rejected) rows only, each pair adjacent
             tb = tb.select(preference_rows(tb.advantages))
-        tb.proximal_logprobs = learner.logprobs(tb)  # the policy at the start of this step
+        # The policy at the start of this step. Advantages that need it per token get a pass of their own;
+        # otherwise the step's own forward pass gives it (Learner.step's fill_proximal).
+        fused = not algorithm.token_level and len(tb) > 0
+        t0 = time.monotonic()
+        if not fused:
+            tb.proximal_logprobs = learner.logprobs(tb)
         if learner.ref_model is not None:
             tb.ref_logprobs = learner.ref_logprobs(tb)
         if critic is not None:
@@ -163,10 +173,14 @@ class Trainer:
             group["lr"] = lr_at(step, cfg.max_steps, lc.lr, lc.lr_schedule, lc.min_lr_ratio)
         parts = micro_batches(tb, lc.micro_batch_size, pairs=algorithm.preference, rank=self.ranks.rank,
                               ranks=self.ranks.world, tokens=lc.micro_batch_tokens)
-        stats = learner.step(self.loss_fn, tb, parts) if len(tb) else {"step_skipped": 1.0}
+        t1 = time.monotonic()
+        stats = learner.step(self.loss_fn, tb, parts, fill_proximal=fused) if len(tb) else {"step_skipped": 1.0}
         if critic is not None and len(tb):
             stats.update({f"critic_{k}" if k in ("loss", "grad_norm", "lr", "step_skipped") else k: v
                           for k, v in critic.step(self.value_loss_fn, tb, parts).items()})
+        # where the step's time went: separate no-grad passes (proximal, reference, critic values), and
+        # the optimizer step (forward with grad, backward, update)
+        stats.update(time_logprobs_s=t1 - t0, time_update_s=time.monotonic() - t1)
         return tb, stats
 
 
@@ -184,6 +198,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                            f"{ranks.world}")
     try:
         trainer = Trainer(spec, ranks)
+        TIMELINE.mark("model")
         start = version = 0
         if spec.resume_from:  # every rank loads the model, optimizer and critic; the step and version
             trainer.load(spec.resume_from)
@@ -252,17 +267,21 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     if spec.resume_from:  # the generators start from the base model: give them the checkpoint's weights
         P.send(ctl, P.Published(version, publisher.publish(version, learner.export_weights())))
         log.info("resumed from %s at step %d, version %d", spec.resume_from, start, version)
+    # The first batch is asked for before the initial eval, so that generating it and evaluating overlap.
+    buffer.ask(start, version, lc.groups_per_step)
     last_eval = run_eval()
     log.info("learner up: %s, B=%d, %d rank(s), eval %s", trainer.algorithm.name, cfg.batch_samples,
              ranks.world, last_eval)
+    TIMELINE.mark("ready", save=True)
     step, skipped = start, 0  # skipped: consecutive steps skipped for a non-finite gradient
     for step in range(start, cfg.max_steps):
         t_wait = time.monotonic()
-        batch = buffer.get(step, version, lc.groups_per_step)
+        batch = buffer.get(step, version, lc.groups_per_step, asked=step == start)
         # The other ranks get the same batch (None: stop) and train on their share of it in lockstep.
         work = ranks.broadcast(None if batch is None else to_train_batch(batch, pad_id))
         if work is None:
             break
+        TIMELINE.mark("first_batch")
         t0 = time.monotonic()
         tb, stats = trainer.train(step, *work)
         if not all_finite([tb.proximal_logprobs[tb.response_mask.bool()]]):
@@ -281,15 +300,19 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
                                    f"{lc.max_skipped_steps}")
         else:
             skipped = 0
+            t_pub = time.monotonic()
             weights = learner.export_weights()
             if not all_finite(weights.values()):
                 raise FluxRunError(f"the policy's weights became non-finite at step {step} "
                                    f"(learning rate {lc.lr:g}; try a smaller learner.lr)")
             version += 1
             P.send(ctl, P.Published(version, publisher.publish(version, weights)))
+            stats["time_publish_s"] = time.monotonic() - t_pub
         step_s = time.monotonic() - t0
         busy += step_s
         last = step == cfg.max_steps - 1
+        if last:
+            TIMELINE.mark("last_step")
         if last or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
             last_eval = run_eval()
         saved = {}
@@ -314,6 +337,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
             "prompts": [int(i) for i in batch.prompt_indices], **last_eval, **saved,
         }
         P.send(ctl, P.StepReport(step, version, metrics))
+        TIMELINE.mark("first_step", save=step == start)
     done = step == cfg.max_steps - 1 and not stop.is_set()
     log.info("learner %s after %d steps", "finished" if done else f"stopped ({stop.reason})", step + 1)
     P.send(ctl, P.Goodbye("learner", name, "finished" if done else stop.reason or "stopped", True))

@@ -27,8 +27,10 @@ from tests.test_e2e import (
     wait_for,
 )
 
+# From version 5 on generation sleeps 20 ms a token, so that the run is still going (steps 5-8 take
+# seconds) when the test sees the step-4 checkpoint and kills it; the sleep does not change what is sampled.
 SYNC = [*SMALL, "--set", "adaptive_async.mode=sync", "--set", "checkpoint.every=4",
-        "--set", "eval.num_prompts=5", "--max-steps", "8"]
+        "--set", "eval.num_prompts=5", "--max-steps", "8", "--set", "rollout.slowdown_schedule=[[5, 0.02]]"]
 
 
 def test_a_killed_sync_run_resumes_exactly(default_model, tmp_path):

@@ -119,6 +119,28 @@ def test_micro_batches_accumulate_to_full_batch_gradient(model_dir):
             torch.testing.assert_close(g[name], full_grads[name], atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("parts", [None, [torch.tensor([2, 0]), slice(1, 2), torch.tensor([3])]])
+def test_the_step_fills_the_proximal_logprobs_of_a_separate_pass(model_dir, parts):
+    """fill_proximal: one forward pass per micro-batch instead of logprobs() then step(), same update."""
+    loss_fn = get_algorithm("grpo").bind({"clip_high": 0.28})
+    separate, fused = TorchLearner(model_dir, max_grad_norm=1e9), TorchLearner(model_dir, max_grad_norm=1e9)
+    a = grpo_batch(separate)                                   # proximal from logprobs()
+    b = grpo_batch(fused)
+    b.proximal_logprobs = None
+    calls = []
+    forward = fused._forward
+    fused._forward = lambda model, mb: calls.append(len(mb)) or forward(model, mb)
+    stats_a = separate.step(loss_fn, a, micro_batches=parts)
+    stats_b = fused.step(loss_fn, b, micro_batches=parts, fill_proximal=True)
+    assert sum(calls) == len(b)                                 # each row went forward once
+    torch.testing.assert_close(b.proximal_logprobs, a.proximal_logprobs, atol=1e-5, rtol=1e-5)
+    assert b.proximal_logprobs[b.response_mask == 0].eq(0).all()
+    assert stats_b["loss"] == pytest.approx(stats_a["loss"], rel=1e-5, abs=1e-7)
+    assert stats_b["grad_norm"] == pytest.approx(stats_a["grad_norm"], rel=1e-4)
+    for (name, p), q in zip(separate.model.named_parameters(), fused.model.parameters()):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_grpo_steps_raise_positive_advantage_logprobs(model_dir):
     learner = TorchLearner(model_dir, lr=3e-3, micro_batch_size=2)
     batch = TrainBatch.from_samples(samples(), pad_id=PAD)

@@ -113,6 +113,7 @@ class TorchEngine:
             self.generator.manual_seed(seed)
         self.tokens_generated = 0
         self.busy_seconds = 0.0
+        self.load_seconds, self.loads = 0.0, 0  # applying new weights: fetch (shared memory) + copy in
         self._cache_kw, self._keep_kw = _forward_kwarg_names(model)
         self._pending: tuple[int, WeightSource] | None = None
         self._pending_lock = threading.Lock()
@@ -153,6 +154,7 @@ class TorchEngine:
         if pending is None or pending[0] <= self.version or self.model is None:
             return False
         version, source = pending
+        t0 = time.perf_counter()
         state = source() if callable(source) else source
         if state is None:  # the source gave up on this version (overwritten); a newer one is on its way
             return False
@@ -165,6 +167,8 @@ class TorchEngine:
                 raise RuntimeError(f"weights v{version} do not fit the model: missing {sorted(untied)}, "
                                    f"unexpected {sorted(unexpected)}")
             self.version = version
+        self.load_seconds += time.perf_counter() - t0
+        self.loads += 1
         return True
 
     # ---- flow control --------------------------------------------------------------------------

@@ -203,9 +203,14 @@ class Learner:
         return self._logprobs_with(self.ref_model, batch)
 
     # ---- training ---------------------------------------------------------------------------------
-    def step(self, loss_fn: LossFn, batch: TrainBatch, micro_batches: list[slice | Tensor] | None = None
-             ) -> dict[str, float]:
+    def step(self, loss_fn: LossFn, batch: TrainBatch, micro_batches: list[slice | Tensor] | None = None,
+             fill_proximal: bool = False) -> dict[str, float]:
         """One optimizer step over `batch`, accumulating gradients over micro-batches.
+
+        `fill_proximal`: the batch has no proximal log-probs yet. Before this step's update the policy
+        *is* the proximal policy, so each micro-batch's forward pass gives them too (detached): the loss
+        sees them, and `batch.proximal_logprobs` holds them afterwards — one forward pass fewer than
+        `logprobs()` followed by `step()`, with the same result.
 
         With data parallelism `batch` is the whole batch on every rank and `micro_batches` this rank's
         (row indices into `batch`); the weights below are shares of the whole batch, and the gradients
@@ -227,19 +232,25 @@ class Learner:
         total = float(batch.response_mask.sum())
         acc: dict[str, float] = {}
         loss_sum = 0.0
+        proximal = torch.zeros(batch.input_ids.shape, dtype=torch.float32) if fill_proximal else None
         for rows in parts:
-            mb = self._trimmed(batch, rows)[0]
+            mb, cols = self._trimmed(batch, rows)
             n_tok = float(mb.response_mask.sum())
             if n_tok == 0:
                 continue
             mb = mb.to(self.device)
             share = n_tok / total
             lp = self._forward(self.model, mb)
+            if proximal is not None:
+                mb.proximal_logprobs = lp.detach()
+                proximal[rows, cols] = mb.proximal_logprobs.float().cpu()
             loss, stats = loss_fn(logprobs=lp, mask=mb.response_mask, batch=mb)
             (loss * share).backward()
             loss_sum += float(loss.detach()) * share
             for k, v in stats.items():
                 acc[k] = max(acc.get(k, v), v) if k.endswith("_max") else acc.get(k, 0.0) + v * share
+        if proximal is not None:  # each row came from one rank, 0 on the others: the sum is exact
+            batch.proximal_logprobs = self.ranks.sum_(proximal).to(batch.input_ids.device)
         self.ranks.all_reduce_gradients([p for p in self.model.parameters() if p.requires_grad])
         acc, loss_sum = self.ranks.merge_stats(acc, loss_sum)
         grad_norm = self._clip_gradients()

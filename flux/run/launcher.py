@@ -22,7 +22,7 @@ from pathlib import Path
 
 from flux.config import ConfigError, FluxConfig, dump_config
 from flux.plugins import hook
-from flux.run.runtime import RunSpec, die_with_parent, free_port
+from flux.run.runtime import RunSpec, Timeline, die_with_parent, free_port
 
 STOP_DEADLINE_S = 10.0
 
@@ -286,7 +286,11 @@ class Progress:
 
 def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tuple[int, RunSpec]:
     """Run a whole job. Returns (exit code, spec): 0 done, 1 an actor failed, 130 interrupted."""
+    timeline = Timeline()  # one per run: the Python API may run several in one process
+    timeline.mark("run")  # the command's imports and config are done
     spec = prepare(cfg, resume_from)
+    timeline.bind(spec.run_dir, "launcher")
+    timeline.mark("prepared")  # run directory, prompts, model (built or found), spec
     stream.write(f"flux: run {spec.run_id} in {spec.run_dir}"
                  + (f", resumed from {resume_from}" if resume_from else "") + "\n")
     if spec.remote:
@@ -300,6 +304,7 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
     previous = _sigterm_as_interrupt()
     try:
         start(spec, actors)  # inside the try: a Ctrl-C while spawning still stops what started
+        timeline.mark("spawned")
         while True:
             time.sleep(0.2)
             progress.poll()
@@ -334,6 +339,7 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
                 break
             if any(a.name == "learner" or a.role == "controller" for a in exited):  # learner rank 0
                 # Normal end: the learner finished, the controller broadcast Stop; let the rest drain.
+                timeline.mark("learner_exited")
                 end = time.monotonic() + STOP_DEADLINE_S
                 while time.monotonic() < end and any(a.proc.poll() is None for a in actors):
                     time.sleep(0.1)
@@ -348,6 +354,7 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
         code = 130
     finally:
         stop_all(actors, spec)
+        timeline.mark("stopped", save=True)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if code == 0:

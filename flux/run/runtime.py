@@ -229,6 +229,47 @@ class Heartbeater(threading.Thread):
         sock.close()
 
 
+class Timeline:
+    """When this process reached each point of its life (wall-clock seconds, comparable across the run's
+    processes), plus totals it wants known at exit. Saved to RUN_DIR/logs/<name>.timeline.json, which
+    bench/overhead.py reads to split the time from `flux train` to the first step and from the last step
+    to exit. ``process`` is when the OS started the process (before any import)."""
+
+    def __init__(self):
+        self.marks: dict[str, float] = {"process": _process_start()}
+        self.totals: dict[str, float] = {}
+        self.path: Path | None = None
+
+    def bind(self, run_dir: str | Path, name: str) -> None:
+        self.path = Path(run_dir) / "logs" / f"{name}.timeline.json"
+
+    def mark(self, point: str, save: bool = False) -> None:
+        """The first time this point is reached counts."""
+        self.marks.setdefault(point, time.time())
+        if save:
+            self.save()
+
+    def save(self) -> None:
+        if self.path is not None:
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(json.dumps({"marks": self.marks, "totals": self.totals}))
+            os.replace(tmp, self.path)
+
+
+def _process_start() -> float:
+    """Wall-clock time the OS started this process, to ~10 ms (Linux: /proc; psutil's create_time rounds
+    the boot time to a whole second). Elsewhere: now."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rpartition(")")[2].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+TIMELINE = Timeline()
+
+
 class FluxRunError(RuntimeError):
     """The run cannot go on, for a reason one line says (no traceback is worth showing the user)."""
 
@@ -237,12 +278,14 @@ def actor_main(role: str, body) -> None:
     """Run an actor's main; on a crash log the traceback, tell the controller, exit non-zero."""
     import argparse
 
+    TIMELINE.mark("imported")  # the actor's module and its top-level imports
     ap = argparse.ArgumentParser(prog=f"actors.{role}")
     ap.add_argument("--spec", required=True)
     ap.add_argument("--name", default=role)
     args = ap.parse_args()
     spec = RunSpec.load(args.spec)
     log = setup_logging(spec.run_dir, args.name)
+    TIMELINE.bind(spec.run_dir, args.name)
     stop = StopFlag()
     install_stop_handlers(stop)
     try:
@@ -257,7 +300,14 @@ def actor_main(role: str, body) -> None:
         _say_dying(spec, role, args.name, f"{type(e).__name__}: {e}")
         print(f"{args.name} crashed: {type(e).__name__}: {e}", file=sys.stderr)
         code = 1
-    sys.exit(code)
+    TIMELINE.mark("exit", save=True)
+    # Everything this actor owns is closed by now (sockets, shared memory, files). Skip the interpreter's
+    # teardown (freeing torch, transformers and every module one by one: about a second here), which
+    # would only delay the end of the run.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _say_dying(spec: RunSpec, role: str, name: str, reason: str, fatal: bool = False) -> None:

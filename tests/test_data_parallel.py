@@ -77,7 +77,9 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str, mode: str
                 time.sleep(600)
             work = ranks.broadcast(make_work(step) if rank == 0 else None)
             tb, stats = trainer.train(step, *work)
-            rows.append({**stats, "proximal_sum": float(tb.proximal_logprobs.sum())})
+            # (the step's timings differ from rank to rank: they are not what the ranks must agree on)
+            rows.append({**{k: v for k, v in stats.items() if not k.startswith("time_")},
+                         "proximal_sum": float(tb.proximal_logprobs.sum())})
         report[name] = rows
         weights = {f"policy.{k}": v for k, v in trainer.learner.model.state_dict().items()}
         if trainer.critic is not None:

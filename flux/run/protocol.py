@@ -23,12 +23,12 @@ Wire format (ZeroMQ multipart): ``[envelope | topic] header array_1 array_2 ...`
 - A PUB sends the message TYPE as a topic frame first (``b"NewVersion"``), so a SUB can filter with
   ``sock.subscribe(b"Stop")``; ``decode`` recognises and skips it.
 
-Field types are msgspec's: ``NonNeg`` for ids, counts, versions and steps, ``Finite`` floats, ``Literal``
-roles; msgspec checks them on decode (an int is never a bool) and each class's ``validate`` checks what
-types cannot say (lengths that must agree, handles whose version must match). ``encode`` normalises
-(numpy scalars -> Python, arrays cast to their wire dtype) and then decodes its own frames, so a bad
-message fails at its sender. ``decode`` trusts nothing: on any malformed input it raises
-``ProtocolError`` and nothing else.
+Field types are msgspec's: ``NonNeg`` for ids, counts, versions and steps, ``Seconds`` and
+``Fraction`` (finite, bounded) floats, ``Literal`` roles; msgspec checks them on decode (an int is never
+a bool) and each class's ``validate`` checks what types cannot say (lengths that must agree, handles
+whose version must match). ``encode`` normalises (numpy scalars -> Python, arrays cast to their wire
+dtype) and then decodes its own frames, so a bad message fails at its sender. ``decode`` trusts nothing:
+on any malformed input it raises ``ProtocolError`` and nothing else.
 """
 import logging
 import math
@@ -52,8 +52,7 @@ log = logging.getLogger("flux.run.protocol")
 _MAX = sys.float_info.max
 NonNeg = Annotated[int, Meta(ge=0)]  # ids, counts, versions, steps
 Positive = Annotated[int, Meta(ge=1)]
-Finite = Annotated[float, Meta(ge=-_MAX, le=_MAX)]  # NaN and infinities fail both bounds
-Seconds = Annotated[float, Meta(ge=0.0, le=_MAX)]
+Seconds = Annotated[float, Meta(ge=0.0, le=_MAX)]  # NaN and infinity fail the bounds
 Fraction = Annotated[float, Meta(ge=0.0, le=1.0)]
 Map = dict[str, Any]
 Role = Literal["controller", "generator", "buffer", "learner"]

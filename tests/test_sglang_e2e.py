@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from flux.config import AdaptiveAsyncConfig
 from flux.run.runtime import free_port
 from tests.sglang_mock import MockSGLang, expected_shapes
 from tests.test_e2e import (
@@ -38,7 +39,9 @@ def test_flux_train_runs_on_an_sglang_server(default_model, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(4)) and [r["version"] for r in rows] == [1, 2, 3, 4]
-    assert all(0 <= r["lag_mean"] <= r["lag_max"] <= 2 for r in rows)  # no token newer than the learner
+    # no token newer than the learner, none older than the run's bound (how far it runs ahead is timing)
+    eta_max = AdaptiveAsyncConfig().eta_max
+    assert all(0 <= r["lag_mean"] <= r["lag_max"] <= eta_max for r in rows), rows
     generated = [b for p, b in server.calls if p == "/generate"]
     assert len(generated) >= 4 * 2 * 4  # every sample came from the server
     # the generator followed the learner: versions pushed only forward, each one the learner published

@@ -192,11 +192,15 @@ class Controller:
         return P.Admit(grants, self.admission.version, self.weights_for(member.remote) if grants else None)
 
     def group_done(self, msg: P.GroupDone) -> None:
-        """A generator dropped a group it was admitted (its reward failed): the credit comes back."""
-        if not msg.dropped:
+        """A generator dropped a group it was admitted (its reward failed), or lost it with its engine (re-
+        queued): the credit comes back."""
+        if not msg.dropped and not msg.requeue:
             return
         if self.ledger.holds(msg.group_id, msg.name):
-            self.ledger.dropped(msg.group_id, msg.dropped)
+            if msg.requeue:
+                self.ledger.requeue(msg.group_id)
+            else:
+                self.ledger.dropped(msg.group_id, msg.dropped)
         elif msg.group_id >= self.ledger.next_id:
             self.drops.drop("unknown_group", detail=f"{msg.name} drops group {msg.group_id}, never admitted")
 

@@ -26,6 +26,7 @@ import zlib
 import numpy as np
 import zmq
 
+from flux.engine.base import EngineLost
 from flux.run import protocol as P
 from flux.run.runtime import TIMELINE, RunSpec, StopFlag, actor_main, connect, set_threads
 
@@ -40,6 +41,7 @@ class ControllerLink:
         self.req.setsockopt(zmq.LINGER, 0)
         connect(self.req, spec.controller_router, spec)
         self.newest = 0  # newest version announced (engine.version lags until it swaps)
+        self.newest_handle: dict | None = None  # where its weights are (to reload an engine that restarted)
         self.run_over = False  # the controller said Stop: the buffer is going too
         self.version_arrived = threading.Event()
         self._ctx = ctx
@@ -85,7 +87,8 @@ class ControllerLink:
         return welcome.version
 
     def queue_weights(self, version: int, handle: dict) -> None:
-        self.newest = max(self.newest, version)
+        if version >= self.newest:
+            self.newest, self.newest_handle = version, handle
         if handle["kind"] == "stream" and self.fetcher is not None:
             self.fetcher.want(version)  # the engine gets it once every chunk is in and the checksum holds
             return
@@ -155,6 +158,21 @@ def slowdown_at(version: int, schedule: list, default: float) -> float:
     return seconds
 
 
+def recover_engine(engine, link: ControllerLink, lost: list[tuple[int, int]], error: Exception, log) -> None:
+    """The engine's backend died mid-call: hand its groups back (re-queued), then bring it back with the
+    newest weights, or re-raise `error` (the generator exits; the launcher reports the line)."""
+    for gid, n in lost:
+        P.send(link.req, P.GroupDone(link.name, gid, n, requeue=True))
+    recover = getattr(engine, "recover", None)
+    line = f"{link.name}: {error}; {len(lost)} groups re-queued"
+    if recover is None or link.stop.is_set() or not recover():
+        log.error("%s; no restart left", line)
+        raise error
+    log.warning("%s; engine restarted (%d so far)", line, getattr(engine, "restarts", 1))  # on stderr too
+    if link.newest_handle is not None and link.newest > engine.version:
+        link.queue_weights(link.newest, link.newest_handle)
+
+
 def body(spec: RunSpec, name: str, stop, log) -> int:
     cfg = spec.config
     set_threads(cfg.rollout.threads)
@@ -199,21 +217,25 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
             continue
         if admit.version > link.newest and admit.weights:  # its NewVersion broadcast never reached us
             link.queue_weights(admit.version, admit.weights)
-        if not link.wait_for_version(admit.version):
-            break
         groups = [(g["group_id"], g["prompt_index"], g["token"],
                    render_prompt(records[g["prompt_index"]], tokenizer)) for g in admit.groups]
-        t0 = time.monotonic()
-        if offline:
-            responses = [resp for _, idx, _, _ in groups for resp in pair(records[idx])]
-            outs = engine.score([ids for *_, ids in groups for _ in range(2)], responses, r.temperature)
-        else:
-            # Seeded by what is sampled (prompts, policy version, generator): a resumed run, or a sync run
-            # repeated, draws the same completions.
-            seed = zlib.crc32(repr((cfg.seed, name, admit.version, [idx for _, idx, *_ in groups])).encode())
-            outs = engine.generate([ids for *_, ids in groups for _ in range(r.group_size)],
-                                   dataclasses.replace(sampling, seed=seed))
         per_group = 2 if offline else r.group_size
+        t0 = time.monotonic()
+        try:
+            if not link.wait_for_version(admit.version):
+                break
+            if offline:
+                responses = [resp for _, idx, _, _ in groups for resp in pair(records[idx])]
+                outs = engine.score([ids for *_, ids in groups for _ in range(2)], responses, r.temperature)
+            else:
+                # Seeded by what is sampled (prompts, policy version, generator): a resumed run, or a sync
+                # run repeated, draws the same completions.
+                seed = zlib.crc32(repr((cfg.seed, name, admit.version, [idx for _, idx, *_ in groups])).encode())
+                outs = engine.generate([ids for *_, ids in groups for _ in range(r.group_size)],
+                                       dataclasses.replace(sampling, seed=seed))
+        except EngineLost as e:
+            recover_engine(engine, link, [(gid, per_group) for gid, *_ in groups], e, log)
+            continue
         per_token = slowdown_at(engine.version, r.slowdown_schedule, r.slowdown)
         if per_token:
             extra_s = per_token * sum(len(c.token_ids) for c in outs)

@@ -82,10 +82,14 @@ class RolloutConfig:
                               "sglang.launch_server")
     sglang_startup_timeout_s: float = _doc("`engine: sglang`: seconds a started server may take to answer "
                                            "/health.", 900.0)
+    sglang_restarts: int = _doc("`engine: sglang`: how many times a generator starts its own server again "
+                                "after it died mid-run (the lost call's groups are re-queued, the new server "
+                                "gets the newest weights); an external `sglang_url` is never restarted.", 2)
     sglang_pause_mode: str = _doc("`engine: sglang`: how new weights interrupt generation (/pause_generation "
                                   "mode): `abort` (requests end and are resubmitted with their tokens so far), "
-                                  "`retract` (requests wait, their KV cache is recomputed) or `in_place` "
-                                  "(requests wait with their KV cache).", "abort")
+                                  "`retract` (requests wait in the queue; the cache is flushed, so their KV is "
+                                  "recomputed with the new weights) or `in_place` (requests keep running on "
+                                  "their old KV; the cache is flushed once none is held).", "abort")
     sglang_weight_sync: str = _doc("`engine: sglang`: how weights reach the server: `tensor` "
                                    "(/update_weights_from_tensor; CUDA IPC handles on the same node, CPU tensors "
                                    "by value) or `distributed` (/update_weights_from_distributed, a broadcast "
@@ -297,6 +301,7 @@ class FluxConfig:
              "must be a list of command-line arguments"),
             ("rollout.sglang_module", bool(r.sglang_module.strip()), "must name a module"),
             ("rollout.sglang_startup_timeout_s", r.sglang_startup_timeout_s > 0, "must be > 0"),
+            ("rollout.sglang_restarts", r.sglang_restarts >= 0, "must be >= 0"),
             ("rollout.sglang_pause_mode", r.sglang_pause_mode in ("abort", "retract", "in_place"),
              "must be `abort`, `retract` or `in_place`"),
             ("rollout.sglang_weight_sync", r.sglang_weight_sync in ("tensor", "distributed"),

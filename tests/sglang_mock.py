@@ -12,15 +12,27 @@ It follows the endpoints Flux uses as SGLang defines them (request schemas, erro
 - `/pause_generation {mode}`: `abort` ends every running request at once (it returns its tokens so
   far with finish_reason `abort`); `retract` and `in_place` hold them until `/continue_generation`.
   A request that arrives while paused waits at the door, as in SGLang's tokenizer manager.
-- `/update_weights_from_tensor` decodes `serialized_named_tensors` like SGLang: base64, an unpickler
-  that admits only SGLang's allowlist of modules, `load_format: "flattened_bucket"` rebuilt from the
-  metadata's attributes; one payload per TP rank. An update while requests run (and no pause) waits for
-  them (SGLang's model-update lock); `flush_cache: true` with requests still held is the assertion
-  failure that kills a real scheduler (here: HTTP 500, and the server stays broken).
+- Weight updates run only inside a session (`/begin_weight_update` ... `/end_weight_update`, SGLang's
+  `SchedulerWeightUpdaterManager`): outside one they answer `success: false` (HTTP 400).
+- `/update_weights_from_tensor` decodes `serialized_named_tensors` like SGLang: each TP rank opens only
+  its own entry (base64, then SGLang's `SafeUnpickler` with its exact allowlist of globals),
+  `load_format: "flattened_bucket"` rebuilt as `FlattenedTensorBucket.reconstruct_tensors` does (uint8
+  bytes sliced at byte offsets, viewed as each dtype). An update while requests run (and no pause) waits
+  for them (SGLang's model-update lock); `flush_cache: true` with requests still running fails the call.
+- A payload SGLang cannot load (it does not unpickle, or names a parameter or shape the model lacks)
+  raises in the scheduler, which kills the real server: the mock dies too (`crash`: it stops listening and
+  drops every open connection; run standalone, the process exits).
 - `/init_weights_update_group` + `/update_weights_from_distributed`: a real torch.distributed group
-  (gloo) joined at `rank_offset`, one flattened bucket received by broadcast per call.
-- `/flush_cache` fails (400) while any request is held; `/update_weight_version`, `/abort_request`,
-  `/health`, `/get_model_info`, `/get_server_info`.
+  (gloo) joined at `rank_offset`, kept by name (a second group of the same name is refused, as torch
+  refuses it) until `/destroy_weights_update_group`; a flattened bucket is received into a uint8 buffer
+  of its byte size (`FlattenedTensorBucket.empty`), one broadcast per call.
+- `/flush_cache` fails (400) while a request is running; during a pause, requests a `retract` pause
+  moved to the waiting queue do not count (SGLang's `is_fully_idle(ignore_waiting=paused)`).
+- `/update_weight_version`, `/abort_request` (by `rid`), `/health`, `/model_info`, `/server_info` (and
+  their deprecated `/get_*` aliases), `/get_weights_by_name`.
+
+ROUTES and REQUEST_FIELDS below name the routes and request fields the mock serves; the contract test
+(tests/contract/test_sglang_contract.py) compares them, and every body Flux sends, with the real wheel.
 
 The fake model: the next token is a hash of the last few context tokens, the context length and a
 digest of the weights received so far (`next_token`), so new weights visibly change generations and
@@ -32,10 +44,11 @@ from __future__ import annotations
 
 import argparse
 import base64
-import binascii
 import io
 import json
+import os
 import pickle
+import sys
 import threading
 import time
 import zlib
@@ -50,18 +63,59 @@ SAMPLING_KEYS = {
     "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k", "min_p",
     "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens", "n", "json_schema",
     "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens", "spaces_between_special_tokens",
-    "no_stop_trim", "custom_params", "stream_interval", "logit_bias", "sampling_seed",
+    "no_stop_trim", "custom_params", "stream_interval", "logit_bias", "sampling_seed", "beam_width",
+    "watermark", "choice",
 }
-# SGLang's SafeUnpickler (sglang/srt/utils/common.py): allowed module prefixes and denied classes.
-ALLOWED_MODULE_PREFIXES = (
-    "builtins.", "collections.", "copyreg.", "functools.", "itertools.", "operator.", "types.", "weakref.",
-    "torch.", "multiprocessing.resource_sharer.", "multiprocessing.reduction.", "pickletools.", "peft.",
-    "transformers.", "huggingface_hub.", "sglang.srt.weight_sync.tensor_bucket.",
-    "sglang.srt.model_executor.model_runner.", "sglang.srt.layers.", "sglang.srt.utils.",
-)
-DENY_CLASSES = {("builtins", "eval"), ("builtins", "exec"), ("builtins", "compile"), ("os", "system"),
-                ("subprocess", "Popen"), ("subprocess", "run"), ("codecs", "decode"), ("types", "CodeType"),
-                ("types", "FunctionType")}
+# SGLang's SafeUnpickler (sglang/srt/utils/common.py): the exact globals it admits.
+ALLOWED_GLOBALS = {(module, name) for module, names in {
+    "_codecs": "encode",
+    "builtins": "bool bytearray bytes complex dict float frozenset int list range set slice str tuple",
+    "collections": "Counter OrderedDict defaultdict deque",
+    "copyreg": "__newobj__ __newobj_ex__",
+    "functools": "partial",
+    "itertools": "chain repeat",
+    "multiprocessing.reduction": "_rebuild_partial _rebuild_socket",
+    "multiprocessing.resource_sharer": "DupFd",
+    "sglang.srt.disaggregation.encoder.receiver": "EmbeddingData",
+    "sglang.srt.managers.io_struct": "EmbeddingReqInput GenerateReqInput",
+    "sglang.srt.managers.schedule_batch": "Modality",
+    "sglang.srt.model_executor.model_runner": "LocalSerializedTensor",
+    "sglang.srt.model_executor.model_runner_components.weight_updater": "LocalSerializedTensor",
+    "sglang.srt.multimodal.modality": "Modality",
+    "sglang.srt.utils.patch_torch": "_rebuild_cuda_tensor_modified _rebuild_npu_tensor_modified",
+    "sglang.srt.weight_sync.tensor_bucket": "FlattenedTensorBucket FlattenedTensorMetadata",
+    "torch": "BFloat16Storage BFloat16Tensor BoolStorage BoolTensor ByteStorage ByteTensor CharStorage "
+        "CharTensor ComplexDoubleStorage ComplexFloatStorage DoubleStorage DoubleTensor FloatStorage "
+        "FloatTensor HalfStorage HalfTensor IntStorage IntTensor LongStorage LongTensor QInt32Storage "
+        "QInt8Storage QUInt2x4Storage QUInt4x2Storage QUInt8Storage ShortStorage ShortTensor Size Tensor "
+        "UntypedStorage bcomplex32 bfloat16 bit bits16 bits1x8 bits2x4 bits4x2 bits8 bool cdouble cfloat chalf "
+        "complex128 complex32 complex64 device double dtype float float16 float32 float4_e2m1fn_x2 float64 "
+        "float8_e4m3fn float8_e4m3fnuz float8_e5m2 float8_e5m2fnuz float8_e8m0fnu half int int1 int16 int2 "
+        "int3 int32 int4 int5 int6 int64 int7 int8 long per_channel_affine per_channel_affine_float_qparams "
+        "per_channel_symmetric per_tensor_affine per_tensor_symmetric qint32 qint8 quint2x4 quint4x2 quint8 "
+        "short uint1 uint16 uint2 uint3 uint32 uint4 uint5 uint6 uint64 uint7 uint8",
+    "torch._tensor": "_rebuild_from_type_v2",
+    "torch._utils": "_rebuild_device_tensor_from_cpu_tensor _rebuild_device_tensor_from_numpy "
+        "_rebuild_meta_tensor_no_storage _rebuild_parameter _rebuild_parameter_with_state _rebuild_qtensor "
+        "_rebuild_sparse_tensor _rebuild_tensor _rebuild_tensor_v2 _rebuild_tensor_v3 "
+        "_rebuild_wrapper_subclass",
+    "torch.cuda": "BFloat16Storage BFloat16Tensor BoolStorage BoolTensor ByteStorage ByteTensor CharStorage "
+        "CharTensor ComplexDoubleStorage ComplexFloatStorage DoubleStorage DoubleTensor FloatStorage "
+        "FloatTensor HalfStorage HalfTensor IntStorage IntTensor LongStorage LongTensor ShortStorage "
+        "ShortTensor",
+    "torch.cuda.sparse": "BFloat16Tensor ByteTensor CharTensor DoubleTensor FloatTensor HalfTensor IntTensor "
+        "LongTensor ShortTensor",
+    "torch.multiprocessing.reductions": "rebuild_cuda_tensor rebuild_meta_tensor rebuild_nested_tensor "
+        "rebuild_sparse_compressed_tensor rebuild_sparse_coo_tensor rebuild_storage_empty rebuild_storage_fd "
+        "rebuild_storage_filename rebuild_tensor rebuild_typed_storage rebuild_typed_storage_child",
+    "torch.nn.parameter": "Parameter",
+    "torch.serialization": "_get_layout",
+    "torch.sparse": "BFloat16Tensor ByteTensor CharTensor DoubleTensor FloatTensor HalfTensor IntTensor "
+        "LongTensor ShortTensor",
+    "torch.storage": "TypedStorage UntypedStorage _UntypedStorage",
+    "torch_npu.multiprocessing.reductions": "rebuild_npu_tensor",
+    "types": "SimpleNamespace",
+}.items() for name in names.split()}
 PAUSE_MODES = ("abort", "retract", "in_place")
 
 
@@ -85,28 +139,46 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> int:
     return h
 
 
+def _safe_load_torch_storage(data: bytes):
+    storage = torch.load(io.BytesIO(data), weights_only=True)
+    if not isinstance(storage, (torch.storage.TypedStorage, torch.UntypedStorage)):
+        raise pickle.UnpicklingError(f"Expected a Torch storage, got {type(storage).__name__}")
+    return storage
+
+
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module, name) in DENY_CLASSES:
-            raise RuntimeError(f"Blocked unsafe class loading ({module}.{name})")
-        if any((module + ".").startswith(p) for p in ALLOWED_MODULE_PREFIXES):
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _safe_load_torch_storage
+        if (module, name) in ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise RuntimeError(f"Blocked unsafe class loading ({module}.{name}), "
-                           f"to prevent exploitation of CVE-2025-10164")
+        raise RuntimeError(f"Blocked unsafe global ({module}.{name}) during pickle deserialization")
 
 
 def decode_named_tensors(payload: str, load_format: str | None) -> list[tuple[str, torch.Tensor]]:
     """One rank's `serialized_named_tensors` entry → (name, tensor) pairs, as SGLang's model runner does."""
     data = _SafeUnpickler(io.BytesIO(base64.b64decode(payload, validate=True))).load()
-    if load_format == "flattened_bucket":
-        flat, out = data["flattened_tensor"], []
-        for meta in data["metadata"]:  # read by attribute, as FlattenedTensorBucket does
-            t = flat[meta.start_idx:meta.end_idx].reshape(meta.shape)
-            out.append((meta.name, t if t.dtype == meta.dtype else t.to(meta.dtype)))
-        return out
+    if load_format == "flattened_bucket":  # FlattenedTensorBucket.reconstruct_tensors, by attribute
+        flat = data["flattened_tensor"]
+        return [(m.name, flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)) for m in data["metadata"]]
     if load_format is None:
         return [(name, t) for name, t in data]
-    raise ValueError(f"Unknown load_format={load_format}")
+    raise NotImplementedError(f"Unknown load_format={load_format}")
+
+
+def empty_bucket(names: list[str], dtypes: list[str], shapes: list[list[int]]) -> tuple[torch.Tensor, list]:
+    """FlattenedTensorBucket.empty: a uint8 receive buffer and (name, dtype, shape, start, end) per tensor."""
+    metadata, offset = [], 0
+    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+        dtype, shape = getattr(torch, dtype), torch.Size(shape)
+        if offset % dtype.itemsize:
+            raise ValueError(f"Unaligned received tensor {name}: byte offset {offset}, dtype {dtype}")
+        size = shape.numel() * dtype.itemsize
+        metadata.append((name, dtype, shape, offset, offset + size))
+        offset += size
+    if not metadata:
+        raise ValueError("Cannot create empty tensor bucket")
+    return torch.empty(offset, dtype=torch.uint8), metadata
 
 
 class BadRequest(Exception):
@@ -132,8 +204,57 @@ def _check(body: dict, spec: dict, required: tuple = ()) -> dict:
 
 
 OPT_STR = (str, type(None))
+BASE_REQ = {"rid": OPT_STR, "http_worker_ipc": OPT_STR}  # io_struct.BaseReq
 UPDATE_COMMON = {"flush_cache": bool, "abort_all_requests": bool, "weight_version": OPT_STR,
-                 "load_format": OPT_STR, "selector": str, "torch_empty_cache": bool, "rid": OPT_STR}
+                 "load_format": OPT_STR, "selector": str, "torch_empty_cache": bool, **BASE_REQ}
+# The request fields of io_struct's classes behind the routes below (the contract test checks them).
+REQUEST_FIELDS = {
+    "UpdateWeightsFromTensorReqInput": {"serialized_named_tensors": list, **UPDATE_COMMON},
+    "UpdateWeightsFromDistributedReqInput": {"names": list, "dtypes": list, "shapes": list, "group_name": str,
+                                             **UPDATE_COMMON},
+    "InitWeightsUpdateGroupReqInput": {"master_address": str, "master_port": int, "rank_offset": int,
+                                       "world_size": int, "group_name": str, "backend": str, **BASE_REQ},
+    "DestroyWeightsUpdateGroupReqInput": {"group_name": str, **BASE_REQ},
+    "BeginWeightUpdateReqInput": {"selector": str, **BASE_REQ},
+    "EndWeightUpdateReqInput": {**BASE_REQ},
+    "PauseGenerationReqInput": {"mode": str, **BASE_REQ},
+    "ContinueGenerationReqInput": {"torch_empty_cache": bool, **BASE_REQ},
+    "AbortReq": {"abort_all": bool, "finished_reason": (dict, type(None)), "abort_message": OPT_STR,
+                 "weight_versions": (list, type(None)), **BASE_REQ},
+    "UpdateWeightVersionReqInput": {"new_version": str, "abort_all_requests": bool, **BASE_REQ},
+    "GetWeightsByNameReqInput": {"name": str, "truncate_size": int, **BASE_REQ},
+}
+# path -> (methods, the io_struct class of its body or None): as sglang/srt/entrypoints/http_server.py
+ROUTES = {
+    "/health": (("GET",), None), "/health_generate": (("GET",), None),
+    "/model_info": (("GET",), None), "/get_model_info": (("GET",), None),
+    "/server_info": (("GET",), None), "/get_server_info": (("GET",), None),
+    "/generate": (("POST", "PUT"), "GenerateReqInput"), "/flush_cache": (("GET", "POST"), None),
+    "/pause_generation": (("POST",), "PauseGenerationReqInput"),
+    "/continue_generation": (("POST",), "ContinueGenerationReqInput"),
+    "/abort_request": (("POST",), "AbortReq"),
+    "/update_weight_version": (("POST",), "UpdateWeightVersionReqInput"),
+    "/begin_weight_update": (("POST",), "BeginWeightUpdateReqInput"),
+    "/end_weight_update": (("POST",), "EndWeightUpdateReqInput"),
+    "/update_weights_from_tensor": (("POST",), "UpdateWeightsFromTensorReqInput"),
+    "/init_weights_update_group": (("POST",), "InitWeightsUpdateGroupReqInput"),
+    "/destroy_weights_update_group": (("POST",), "DestroyWeightsUpdateGroupReqInput"),
+    "/update_weights_from_distributed": (("POST",), "UpdateWeightsFromDistributedReqInput"),
+    "/get_weights_by_name": (("GET", "POST"), "GetWeightsByNameReqInput"),
+}
+REQUIRED = {"UpdateWeightsFromTensorReqInput": ("serialized_named_tensors",),
+            "UpdateWeightsFromDistributedReqInput": ("names", "dtypes", "shapes"),
+            "InitWeightsUpdateGroupReqInput": ("master_address", "master_port", "rank_offset", "world_size"),
+            "UpdateWeightVersionReqInput": ("new_version",), "GetWeightsByNameReqInput": ("name",)}
+
+
+def _body(body: dict, request_class: str) -> dict:
+    """`_check` of a body against the fields of its io_struct class."""
+    return _check(body, REQUEST_FIELDS[request_class], REQUIRED.get(request_class, ()))
+
+
+class Crashed(Exception):
+    """The scheduler died (an exception while loading weights): the server goes with it."""
 
 
 @dataclass
@@ -150,7 +271,8 @@ class MockSGLang:
     """The server's state and endpoints; `start()` serves them on 127.0.0.1 from a thread."""
 
     def __init__(self, *, vocab_size: int = 64, tp_size: int = 1, token_delay_s: float = 0.0,
-                 model_path: str = "mock-model", expected: dict[str, tuple] | None = None):
+                 model_path: str = "mock-model", expected: dict[str, tuple] | None = None,
+                 exit_on_crash: bool = False):
         self.vocab_size, self.tp_size, self.token_delay_s = vocab_size, tp_size, token_delay_s
         self.model_path, self.expected = model_path, expected
         self.weights: dict[str, torch.Tensor] = {}
@@ -158,11 +280,15 @@ class MockSGLang:
         self.version = "default"
         self.paused, self.pause_mode = False, None
         self.broken = ""
+        self.crashed = ""  # why the scheduler died (the server stops listening)
+        self.exit_on_crash = exit_on_crash  # standalone: the process exits, as SGLang's does
+        self.session = False  # a weight-update session is open
+        self.flushes: list[dict] = []  # every successful flush: {"paused", "mode", "held"}
         self.running: dict[str, _Request] = {}
         self.calls: list[tuple[str, dict]] = []
         self.fail: dict[str, tuple[int, dict]] = {}  # path → (status, body) answered once, for tests
         self.updates = 0
-        self.group = None
+        self.groups: dict[str, object] = {}  # weight-update groups by name
         self._cond = threading.Condition()
         self._ids = 0
         self.httpd: ThreadingHTTPServer | None = None
@@ -194,7 +320,12 @@ class MockSGLang:
                     body = json.loads(raw) if raw.strip() else {}
                 except json.JSONDecodeError as e:
                     return self._reply(400, _error(f"JSON decode error: {e}"))
-                self._reply(*mock.dispatch(method, path, body))
+                try:
+                    answer = mock.dispatch(method, path, body)
+                except Crashed:  # the server died under this request: no answer, the connection drops
+                    self.close_connection = True
+                    return
+                self._reply(*answer)
 
             def do_GET(self):
                 self._handle("GET")
@@ -219,33 +350,61 @@ class MockSGLang:
             self.httpd.shutdown()
             self.httpd.server_close()
             self.httpd = None
-        if self.group is not None:
-            torch.distributed.destroy_process_group(self.group)
-            self.group = None
+        for group in self.groups.values():
+            torch.distributed.destroy_process_group(group)
+        self.groups.clear()
+
+    def crash(self, reason: str) -> None:
+        """The scheduler raised: the whole server dies (SGLang sends its parent SIGQUIT). Every open request
+        loses its connection, nothing listens any more; standalone, the process exits."""
+        if self.exit_on_crash:
+            print(f"Scheduler hit an exception: {reason}", file=sys.stderr, flush=True)
+            os._exit(1)
+        with self._cond:
+            self.crashed = reason
+            for req in self.running.values():
+                req.aborted = req.aborted or "crashed"
+            self.paused = False
+            self._cond.notify_all()
+        threading.Thread(target=self.stop, name="sglang-mock-crash", daemon=True).start()
+        raise Crashed(reason)
 
     def dispatch(self, method: str, path: str, body: dict) -> tuple[int, object]:
+        if self.crashed:
+            raise Crashed(self.crashed)
         with self._cond:
             self.calls.append((path, body))
             canned = self.fail.pop(path, None)
         if canned is not None:
             return canned
-        routes = {
+        handlers = {
             "/health": self.health, "/health_generate": self.health, "/get_model_info": self.model_info,
-            "/get_server_info": self.server_info, "/generate": self.generate, "/flush_cache": self.flush_cache,
+            "/model_info": self.model_info, "/get_server_info": self.server_info, "/server_info": self.server_info,
+            "/generate": self.generate, "/flush_cache": self.flush_cache,
             "/pause_generation": self.pause_generation, "/continue_generation": self.continue_generation,
             "/abort_request": self.abort_request, "/update_weight_version": self.update_weight_version,
+            "/begin_weight_update": self.begin_weight_update, "/end_weight_update": self.end_weight_update,
             "/update_weights_from_tensor": self.update_weights_from_tensor,
             "/init_weights_update_group": self.init_weights_update_group,
+            "/destroy_weights_update_group": self.destroy_weights_update_group,
             "/update_weights_from_distributed": self.update_weights_from_distributed,
+            "/get_weights_by_name": self.get_weights_by_name,
         }
-        if path not in routes:
+        assert handlers.keys() == ROUTES.keys()
+        if path not in ROUTES:
             return 404, {"detail": "Not Found"}
+        if method not in ROUTES[path][0]:
+            return 405, {"detail": "Method Not Allowed"}
         if self.broken and path not in ("/health", "/health_generate"):
             return 500, {"message": self.broken}
         try:
-            return routes[path](body)
+            if ROUTES[path][1] in REQUEST_FIELDS:
+                _body(body, ROUTES[path][1])
+            return handlers[path](body)
         except BadRequest as e:
             return 400, _error(str(e))
+        except Crashed:
+            raise
         except Exception as e:  # noqa: BLE001 (an internal error is a 500 with its message, as in SGLang)
             return 500, {"message": f"{type(e).__name__}: {e}"}
 
@@ -265,6 +424,8 @@ class MockSGLang:
     def generate(self, body):
         _check(body, {"input_ids": list, "sampling_params": (dict, type(None)), "return_logprob": (bool, type(None)),
                       "logprob_start_len": (int, type(None)), "rid": OPT_STR, "stream": bool})
+        if body.get("rid") is not None and body["rid"] in self.running:
+            return 400, {"error": {"message": f"Duplicate request ID: {body['rid']}"}}
         ids = body.get("input_ids")
         if ids is None or body.get("text") is not None:
             raise BadRequest("this mock serves token ids only: give input_ids")
@@ -277,6 +438,9 @@ class MockSGLang:
         if unknown:
             return 400, {"error": {"message": f"SamplingParams.__init__() got an unexpected keyword argument "
                                               f"'{min(unknown)}'"}}
+        seed = sp.get("sampling_seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not -(2**63) <= seed < 2**63):
+            return 400, {"error": {"message": f"sampling_seed must be an integer in [-2**63, 2**63 - 1], got {seed!r}"}}
         max_new = sp.get("max_new_tokens", 128)
         temperature, top_p, top_k = sp.get("temperature", 1.0), sp.get("top_p", 1.0), sp.get("top_k", -1)
         problems = [(not isinstance(max_new, int) or max_new < 0, "max_new_tokens must be at least 0"),
@@ -303,6 +467,8 @@ class MockSGLang:
                 with self._cond:
                     while self.paused and not req.aborted:  # retract / in_place: held until continue
                         self._cond.wait()
+                    if req.aborted == "crashed":
+                        raise Crashed(self.crashed)
                     if req.aborted:
                         finish = {"type": "abort", "message": req.aborted}
                         break
@@ -341,13 +507,16 @@ class MockSGLang:
 
     def flush_cache(self, body):
         with self._cond:
-            if self.running:
-                return 400, ("Cache flushed.\nPlease check backend logs for more details. (When there are running "
-                             "or waiting requests, the operation will not be performed.)\n")
-        return 200, "Cache flushed.\n"
+            # a retracting pause moved the running requests to the waiting queue, which a paused server's
+            # flush ignores (Scheduler.is_fully_idle(ignore_waiting=self._engine_paused))
+            retracted = self.paused and self.pause_mode == "retract"
+            if self.running and not retracted:
+                return 400, "Flush cache failed.\n"
+            self.flushes.append({"paused": self.paused, "mode": self.pause_mode, "held": len(self.running)})
+        return 200, ("Cache flushed.\nPlease check backend logs for more details. (When there are running or "
+                     "waiting requests, the operation will not be performed.)\n")
 
     def pause_generation(self, body):
-        _check(body, {"mode": str, "rid": OPT_STR})
         mode = body.get("mode", "abort")
         if mode not in PAUSE_MODES:
             raise BadRequest(f"mode: Input should be 'abort', 'retract' or 'in_place', got {mode!r}")
@@ -360,14 +529,12 @@ class MockSGLang:
         return 200, {"message": "Generation paused successfully.", "status": "ok"}
 
     def continue_generation(self, body):
-        _check(body, {"torch_empty_cache": bool, "rid": OPT_STR})
         with self._cond:
             self.paused, self.pause_mode = False, None
             self._cond.notify_all()
         return 200, {"message": "Generation continued successfully.", "status": "ok"}
 
     def abort_request(self, body):
-        _check(body, {"rid": OPT_STR, "abort_all": bool, "abort_message": OPT_STR})
         with self._cond:
             for rid, req in self.running.items():
                 if body.get("abort_all") or rid == body.get("rid"):
@@ -376,7 +543,6 @@ class MockSGLang:
         return 200, ""
 
     def update_weight_version(self, body):
-        _check(body, {"new_version": str, "abort_all_requests": bool, "rid": OPT_STR}, required=("new_version",))
         if body.get("abort_all_requests", True):
             self.abort_request({"abort_all": True})
         with self._cond:
@@ -390,74 +556,118 @@ class MockSGLang:
             while self.running and not self.paused:
                 self._cond.wait()
 
+    def begin_weight_update(self, body):
+        if self.session:
+            return 400, {"success": False, "message": "a weight-update session is already open; "
+                                                      "call end_weight_update() first"}
+        self.session = True
+        return 200, {"success": True, "message": "Success"}
+
+    def end_weight_update(self, body):
+        if not self.session:
+            return 400, {"success": False, "message": "no weight-update session is open; "
+                                                      "call begin_weight_update() first"}
+        self.session = False
+        return 200, {"success": True, "message": "Success"}
+
+    def _outside_session(self, what: str):
+        if self.session:
+            return None
+        return 400, {"success": False, "message": f"{what} must run between begin_weight_update() and "
+                                                  f"end_weight_update()"}
+
     def _apply(self, named: list[tuple[str, torch.Tensor]], body: dict) -> tuple[int, dict]:
+        """model.load_weights: a name or shape the model lacks raises in the scheduler, which dies."""
         for name, t in named:
             if self.expected is not None:
                 if name not in self.expected:
-                    return 400, {"success": False, "message": f"Failed to update weights: unknown parameter {name}"}
+                    self.crash(f"KeyError: '{name}'")
                 if tuple(t.shape) != tuple(self.expected[name]):
-                    return 400, {"success": False, "message": f"Failed to update weights: {name} has shape "
-                                                              f"{tuple(t.shape)}, the model {self.expected[name]}"}
+                    self.crash(f"AssertionError: {name}: param size {self.expected[name]} != loaded weight "
+                               f"size {tuple(t.shape)}")
         with self._cond:
             self.weights.update({name: t.clone() for name, t in named})
             self.digest = weights_digest(self.weights)
             self.updates += 1
-            if body.get("flush_cache", True) and self.running:
-                self.broken = "AssertionError: Cache flush failed after updating weights"
-                return 500, {"message": self.broken}
             if body.get("weight_version") is not None:
                 self.version = body["weight_version"]
-        return 200, {"success": True, "message": "Succeeded to update model weights."}
+        if body.get("flush_cache", True) and self.flush_cache({})[0] != 200:
+            return 400, {"success": False, "message": "Weights were updated, but the cache was not flushed because "
+                                                      "requests are still running or queued. Retract or finish "
+                                                      "them, then call /flush_cache."}
+        return 200, {"success": True, "message": "Success"}
 
     def update_weights_from_tensor(self, body):
-        _check(body, {"serialized_named_tensors": list, **UPDATE_COMMON}, required=("serialized_named_tensors",))
+        refused = self._outside_session("update_weights_from_tensor")
+        if refused:
+            return refused
         payloads = body["serialized_named_tensors"]
         if not all(isinstance(p, str) for p in payloads):
             raise BadRequest("serialized_named_tensors: Input should be a list of strings")
-        if len(payloads) != self.tp_size:
-            return 400, {"success": False, "message": f"got {len(payloads)} serialized payloads for "
-                                                      f"{self.tp_size} TP ranks"}
         if body.get("abort_all_requests"):
             self.abort_request({"abort_all": True})
         self._wait_for_update_lock()
-        try:
-            per_rank = [decode_named_tensors(p, body.get("load_format")) for p in payloads]
-        except (binascii.Error, pickle.UnpicklingError, RuntimeError, ValueError, KeyError, AttributeError) as e:
-            return 400, {"success": False, "message": f"Failed to deserialize the weights: {e}"}
+        per_rank = []
+        for rank in range(self.tp_size):  # each rank opens its own entry only (deserialize_own_rank)
+            try:
+                per_rank.append(decode_named_tensors(payloads[rank], body.get("load_format")))
+            except Exception as e:  # noqa: BLE001 (any failure here raises in SGLang's scheduler)
+                self.crash(f"{type(e).__name__}: {e}")
         return self._apply(per_rank[0], body)
 
     def init_weights_update_group(self, body):
-        _check(body, {"master_address": str, "master_port": int, "rank_offset": int, "world_size": int,
-                      "group_name": str, "backend": str},
-               required=("master_address", "master_port", "rank_offset", "world_size"))
+        name = body.get("group_name", "weight_update_group")
         if body.get("backend", "nccl") != "gloo" or self.tp_size != 1:
             return 400, {"success": False, "message": "the mock joins weight-update groups with gloo and TP 1"}
+        if name in self.groups:  # torch's _new_process_group_helper refuses a name it has
+            return 400, {"success": False, "message": "Failed to initialize custom process group: The specified "
+                                                      "group name has already been created, please use a "
+                                                      "different group name."}
         try:
-            self.group = join_group(body["master_address"], body["master_port"], body["rank_offset"],
-                                    body["world_size"], body.get("group_name", "weight_update_group"))
+            self.groups[name] = join_group(body["master_address"], body["master_port"], body["rank_offset"],
+                                           body["world_size"], name)
         except Exception as e:  # noqa: BLE001 (SGLang answers any failure to join this way)
             return 400, {"success": False, "message": f"Failed to initialize custom process group: {e}."}
         return 200, {"success": True, "message": "Succeeded to initialize custom process group."}
 
+    def destroy_weights_update_group(self, body):
+        group = self.groups.pop(body.get("group_name", "weight_update_group"), None)
+        if group is None:
+            return 400, {"success": False, "message": "The group to be destroyed does not exist."}
+        torch.distributed.destroy_process_group(group)
+        return 200, {"success": True, "message": "Succeeded to destroy custom process group."}
+
     def update_weights_from_distributed(self, body):
-        _check(body, {"names": list, "dtypes": list, "shapes": list, "group_name": str, **UPDATE_COMMON},
-               required=("names", "dtypes", "shapes"))
-        if self.group is None:
-            return 400, {"success": False, "message": "Group not initialized: call init_weights_update_group"}
+        refused = self._outside_session("update_weights_from_distributed")
+        if refused:
+            return refused
+        name = body.get("group_name", "weight_update_group")
+        if name not in self.groups:  # an AssertionError caught by the updater: success false
+            return 400, {"success": False, "message": f"Failed to receive weights: Group {name} not in "
+                                                      f"{list(self.groups)}. Please call `init_weights_update_group` "
+                                                      f"first."}
         self._wait_for_update_lock()
-        named = [(n, torch.empty(s, dtype=getattr(torch, d))) for n, d, s in
-                 zip(body["names"], body["dtypes"], body["shapes"])]
-        if body.get("load_format") == "flattened_bucket":
-            flat = torch.cat([t.reshape(-1) for _, t in named])
-            torch.distributed.broadcast(flat, src=0, group=self.group)
-            offsets = [0]
-            for _, t in named:
-                offsets.append(offsets[-1] + t.numel())
-            named = [(n, flat[a:b].reshape(t.shape)) for (n, t), a, b in zip(named, offsets, offsets[1:])]
-        else:
-            for _, t in named:
-                torch.distributed.broadcast(t, src=0, group=self.group)
+        group = self.groups[name]
+        try:
+            if body.get("load_format") == "flattened_bucket":
+                flat, metadata = empty_bucket(body["names"], body["dtypes"], body["shapes"])
+                torch.distributed.broadcast(flat, src=0, group=group)
+                named = [(n, flat[a:b].view(d).reshape(sh)) for n, d, sh, a, b in metadata]
+            else:
+                named = [(n, torch.empty(sh, dtype=getattr(torch, d)))
+                         for n, d, sh in zip(body["names"], body["dtypes"], body["shapes"])]
+                for _, t in named:
+                    torch.distributed.broadcast(t, src=0, group=group)
+        except Exception as e:  # noqa: BLE001 (receive_weights_from_distributed's failures are answered)
+            return 400, {"success": False, "message": f"Failed to receive weights: {e}"}
         return self._apply(named, body)
+
+    def get_weights_by_name(self, body):
+        """The first `truncate_size` values of the flattened parameter (SGLang's weight_exporter)."""
+        t = self.weights.get(body["name"])
+        if t is None:
+            return 200, None
+        return 200, t.reshape(-1)[: body.get("truncate_size", 100)].float().tolist()
 
 
 class _Server(ThreadingHTTPServer):
@@ -515,7 +725,7 @@ def main(argv=None) -> None:
     if not vocab and config.is_file():
         vocab = json.loads(config.read_text()).get("vocab_size", 0)
     mock = MockSGLang(vocab_size=vocab or 64, tp_size=args.tp_size, token_delay_s=args.token_delay,
-                      model_path=args.model_path, expected=expected_shapes(args.model_path))
+                      model_path=args.model_path, expected=expected_shapes(args.model_path), exit_on_crash=True)
     url = mock.start(args.host, args.port)
     print(f"mock SGLang serving {args.model_path} at {url}", flush=True)
     try:

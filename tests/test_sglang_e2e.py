@@ -85,3 +85,44 @@ def test_each_generator_starts_and_stops_its_own_server(default_model, tmp_path)
     assert f"mock SGLang serving {default_model}" in log
     assert_nothing_left(run_dir)
     assert processes_mentioning(f"tests.sglang_mock --model-path {default_model}") == []
+
+
+@pytest.mark.slow
+def test_a_server_that_dies_mid_run_is_restarted_and_its_groups_requeued(default_model, tmp_path):
+    """The generator owns its (mock) server; it is killed mid-run: the generator says so in one line, its
+    groups are re-queued, the server is started again with the newest weights, and the run finishes."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from tests.test_e2e import train_cmd, wait_for
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd("--max-steps", "6", *SMALL, "--set", "rollout.engine=sglang",
+                                      "--set", "rollout.sglang_module=tests.sglang_mock",
+                                      "--set", "rollout.sglang_args=[--token-delay, 0.002]",
+                                      "--set", "rollout.sglang_startup_timeout_s=60", "--out", str(run_dir)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: len(metrics(run_dir)) >= 2, 120, "two steps")
+        servers = processes_mentioning("-m tests.sglang_mock")
+        assert len(servers) == 1
+        servers[0].send_signal(signal.SIGKILL)
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert [r["step"] for r in metrics(run_dir)] == list(range(6))
+    said = (run_dir / "logs" / "gen0.stderr").read_text().strip().splitlines()
+    assert len(said) == 1 and "cannot reach the SGLang server" in said[0] and "engine restarted" in said[0], said
+    groups = json.loads((run_dir / "groups.json").read_text())
+    assert groups["requeued"] >= 1 or "re-queued" in said[0]
+    assert groups["admitted"] == groups["trained"] + groups["dropped"] + groups["requeued"] + \
+        groups["unfinished_at_stop"], groups
+    assert (run_dir / "logs" / "sglang-0.log").exists()
+    time.sleep(0.5)
+    assert processes_mentioning("-m tests.sglang_mock") == []
+    assert_nothing_left(run_dir)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ from flux.integrations.sglang.engine import (
     SGLangEngine,
     SGLangError,
     SGLangServer,
+    SGLangServerGone,
     check_setup,
 )
 from flux.integrations.sglang.weights import (
@@ -35,10 +38,11 @@ from flux.integrations.sglang.weights import (
     flatten,
     serialize,
     tensor_requests,
+    unflatten,
 )
 from flux.run.runtime import free_port
 from tests.sglang_mock import (
-    ALLOWED_MODULE_PREFIXES,
+    ALLOWED_GLOBALS,
     SAMPLING_KEYS,
     MockSGLang,
     decode_named_tensors,
@@ -147,9 +151,10 @@ def test_new_weights_reach_the_server_exactly_and_change_generations(mock):
     updates = [b for p, b in server.calls if p == "/update_weights_from_tensor"]
     assert len(updates) > 2 and all(b["load_format"] == "flattened_bucket" and not b["flush_cache"] for b in updates)
     assert [b.get("weight_version") for b in updates] == [None] * (len(updates) - 1) + ["1"]
-    assert paths(server)[-len(updates) - 3:] == (["/pause_generation", "/flush_cache"]
+    assert paths(server)[-len(updates) - 5:] == (["/pause_generation", "/flush_cache", "/begin_weight_update"]
                                                  + ["/update_weights_from_tensor"] * len(updates)
-                                                 + ["/continue_generation"])
+                                                 + ["/end_weight_update", "/continue_generation"])
+    assert not server.session
     c = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=5))[0]
     assert (c.versions == 1).all()
     assert c.token_ids.tolist() == predicted(PROMPTS[0], c.token_ids, c.versions, {1: weights_digest(state)})
@@ -219,6 +224,9 @@ def test_inflight_update_switches_versions_mid_sequence(mock, mode):
             prompt = next(p for p in PROMPTS if body["input_ids"][:len(p)] == p)
             assert body["sampling_params"]["max_new_tokens"] == 40 - (len(body["input_ids"]) - len(prompt))
         assert not engine._cache_dirty
+    elif mode == "retract":  # requests waited in the queue, and the old KV was flushed during the pause
+        assert len(generates) == len(PROMPTS) and not engine._cache_dirty
+        assert {"paused": True, "mode": "retract", "held": len(PROMPTS)} in server.flushes
     else:  # requests waited in place; the stale radix cache is flushed before the next call
         assert len(generates) == len(PROMPTS) and engine._cache_dirty
         engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=2))
@@ -258,7 +266,7 @@ def test_score_returns_teacher_forced_logprobs(mock):
         assert c.token_ids.tolist() == response and c.finished and (c.versions == 0).all()
         want = [token_logprob(prompt + response[:i], 0) for i in range(len(response))]
         np.testing.assert_allclose(c.logprobs, want, rtol=1e-6)
-    body = next(b for p, b in server.calls if p == "/generate")
+    body = next(b for p, b in server.calls if p == "/generate" and b["input_ids"] == [1, 2, 3, 5, 6])
     assert body["sampling_params"]["max_new_tokens"] == 0 and body["logprob_start_len"] == 3
     engine.close()
 
@@ -284,8 +292,66 @@ def test_a_refused_update_is_an_error_and_generation_continues(mock):
     engine.load_weights(1, state_dict())
     with pytest.raises(SGLangError, match="update_weights_from_tensor failed .*shape mismatch"):
         engine.apply_pending()
-    assert engine.version == 0 and not server.paused  # never left paused
+    assert engine.version == 0 and not server.paused and not server.session  # never left paused or open
+    engine.load_weights(2, state_dict())
+    assert engine.apply_pending() and server.version == "2"  # the next update opens a new session
     engine.close()
+
+
+def test_weight_updates_run_only_inside_a_session(mock):
+    server, url = mock
+    client = SGLangClient(url)
+    (body, _), = tensor_requests({"w": torch.ones(2)}, 1, max_bytes=1 << 20, tp_size=1)
+    status, out = client.request("/update_weights_from_tensor", body)
+    assert status == 400 and "must run between begin_weight_update() and end_weight_update()" in out["message"]
+    assert client.request("/end_weight_update", {})[0] == 400  # none open
+    assert client.request("/begin_weight_update", {})[0] == 200
+    assert client.request("/begin_weight_update", {})[0] == 400  # one at a time
+    assert client.request("/update_weights_from_tensor", body)[0] == 200
+    assert client.request("/end_weight_update", {})[0] == 200 and server.version == "1"
+
+
+def test_a_payload_the_model_cannot_load_kills_the_server_and_the_engine_says_so():
+    """SGLang's scheduler raises on an unknown name or a wrong shape, and the server dies with it."""
+    server = MockSGLang(vocab_size=VOCAB, expected={"model.norm.weight": (8,)})
+    url = server.start()
+    engine = engine_for(url)
+    engine.load_weights(1, {"model.norm.weight": torch.ones(9)})  # the wrong shape
+    with pytest.raises(SGLangServerGone, match=r"cannot reach the SGLang server .*during the update to version 1"):
+        engine.apply_pending()
+    assert "param size (8,) != loaded weight size (9,)" in server.crashed
+    with pytest.raises(SGLangServerGone):  # nothing listens any more
+        SGLangClient(url).call("/health")
+    assert not engine.recover()  # not its server: it cannot start it again
+    engine.close()
+
+
+def test_requests_have_their_own_rid_and_seed_and_close_aborts_them(mock):
+    server, url = mock
+    engine = engine_for(url)
+    engine.generate(PROMPTS, SamplingParams(max_new_tokens=2, seed=5))
+    bodies = [b for p, b in server.calls if p == "/generate"]
+    assert len({b["rid"] for b in bodies}) == len(PROMPTS)
+    seeds = [b["sampling_params"]["sampling_seed"] for b in bodies]
+    assert len(set(seeds)) == len(PROMPTS)  # one per prompt: a group's samples are not copies
+    engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))
+    assert "sampling_seed" not in server.calls[-1][1]["sampling_params"]
+    assert "/server_info" in paths(server) and "/get_server_info" not in paths(server)
+    server.token_delay_s = 0.05
+    thread, box = run_in_thread(engine.generate, PROMPTS, SamplingParams(max_new_tokens=200))
+    deadline = time.monotonic() + 10
+    while len(server.running) < len(PROMPTS) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.close()  # a server it does not own: what it still runs there is aborted
+    thread.join(10)
+    aborts = [b["rid"] for p, b in server.calls if p == "/abort_request"]
+    assert sorted(aborts) == sorted(b["rid"] for p, b in server.calls if p == "/generate")[-len(PROMPTS):] \
+        or sorted(aborts) == sorted(b["rid"] for p, b in server.calls if p == "/generate"
+                                    and b["sampling_params"]["max_new_tokens"] == 200)
+    deadline = time.monotonic() + 10
+    while server.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not server.running
 
 
 def test_an_unreachable_server_is_a_one_line_error():
@@ -352,12 +418,12 @@ def pickled_modules(payload: str) -> list[str]:
 
     class Recorder(pickle.Unpickler):
         def find_class(self, module, name):
-            seen.append(module)
+            seen.append((module, name))
             return super().find_class(module, name)
 
     Recorder(io.BytesIO(base64.b64decode(payload))).load()
-    assert all(any((m + ".").startswith(p) for p in ALLOWED_MODULE_PREFIXES) for m in seen), seen
-    return seen
+    assert all(g in ALLOWED_GLOBALS or g == ("torch.storage", "_load_from_bytes") for g in seen), seen
+    return [m for m, _ in seen]
 
 
 def test_a_serialized_bucket_decodes_like_sglang_decodes_it():
@@ -372,6 +438,44 @@ def test_a_serialized_bucket_decodes_like_sglang_decodes_it():
             assert got.dtype == want.dtype and torch.equal(got, want)
     with pytest.raises(ValueError, match="one dtype"):
         flatten([("a", torch.zeros(2)), ("b", torch.zeros(2, dtype=torch.int64))])
+
+
+def test_a_bucket_is_uint8_bytes_at_byte_offsets_like_flattenedtensorbucket():
+    bucket = [("a", torch.arange(6, dtype=torch.float32).reshape(2, 3)), ("b", torch.tensor([7.0, 8.0]))]
+    flat, metadata = flatten(bucket)
+    assert flat.dtype == torch.uint8 and flat.numel() == 8 * 4
+    assert [(m.start_idx, m.end_idx, m.numel) for m in metadata] == [(0, 24, 24), (24, 32, 8)]
+    assert all(torch.equal(got, want) for (_, got), (_, want) in zip(unflatten(flat, metadata), bucket))
+
+
+def test_every_tp_rank_gets_its_own_serialization(monkeypatch):
+    import flux.integrations.sglang.weights as W
+
+    made = []
+    monkeypatch.setattr(W, "serialize", lambda flat, meta: made.append(1) or f"payload-{len(made)}")
+    (body, _), = W.tensor_requests({"w": torch.ones(2)}, 1, max_bytes=1 << 20, tp_size=3)
+    assert body["serialized_named_tensors"] == ["payload-1", "payload-2", "payload-3"]
+
+
+def test_a_cpu_tensor_keeps_its_reduction_only_a_cuda_one_names_its_gpu_by_uuid(monkeypatch):
+    from torch.multiprocessing import reductions
+
+    from flux.integrations.sglang.weights import _CUDA_DEVICE_ARG, _reduce_cuda_tensor_by_uuid
+
+    t = torch.ones(3)
+    (rebuild, args), (want_rebuild, want_args) = _reduce_cuda_tensor_by_uuid(t), reductions.reduce_tensor(t)
+    assert rebuild is want_rebuild and len(args) == len(want_args) == 3  # no device argument to touch
+
+    class FakeCuda(torch.Tensor):
+        is_cuda = True
+
+    fake = torch.ones(2).as_subclass(FakeCuda)
+    args = tuple(range(_CUDA_DEVICE_ARG)) + (1, "handle")
+    monkeypatch.setattr(reductions, "reduce_tensor", lambda tensor: ("rebuild", args))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: type("P", (), {"uuid": f"GPU-uuid-of-{i}"})())
+    rebuild, out = _reduce_cuda_tensor_by_uuid(fake)
+    assert rebuild == "rebuild" and out[_CUDA_DEVICE_ARG] == "GPU-uuid-of-1" and out[-1] == "handle"
 
 
 def test_requests_carry_the_version_once_and_a_payload_per_tp_rank():
@@ -421,12 +525,38 @@ def test_a_started_server_serves_and_stops_with_its_engine(launched):
     assert (c.versions == 1).all()
     assert c.token_ids.tolist() == predicted(PROMPTS[2], c.token_ids, c.versions, {1: weights_digest(state)})
     engine.close()
+    # the group was destroyed on both ends: a second engine (another run reusing the server) joins anew
+    again = SGLangEngine(url, version=1, weight_sync="distributed", group_backend="gloo", server=None)
+    again.load_weights(2, state_dict(3))
+    assert again.apply_pending()
+    again.close()
     assert server.proc.poll() is None  # an engine stops only a server it owns
     owned = SGLangEngine(url, server=server)
     owned.close()
     assert server.proc.wait(10) is not None
     with pytest.raises(SGLangError):
         SGLangClient(url).call("/health")
+
+
+def test_an_owned_server_that_dies_is_restarted_at_the_base_version(tmp_path):
+    server = SGLangServer("mock-model", port=free_port(), module="tests.sglang_mock",
+                          args=["--vocab-size", VOCAB], log_path=tmp_path / "server.log")
+    engine = SGLangEngine(server.start(timeout_s=60), server=server, restarts=1, startup_timeout_s=60)
+    engine.load_weights(1, state_dict())
+    assert engine.apply_pending() and engine.version == 1
+    os.killpg(server.proc.pid, signal.SIGKILL)  # the server dies (an OOM, a crashed scheduler)
+    server.proc.wait(10)
+    with pytest.raises(SGLangServerGone, match="cannot reach the SGLang server"):
+        engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))
+    assert engine.recover() and engine.version == 0 and engine.restarts == 1
+    c = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=3))[0]
+    assert (c.versions == 0).all() and c.token_ids.tolist() == predicted(PROMPTS[0], c.token_ids, [0] * 3, {0: 0})
+    engine.load_weights(1, state_dict())  # the caller queues the newest weights again
+    assert engine.apply_pending() and engine.version == 1
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(10)
+    assert not engine.recover()  # no restart left
+    engine.close()
 
 
 def test_a_server_that_dies_while_starting_says_why(tmp_path):

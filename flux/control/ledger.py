@@ -6,9 +6,9 @@ A group is one prompt's n samples. Its life, each arrow a named method:
                 │                      │
                 │                      └────dropped(reason)──▶ DROPPED       (terminal, counted by reason)
                 ├──dropped(reason)──▶ DROPPED
-                └──lost──▶ REQUEUED ──trained──▶ TRAINED  (its generator was declared dead, yet the group
-                              │                            reached the buffer: the credit is taken again)
-                              └──dropped──▶ DROPPED
+                └──lost / requeue──▶ REQUEUED ──trained──▶ TRAINED  (its generator was declared dead, yet
+                                       │            the group reached the buffer: the credit is taken again)
+                                       └──dropped──▶ DROPPED
 
 - ADMITTED: a generator holds the credit; RECEIVED: the buffer holds the group (from then on a dead
   generator does not matter).
@@ -104,11 +104,20 @@ class Ledger:
         """`generator` is gone: the groups it held (not yet in the buffer) are re-queued."""
         out = [g for g in self.groups.values() if g.generator == generator and g.state == ADMITTED]
         for g in out:
-            g.state = REQUEUED
-            self.counts["requeued"] += 1
-            self.admission.give_back(g.n)
-            self.cursor.requeue(g.prompt_index)
+            self.requeue(g.group_id)
         return out
+
+    def requeue(self, gid: int) -> bool:
+        """An admitted group will not reach the buffer (its generator, or its generator's engine, is gone):
+        its credit comes back and its prompt goes to the front of the queue."""
+        g = self.groups.get(gid)
+        if g is None or g.state != ADMITTED:
+            return False
+        g.state = REQUEUED
+        self.counts["requeued"] += 1
+        self.admission.give_back(g.n)
+        self.cursor.requeue(g.prompt_index)
+        return True
 
     # ---- views ----------------------------------------------------------------------------------
     def holds(self, gid: int, generator: str) -> bool:

@@ -57,6 +57,12 @@ class Completion:
     """True: ended on a stop token. False: hit max_new_tokens."""
 
 
+class EngineLost(RuntimeError):
+    """The engine's backend is gone mid-call (an SGLang server that died). The generator hands the call's
+    groups back to be re-queued, then asks `engine.recover()` (if the engine has it) to bring it back;
+    without a recovery the generator exits with this message."""
+
+
 class RolloutEngine(Protocol):
     """A backend that samples completions and takes new weights while it runs (docs/contributing.md)."""
 
@@ -81,3 +87,6 @@ class RolloutEngine(Protocol):
     def resume(self) -> None: ...
 
     def close(self) -> None: ...
+
+    # Optional: `recover() -> bool` after an EngineLost: True once the backend serves again, at the base
+    # version (the generator then queues the newest weights again); False when it cannot.

@@ -164,12 +164,14 @@ class Admit(Message):
 
 class GroupDone(Message):
     """Generator -> controller: group ``group_id`` (``n_samples`` samples) will never reach the buffer, for
-    the ``dropped`` reason (e.g. ``reward_failed``): its credit comes back. (A pushed group needs no word
-    from its generator: the buffer reports what it received. One without a reason is ignored.)"""
+    the ``dropped`` reason (e.g. ``reward_failed``), or ``requeue``: it was lost with its engine (a server
+    that died) and its prompt goes back to the queue. Either way its credit comes back. (A pushed group
+    needs no word from its generator: the buffer reports what it received. One with neither is ignored.)"""
     name: str
     group_id: NonNeg
     n_samples: Positive
     dropped: str = ""
+    requeue: bool = False
 
 
 class Published(Message):

@@ -4,13 +4,27 @@ server process a generator may own.
     generate:  one `/generate` request per prompt (`input_ids`, `return_logprob`), in flight together;
                per-token log-probs from `meta_info.output_token_logprobs`, per-token policy versions
                from `meta_info.weight_versions` (half-open spans over the output tokens)
+               each request has its own `rid` (so `close()` can abort what is still running) and,
+               when the call is seeded, its own `sampling_seed`
     new weights (in flight, or between calls):
-               /pause_generation {mode} → /flush_cache → weights → /continue_generation
+               /pause_generation {mode} → /flush_cache (abort, retract) → /begin_weight_update →
+               weights → /end_weight_update → /continue_generation
                weights = /update_weights_from_tensor (flattened buckets; CUDA IPC handles, same node)
                       or /update_weights_from_distributed (broadcast from this process, any node)
-               each carrying `weight_version`, so the server labels every later token with it
+               the last call carrying `weight_version`, so the server labels every later token with it
     abort:     a request the pause aborted comes back with its tokens so far; it is resubmitted with
                prompt + those tokens as input and the rest of the token budget
+    pause modes: `abort` empties the server; `retract` moves running requests back to the waiting queue,
+               where a flush may run (their KV is recomputed with the new weights when they resume);
+               `in_place` keeps them running on their old KV, so the radix cache is flushed only once
+               nothing of ours is held (a flush with requests in the running batch fails)
+    a dead server: a request that finds nothing listening, or whose connection drops, raises
+               SGLangServerGone (an EngineLost); `recover()` starts an owned server again, up to
+               `restarts` times, at the base version
+
+SGLang 0.5.23 crashes (the scheduler dies, and the server with it) on a weight payload it cannot load (a
+name or shape the model does not have), rather than answering an error: Flux reports that as the server
+gone during that update, with the server's log when the generator owns it.
 
 SGLang samples with log_softmax(logits / T) over the full tempered distribution and keeps top-k/top-p
 out of the returned log-prob, the convention Flux's learner recomputes. No module here imports
@@ -20,6 +34,8 @@ builds the weight payloads), so `import flux` and CPU tests work without it.
 
 from __future__ import annotations
 
+import http.client
+import itertools
 import json
 import logging
 import os
@@ -30,6 +46,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 import weakref
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -37,20 +54,24 @@ from typing import Any
 
 import numpy as np
 
-from flux.engine.base import Completion, SamplingParams, WeightSource
+from flux.engine.base import Completion, EngineLost, SamplingParams, WeightSource
 
 PAUSE_MODES = ("abort", "retract", "in_place")
 WEIGHT_SYNCS = ("tensor", "distributed")
 UPDATE_MODES = ("inflight", "between_sequences")
 CONTROL_TIMEOUT_S = 120.0  # pause, flush, version: quick calls (a retracting pause may take a moment)
 LONG_TIMEOUT_S = 3600.0  # a generation or a weight update may legitimately take long
-GROUP_NAME = "flux_weights"
+GROUP_PREFIX = "flux_weights"  # + a per-engine suffix: a reused server may hold an older run's group
 
 log = logging.getLogger("flux.sglang")
 
 
 class SGLangError(RuntimeError):
     """An SGLang server could not be started or reached, or refused a request (the message says which)."""
+
+
+class SGLangServerGone(SGLangError, EngineLost):
+    """The server stopped answering mid-run: nothing listens at its URL, or it dropped a connection."""
 
 
 class SGLangClient:
@@ -71,9 +92,13 @@ class SGLangClient:
                 status, raw = resp.status, resp.read()
         except urllib.error.HTTPError as e:
             status, raw = e.code, e.read()
-        except (urllib.error.URLError, OSError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
             reason = getattr(e, "reason", e)
-            raise SGLangError(f"cannot reach the SGLang server at {self.url}: {reason}") from None
+            if isinstance(reason, TimeoutError):
+                raise SGLangError(f"the SGLang server at {self.url} did not answer {path} "
+                                  f"within {timeout:.0f}s") from None
+            raise SGLangServerGone(f"cannot reach the SGLang server at {self.url} ({path}): "
+                                   f"{reason or type(reason).__name__}") from None
         text = raw.decode(errors="replace")
         try:
             return status, json.loads(text) if text.strip() else None
@@ -205,7 +230,8 @@ class SGLangEngine:
 
     def __init__(self, url: str, *, version: int = 0, update_mode: str = "inflight", pause_mode: str = "abort",
                  weight_sync: str = "tensor", bucket_bytes: int = 512 << 20, group_backend: str = "nccl",
-                 group_host: str = "127.0.0.1", server: SGLangServer | None = None, max_concurrency: int = 256):
+                 group_host: str = "127.0.0.1", server: SGLangServer | None = None, max_concurrency: int = 256,
+                 restarts: int = 0, startup_timeout_s: float = 900.0):
         for name, value, allowed in (("update_mode", update_mode, UPDATE_MODES),
                                      ("pause_mode", pause_mode, PAUSE_MODES),
                                      ("weight_sync", weight_sync, WEIGHT_SYNCS)):
@@ -218,10 +244,10 @@ class SGLangEngine:
         self.bucket_bytes, self.group_backend, self.group_host = bucket_bytes, group_backend, group_host
         self.tokens_generated = 0
         self.busy_seconds = 0.0
-        info = self.client.call("/get_server_info")
-        self.tp_size = int(info.get("tp_size") or 1) if isinstance(info, dict) else 1
-        # The server labels tokens with its weight_version string; start it at our version number.
-        self.client.call("/update_weight_version", {"new_version": str(version), "abort_all_requests": False})
+        self.restarts_left, self.startup_timeout_s, self.restarts = restarts, startup_timeout_s, 0
+        self._tag = f"flux-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # this engine's requests and group
+        self._rid = itertools.count()
+        self._meet_server()
         self._pending: tuple[int, WeightSource] | None = None
         self._pending_lock = threading.Lock()
         self._update_lock = threading.Lock()  # one weight update at a time
@@ -232,8 +258,20 @@ class SGLangEngine:
         self._user_paused_s, self._user_paused_at = 0.0, None
         self._cache_dirty = False  # weights changed while requests were pending: flush before the next call
         self._closed = False
+        self._gone = False  # the server died during an update (until `recover()`)
+        self._rids: set[str] = set()  # our requests the server is running now (`close()` aborts them)
         self._group = None  # WeightGroup of the distributed path, built at the first update
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="sglang-req")
+
+    def _meet_server(self) -> None:
+        """Read the server's TP size; label its tokens with our version number from now on."""
+        status, info = self.client.request("/server_info")
+        if status == 404:  # a server older than the /server_info name
+            info = self.client.call("/get_server_info")
+        elif status != 200:
+            raise SGLangError(f"/server_info failed (HTTP {status}): {_message(info)}")
+        self.tp_size = int(info.get("tp_size") or 1) if isinstance(info, dict) else 1
+        self.client.call("/update_weight_version", {"new_version": str(self.version), "abort_all_requests": False})
 
     # ---- weights -------------------------------------------------------------------------------
 
@@ -256,18 +294,34 @@ class SGLangEngine:
                 return False
             self._hold("update")
             try:
-                # An aborting pause empties the server; otherwise paused requests keep their place and the
-                # radix cache (old weights' KV) is flushed before the next call, when nothing is pending.
-                if not (self.pause_mode == "abort" or self._inflight == 0) or not self._flush():
+                # An aborting pause empties the server and a retracting one moves our requests to the
+                # waiting queue: either way the radix cache (the old weights' KV) can be flushed now. An
+                # in-place pause keeps them in the running batch, so the flush waits until none is held.
+                if (self.pause_mode == "in_place" and self._inflight) or not self._flush():
                     self._cache_dirty = True
-                if self.weight_sync == "tensor":
-                    self._send_tensors(state, version)
-                else:
-                    self._send_distributed(state, version)
+                self.client.call("/begin_weight_update", {})
+                try:
+                    if self.weight_sync == "tensor":
+                        self._send_tensors(state, version)
+                    else:
+                        self._send_distributed(state, version)
+                finally:
+                    self._end_session()
                 self.version = version
+            except SGLangServerGone as e:
+                self._gone = True  # nothing to un-pause
+                raise SGLangServerGone(f"{e}, during the update to version {version}"
+                                       f"{self.server._last_words() if self.server else ''}") from None
             finally:
                 self._release("update")
             return True
+
+    def _end_session(self) -> None:
+        """Close the weight-update session, even after a failed update (the next one opens a new one)."""
+        try:
+            self.client.call("/end_weight_update", {})
+        except SGLangServerGone:
+            pass  # the update's own error says what happened
 
     def _send_tensors(self, state, version: int) -> None:
         from flux.integrations.sglang.weights import tensor_requests
@@ -289,7 +343,7 @@ class SGLangEngine:
             self._group = self._join_group()
         groups = buckets(state, self.bucket_bytes)
         for i, bucket in enumerate(groups):
-            body = distributed_request(bucket, group_name=GROUP_NAME)
+            body = distributed_request(bucket, group_name=self._group.group_name)
             if i == len(groups) - 1:
                 body["weight_version"] = str(version)
             flat, _ = flatten(bucket)
@@ -303,12 +357,29 @@ class SGLangEngine:
         from flux.run.runtime import free_port
 
         port, world = free_port(self.group_host), 1 + self.tp_size
+        name = f"{GROUP_PREFIX}-{self._tag}-{self.restarts}"  # unique: a reused server keeps old groups
         joining = _Background(lambda: WeightGroup(host=self.group_host, port=port, world_size=world,
-                                                  group_name=GROUP_NAME, backend=self.group_backend))
+                                                  group_name=name, backend=self.group_backend))
         self.client.call("/init_weights_update_group", {
             "master_address": self.group_host, "master_port": port, "rank_offset": 1, "world_size": world,
-            "group_name": GROUP_NAME, "backend": self.group_backend}, timeout=LONG_TIMEOUT_S)
+            "group_name": name, "backend": self.group_backend}, timeout=LONG_TIMEOUT_S)
         return joining.result(CONTROL_TIMEOUT_S)
+
+    def _leave_group(self, server_alive: bool = True) -> None:
+        """Destroy the weight-update group on both ends (the server's end first, so a later run that reuses
+        the server can join it again)."""
+        if self._group is None:
+            return
+        group, self._group = self._group, None
+        if server_alive:
+            try:
+                self.client.call("/destroy_weights_update_group", {"group_name": group.group_name})
+            except SGLangError as e:
+                log.warning("destroying the weight-update group on the server: %s", e)
+        try:
+            group.close()
+        except RuntimeError as e:  # the server may be gone already; the group ends with this process
+            log.warning("closing the weight-update group: %s", e)
 
     # ---- flow control --------------------------------------------------------------------------
 
@@ -326,7 +397,7 @@ class SGLangEngine:
         with self._state:
             self._holds.discard(reason)
             last = not self._holds
-        if last:
+        if last and not self._gone:
             self.client.call("/continue_generation", {})
             with self._state:
                 self._state.notify_all()
@@ -347,19 +418,47 @@ class SGLangEngine:
         self._release("user")
 
     def close(self) -> None:
-        """Stop using the server (and stop it, if this engine started it); calls in flight raise."""
+        """Stop using the server (and stop it, if this engine started it); calls in flight raise, and
+        our requests still running on a server we do not own are aborted there."""
         with self._state:
             self._closed = True
             self._state.notify_all()
+            rids = sorted(self._rids)
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._group is not None:
-            try:
-                self._group.close()
-            except RuntimeError as e:  # the server may be gone already; the group ends with this process
-                log.warning("closing the weight-update group: %s", e)
-            self._group = None
+        if self.server is None:
+            for rid in rids:
+                try:
+                    self.client.request("/abort_request", {"rid": rid}, timeout=5.0)
+                except SGLangError:
+                    break  # the server is gone: nothing runs there any more
+        self._leave_group(server_alive=self.server is None)
         if self.server is not None:
             self.server.stop()
+
+    def recover(self) -> bool:
+        """After SGLangServerGone: start an owned server again (up to `restarts` times) at the base version.
+
+        False when the server is not ours (an external `sglang_url`) or no restart is left. The caller
+        queues the newest weights again (`load_weights`); requests of the lost call are not resubmitted.
+        """
+        if self.server is None or self.restarts_left <= 0 or self._closed:
+            return False
+        self.restarts_left -= 1
+        self.restarts += 1
+        self._leave_group(server_alive=False)
+        self.server.stop()
+        self.server.start(self.startup_timeout_s)
+        with self._state:
+            self._holds.clear()
+            self._inflight = 0
+            self._rids.clear()
+            self._state.notify_all()
+        self._cache_dirty = self._gone = False
+        with self._pending_lock:
+            self._pending = None
+        self.version = self._base_version  # the new server loaded the model from disk
+        self._meet_server()
+        return True
 
     def _flush(self, timeout_s: float = 10.0) -> bool:
         """Flush the radix cache; it succeeds only once the server holds no request, so retry briefly."""
@@ -383,9 +482,16 @@ class SGLangEngine:
             self._inflight += 1
             return self._epoch
 
-    def _done(self) -> None:
+    def _new_rid(self) -> str:
+        rid = f"{self._tag}-{next(self._rid)}"
+        with self._state:
+            self._rids.add(rid)
+        return rid
+
+    def _done(self, rid: str | None = None) -> None:
         with self._state:
             self._inflight -= 1
+            self._rids.discard(rid)
 
     # ---- sampling ------------------------------------------------------------------------------
 
@@ -409,7 +515,14 @@ class SGLangEngine:
         params = {"temperature": sampling.temperature, "top_p": sampling.top_p,
                   "top_k": sampling.top_k if sampling.top_k > 0 else -1,  # SGLang spells "off" as -1
                   "stop_token_ids": [int(t) for t in sampling.stop_token_ids]}
-        futures = [self._pool.submit(self._complete, [int(t) for t in p], sampling, params) for p in prompts]
+
+        def seeded(i: int) -> dict:  # each prompt its own seed: a group's samples must differ
+            if sampling.seed is None:
+                return params
+            return {**params, "sampling_seed": (int(sampling.seed) * 1_000_003 + i) % (1 << 63)}
+
+        futures = [self._pool.submit(self._complete, [int(t) for t in p], sampling, seeded(i))
+                   for i, p in enumerate(prompts)]
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
@@ -429,13 +542,14 @@ class SGLangEngine:
         finished = False
         while len(tokens) < sampling.max_new_tokens:
             epoch, submitted_version = self._admit(), self.version
+            rid = self._new_rid()
             try:
                 out = self.client.call("/generate", {
-                    "input_ids": prompt + tokens, "return_logprob": True,
+                    "rid": rid, "input_ids": prompt + tokens, "return_logprob": True,
                     "sampling_params": {**params, "max_new_tokens": sampling.max_new_tokens - len(tokens)},
                 }, timeout=LONG_TIMEOUT_S)
             finally:
-                self._done()
+                self._done(rid)
             meta = out.get("meta_info") if isinstance(out, dict) else None
             if not isinstance(meta, dict) or not isinstance(meta.get("output_token_logprobs"), list):
                 raise SGLangError(f"/generate answered without meta_info.output_token_logprobs: {str(out)[:300]}")
@@ -497,14 +611,15 @@ class SGLangEngine:
 
         def one(prompt: list[int], response: list[int]) -> Completion:
             self._admit()
+            rid = self._new_rid()
             try:
                 out = self.client.call("/generate", {
-                    "input_ids": [int(t) for t in prompt + response], "return_logprob": True,
+                    "rid": rid, "input_ids": [int(t) for t in prompt + response], "return_logprob": True,
                     "logprob_start_len": len(prompt),
                     "sampling_params": {"max_new_tokens": 0, "temperature": temperature},
                 }, timeout=LONG_TIMEOUT_S)
             finally:
-                self._done()
+                self._done(rid)
             meta = out.get("meta_info", {}) if isinstance(out, dict) else {}
             entries = (meta.get("input_token_logprobs") or [])[-len(response):]
             if len(entries) != len(response) or any(e[0] is None for e in entries):
@@ -581,7 +696,8 @@ def build(cfg, model_path: str, *, index: int = 0, log_dir: str | Path | None = 
         return SGLangEngine(url, update_mode=r.update_mode, pause_mode=r.sglang_pause_mode,
                             weight_sync=r.sglang_weight_sync, bucket_bytes=r.sglang_bucket_mb << 20,
                             group_backend=r.sglang_group_backend, group_host=r.sglang_group_host or cfg.net.host,
-                            server=server)
+                            server=server, restarts=r.sglang_restarts if server else 0,
+                            startup_timeout_s=r.sglang_startup_timeout_s)
     except BaseException:
         if server is not None:
             server.stop()

@@ -97,6 +97,19 @@ def test_a_failed_reward_gives_the_credit_back_and_a_stranger_is_counted(ctl):
     ctl.ledger.check()
 
 
+def test_a_group_lost_with_its_engine_is_requeued_and_its_prompt_goes_first(ctl):
+    grants = ctl.handle(None, P.AdmitRequest("gen0", 2)).groups
+    lost = grants[1]
+    ctl.handle(None, P.GroupDone("gen1", lost["group_id"], 4, requeue=True))  # not gen1's: ignored
+    assert ctl.admission.started == 8
+    ctl.handle(None, P.GroupDone("gen0", lost["group_id"], 4, requeue=True))
+    ctl.handle(None, P.GroupDone("gen0", lost["group_id"], 4, requeue=True))  # twice: once
+    assert ctl.admission.started == 4 and ctl.accounting()["requeued"] == 1
+    again = ctl.handle(None, P.AdmitRequest("gen0", 1)).groups[0]
+    assert again["prompt_index"] == lost["prompt_index"] and again["group_id"] != lost["group_id"]
+    ctl.ledger.check()
+
+
 def test_admissions_carry_a_token_the_buffer_can_check(ctl):
     from flux.control.admission import admission_token
 

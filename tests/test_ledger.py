@@ -50,7 +50,8 @@ def test_restore_requeues_what_was_in_flight():
     again.check()
 
 
-EVENTS = st.lists(st.tuples(st.sampled_from(["admit", "received", "trained", "dropped", "lost", "publish"]),
+EVENTS = st.lists(st.tuples(st.sampled_from(["admit", "received", "trained", "dropped", "lost", "requeue",
+                                             "publish"]),
                             st.integers(0, 2), st.integers(0, 12)), max_size=120)
 
 
@@ -70,6 +71,8 @@ def test_no_sequence_of_events_loses_a_group_or_a_credit(events, ratio):
             lg.dropped(gid, "stale" if gid % 2 else "reward_failed")
         elif kind == "lost":
             lg.lost(name)
+        elif kind == "requeue":
+            lg.requeue(gid)
         else:
             lg.admission.version += 1
         lg.check()

@@ -1,4 +1,4 @@
-"""The SGLang rollout backend (flux/integrations/sglang/engine.py, sglang_weights.py) against the mock server.
+"""The SGLang rollout backend (flux/integrations/sglang/engine.py, weights.py) against the mock server.
 
 tests/sglang_mock.py follows SGLang 0.5.23's HTTP contract with a deterministic fake model, so every
 token, log-prob and version a test sees can be predicted: `next_token(context, digest)`, where the

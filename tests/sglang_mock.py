@@ -469,8 +469,8 @@ class MockSGLang:
                         self._cond.wait()
                     if req.aborted == "crashed":
                         raise Crashed(self.crashed)
-                    if req.aborted:
-                        finish = {"type": "abort", "message": req.aborted}
+                    if req.aborted:  # FINISH_ABORT.to_json()
+                        finish = {"type": "abort", "message": req.aborted, "status_code": None, "err_type": None}
                         break
                     version, digest = self.version, self.digest
                 context = req.input_ids + req.out_ids
@@ -498,10 +498,12 @@ class MockSGLang:
         meta["weight_version"] = meta["weight_versions"][-1]["version"]
         if body.get("return_logprob"):
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(req.out_lps, req.out_ids)]
+            # from logprob_start_len on (absent or -1: none), the first entry None: SGLang's
+            # LogprobResultProcessor shifts the values by one ([None] + logprobs[:-1])
             start = body.get("logprob_start_len")
-            start = len(ids) - 1 if start is None or start < 0 else start
+            start = len(ids) if start is None or start < 0 else start
             meta["input_token_logprobs"] = [
-                [None if i == 0 else token_logprob(ids[:i], self.digest), ids[i], None]
+                [None if i == start else token_logprob(ids[:i], self.digest), ids[i], None]
                 for i in range(min(start, len(ids)), len(ids))]
         return 200, {"text": "", "output_ids": req.out_ids, "meta_info": meta}
 
@@ -522,9 +524,12 @@ class MockSGLang:
             raise BadRequest(f"mode: Input should be 'abort', 'retract' or 'in_place', got {mode!r}")
         with self._cond:
             self.paused, self.pause_mode = True, mode
-            if mode == "abort":
+            if mode == "abort":  # aborts until no request is left (the tokenizer manager's loop), then answers
                 for req in self.running.values():
-                    req.aborted = "Abort in pause generation."
+                    req.aborted = "Aborted"
+                self._cond.notify_all()
+                while self.running:
+                    self._cond.wait()
             self._cond.notify_all()
         return 200, {"message": "Generation paused successfully.", "status": "ok"}
 
@@ -536,8 +541,8 @@ class MockSGLang:
 
     def abort_request(self, body):
         with self._cond:
-            for rid, req in self.running.items():
-                if body.get("abort_all") or rid == body.get("rid"):
+            for rid, req in self.running.items():  # by prefix, as the scheduler matches rids
+                if body.get("abort_all") or (body.get("rid") and rid.startswith(body["rid"])):
                     req.aborted = body.get("abort_message") or "Abort request."
             self._cond.notify_all()
         return 200, ""

@@ -267,7 +267,10 @@ def test_score_returns_teacher_forced_logprobs(mock):
         want = [token_logprob(prompt + response[:i], 0) for i in range(len(response))]
         np.testing.assert_allclose(c.logprobs, want, rtol=1e-6)
     body = next(b for p, b in server.calls if p == "/generate" and b["input_ids"] == [1, 2, 3, 5, 6])
-    assert body["sampling_params"]["max_new_tokens"] == 0 and body["logprob_start_len"] == 3
+    # from the prompt's last token: SGLang's first scored entry is None (nothing before it is scored)
+    assert body["sampling_params"] == {"max_new_tokens": 0} and body["logprob_start_len"] == 2
+    with pytest.raises(ValueError, match="temperature 1"):  # SGLang scores given tokens at T = 1 only
+        engine.score([[1]], [[2]], temperature=0.7)
     engine.close()
 
 
@@ -332,6 +335,9 @@ def test_requests_have_their_own_rid_and_seed_and_close_aborts_them(mock):
     engine.generate(PROMPTS, SamplingParams(max_new_tokens=2, seed=5))
     bodies = [b for p, b in server.calls if p == "/generate"]
     assert len({b["rid"] for b in bodies}) == len(PROMPTS)
+    # SGLang aborts by rid prefix: no rid of ours is a prefix of another
+    assert not any(a != b and b.startswith(a) for a in (x["rid"] for x in bodies) for b in (x["rid"] for x in bodies))
+    assert all(b["rid"].endswith(".") for b in bodies)
     seeds = [b["sampling_params"]["sampling_seed"] for b in bodies]
     assert len(set(seeds)) == len(PROMPTS)  # one per prompt: a group's samples are not copies
     engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2))

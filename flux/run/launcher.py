@@ -240,6 +240,19 @@ def last_words(actor: Actor) -> str:
     return (crash or lines or [""])[-1].strip()
 
 
+def news(actor: Actor, seen: dict[str, int], marker: str) -> list[str]:
+    """Complete lines containing `marker` that `actor` wrote to its stderr since the last call."""
+    try:
+        with actor.stderr_path.open("rb") as f:
+            f.seek(seen.get(actor.name, 0))
+            chunk = f.read()
+    except OSError:
+        return []
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    seen[actor.name] = seen.get(actor.name, 0) + len(complete)
+    return [ln.strip() for ln in complete.decode(errors="replace").splitlines() if marker in ln]
+
+
 def root_cause(actors: list[Actor]) -> Actor:
     """Of the actors that failed, the one to blame: a run-stopping error first, then a crash, then any."""
     said = {a.name: last_words(a) for a in actors}
@@ -301,6 +314,7 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
     progress = Progress(spec.run_dir, cfg.max_steps, stream)
     code = 0
     lost: set[str] = set()  # generators that died
+    seen: dict[str, int] = {}  # bytes of each generator's stderr already scanned for restarts
     previous = _sigterm_as_interrupt()
     try:
         start(spec, actors)  # inside the try: a Ctrl-C while spawning still stops what started
@@ -308,6 +322,10 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
         while True:
             time.sleep(0.2)
             progress.poll()
+            for a in actors:
+                for line in news(a, seen, "engine restarted") if a.role == "generator" else ():
+                    progress.close()
+                    stream.write(f"flux: {line.split(' flux.' + a.name + ': ', 1)[-1]}\n")
             exited = [a for a in actors if a.proc.poll() is not None]
             for a in exited:
                 if a.role == "generator" and a.proc.returncode != 0 and a.name not in lost:

@@ -483,7 +483,9 @@ class SGLangEngine:
             return self._epoch
 
     def _new_rid(self) -> str:
-        rid = f"{self._tag}-{next(self._rid)}"
+        # SGLang aborts every request whose rid *starts with* the one named: the trailing "." keeps
+        # `…-1.` from matching `…-10.`
+        rid = f"{self._tag}-{next(self._rid)}."
         with self._state:
             self._rids.add(rid)
         return rid
@@ -602,11 +604,17 @@ class SGLangEngine:
               ) -> list[Completion]:
         """Teacher-forced log-probs of given responses (offline preference pairs) under the current weights.
 
-        `/generate` with `max_new_tokens: 0` and `logprob_start_len` at the response: SGLang returns the
-        input tokens' log-probs from there. Versions are the server's weight version.
+        `/generate` with `max_new_tokens: 0` and `logprob_start_len` at the prompt's last token: SGLang
+        returns the input tokens' log-probs from there, the first of them None (nothing precedes it in the
+        scored span), so the response's tokens are the last len(response) entries. SGLang scores input
+        tokens with the raw logits (T = 1) whatever the sampling temperature, so only T = 1 is accepted.
+        Versions are the server's weight version.
         """
         if len(prompts) != len(responses) or any(not p or not r for p, r in zip(prompts, responses)):
             raise ValueError("score needs one non-empty response per non-empty prompt")
+        if temperature != 1.0:
+            raise ValueError(f"SGLang scores given tokens at temperature 1 (log_softmax of the raw logits), not "
+                             f"{temperature}: use rollout.temperature: 1 for preference data with rollout.engine=sglang")
         call = self._begin_call()
 
         def one(prompt: list[int], response: list[int]) -> Completion:
@@ -615,8 +623,8 @@ class SGLangEngine:
             try:
                 out = self.client.call("/generate", {
                     "rid": rid, "input_ids": [int(t) for t in prompt + response], "return_logprob": True,
-                    "logprob_start_len": len(prompt),
-                    "sampling_params": {"max_new_tokens": 0, "temperature": temperature},
+                    "logprob_start_len": len(prompt) - 1,
+                    "sampling_params": {"max_new_tokens": 0},
                 }, timeout=LONG_TIMEOUT_S)
             finally:
                 self._done(rid)

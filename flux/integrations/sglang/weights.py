@@ -174,7 +174,8 @@ class WeightGroup:
         # device is cuda:0) must still send from here.
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else None
         timeout = timedelta(seconds=timeout_s)
-        store, rank, world_size = next(rendezvous(f"tcp://{host}:{port}", 0, world_size, timeout=timeout))
+        address = f"[{host}]" if ":" in host else host  # an IPv6 address in brackets, as SGLang writes it
+        store, rank, world_size = next(rendezvous(f"tcp://{address}:{port}", 0, world_size, timeout=timeout))
         store.set_timeout(timeout)
         store = PrefixStore(group_name, store)
         self.group, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store,

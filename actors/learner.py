@@ -17,8 +17,8 @@ publishes, evaluates and saves.
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
 import socket
 import time
@@ -98,12 +98,31 @@ def all_finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
-def lr_at(step: int, total: int, lr: float, schedule: str, min_ratio: float) -> float:
-    """Cosine decay from lr to min_ratio·lr over the run (late RL steps are where policies wobble)."""
-    if schedule == "constant" or total <= 1:
-        return lr
-    progress = step / (total - 1)
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+def lr_at(step: int, total: int, lr: float, schedule: str, min_ratio: float, warmup: int = 0) -> float:
+    """The learning rate of optimizer step `step` of `total`: transformers' scheduler `schedule` after
+    `warmup` steps of linear warmup. A function of the step alone, so a resumed run continues exactly."""
+    return lr * _lr_factor(schedule, total, min_ratio, warmup)(step)
+
+
+@functools.lru_cache(maxsize=8)
+def _lr_factor(schedule: str, total: int, min_ratio: float, warmup: int):
+    """The multiplier `transformers.get_scheduler` would apply at each step (its LambdaLR's lambda).
+
+    `cosine` is transformers' cosine_with_min_lr ending at min_ratio on the last step (total - 1); the
+    others run over `total` steps; `constant` with warmup is constant_with_warmup."""
+    from transformers import get_scheduler
+
+    name, extra, horizon = schedule, {}, max(1, total)
+    if schedule == "cosine":
+        name, extra, horizon = "cosine_with_min_lr", {"min_lr_rate": min_ratio}, max(1, total - 1)
+    elif schedule == "constant" and warmup:
+        name = "constant_with_warmup"
+    elif schedule == "warmup_stable_decay":  # decays over the last 10%, to min_ratio at the last step
+        horizon = max(1, total - 1)
+        extra = {"num_decay_steps": max(1, (horizon - warmup) // 10), "min_lr_ratio": min_ratio}
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return get_scheduler(name, dummy, num_warmup_steps=warmup, num_training_steps=horizon,
+                         scheduler_specific_kwargs=extra).lr_lambdas[0]
 
 
 class Trainer:
@@ -126,13 +145,14 @@ class Trainer:
         self.loss_fn = self.algorithm.bind(self.params)
         torch.manual_seed(cfg.seed)
         dp = {"ranks": ranks} if ranks.world > 1 else {}  # (config: data parallel is torch-backend only)
-        self.learner = build_learner(lc.backend, spec.model_path, lr=lc.lr, weight_decay=lc.weight_decay,
+        adam = {"betas": tuple(lc.adam_betas), "eps": lc.adam_eps, "no_decay": tuple(lc.no_decay)}
+        self.learner = build_learner(lc.backend, spec.model_path, lr=lc.lr, weight_decay=lc.weight_decay, **adam,
                                      max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
                                      micro_batch_tokens=lc.micro_batch_tokens or None, temperature=cfg.rollout.temperature,
                                      reference=self.algorithm.wants_reference(self.params), seed=cfg.seed, **dp)
         self.critic = None
         if self.algorithm.value_loss is not None:
-            self.critic = TorchCritic(spec.model_path, lr=lc.critic_lr or lc.lr, weight_decay=lc.weight_decay,
+            self.critic = TorchCritic(spec.model_path, lr=lc.critic_lr or lc.lr, weight_decay=lc.weight_decay, **adam,
                                       max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
                                       micro_batch_tokens=lc.micro_batch_tokens or None, seed=cfg.seed, **dp)
             self.value_loss_fn = self.algorithm.bind_value(self.params)
@@ -170,7 +190,7 @@ class Trainer:
         if algorithm.token_level:
             tb.advantages, tb.returns = algorithm.compute_advantages(group_rewards, tb, params, **adv_inputs)
         for group in learner.optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.max_steps, lc.lr, lc.lr_schedule, lc.min_lr_ratio)
+            group["lr"] = lr_at(step, cfg.max_steps, lc.lr, lc.lr_schedule, lc.min_lr_ratio, lc.warmup_steps)
         parts = micro_batches(tb, lc.micro_batch_size, pairs=algorithm.preference, rank=self.ranks.rank,
                               ranks=self.ranks.world, tokens=lc.micro_batch_tokens)
         t1 = time.monotonic()

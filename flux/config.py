@@ -101,6 +101,10 @@ class RolloutConfig:
                                   "server reaches it (empty = net.host).", "")
 
 
+# transformers.get_scheduler names Flux takes (`cosine` is its cosine_with_min_lr; the others by name)
+LR_SCHEDULES = ("cosine", "linear", "constant", "polynomial", "cosine_with_restarts", "inverse_sqrt",
+                "warmup_stable_decay")
+
 @dataclass
 class LearnerConfig:
     """The learner: optimisation and checkpoints."""
@@ -112,9 +116,19 @@ class LearnerConfig:
     groups_per_step: int = _doc("Prompt groups per optimizer step; B = groups_per_step * group_size.", 8)
     lr: float = _doc("AdamW learning rate.", 1e-3)
     critic_lr: float = _doc("Learning rate of the critic (PPO's value model; 0 = same as lr).", 0.0)
-    lr_schedule: str = _doc("`cosine` (decay to min_lr_ratio * lr over max_steps) or `constant`.", "cosine")
+    lr_schedule: str = _doc("Learning-rate schedule over max_steps, by `transformers.get_scheduler`: `cosine` "
+                            "(to min_lr_ratio * lr at the last step), `linear` (towards 0), `constant`, or "
+                            "`polynomial`, `cosine_with_restarts`, `inverse_sqrt`, `warmup_stable_decay` (decay over "
+                            "the last 10%); each after warmup_steps of linear warmup from 0 (transformers' "
+                            "curves exactly: the first warmup step has lr 0).", "cosine")
+    warmup_steps: int = _doc("Optimizer steps of linear warmup from 0 to lr before the schedule.", 0)
     min_lr_ratio: float = _doc("Final learning rate as a fraction of lr (cosine schedule).", 0.1)
-    weight_decay: float = _doc("AdamW weight decay.", 0.0)
+    weight_decay: float = _doc("AdamW weight decay (decoupled), on weight matrices only: never on 1-D parameters "
+                               "(biases, norm weights) nor on the no_decay ones.", 0.0)
+    no_decay: list = _doc("Parameters whose name contains one of these (case-insensitive) get no weight decay "
+                          "either (e.g. embed_tokens).", factory=lambda: ["bias", "norm"])
+    adam_betas: list = _doc("AdamW (beta1, beta2).", factory=lambda: [0.9, 0.99])
+    adam_eps: float = _doc("AdamW epsilon.", 1e-8)
     max_grad_norm: float = _doc("Gradient clipping norm.", 1.0)
     micro_batch_size: int = _doc("About this many samples per forward/backward, the batch split into "
                                  "ceil(rows / N) micro-batches of near-equal token counts (0 = whole batch).", 0)
@@ -313,7 +327,12 @@ class FluxConfig:
             ("learner.groups_per_step", lr.groups_per_step >= 1, "must be >= 1"),
             ("learner.lr", lr.lr > 0, "must be > 0"),
             ("learner.critic_lr", lr.critic_lr >= 0, "must be >= 0"),
-            ("learner.lr_schedule", lr.lr_schedule in ("cosine", "constant"), "must be `cosine` or `constant`"),
+            ("learner.lr_schedule", lr.lr_schedule in LR_SCHEDULES, f"must be one of {', '.join(LR_SCHEDULES)}"),
+            ("learner.warmup_steps", lr.warmup_steps >= 0, "must be >= 0"),
+            ("learner.adam_betas", len(lr.adam_betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
+                                                                  for b in lr.adam_betas), "must be two numbers in [0, 1)"),
+            ("learner.adam_eps", lr.adam_eps > 0, "must be > 0"),
+            ("learner.no_decay", all(isinstance(k, str) and k for k in lr.no_decay), "must be a list of names"),
             ("learner.min_lr_ratio", 0 <= lr.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("learner.micro_batch_size", lr.micro_batch_size >= 0, "must be >= 0"),
             ("learner.micro_batch_tokens", lr.micro_batch_tokens >= 0, "must be >= 0"),

@@ -35,6 +35,40 @@ def test_cosine_schedule_runs_from_lr_to_min_ratio():
     assert lr_at(30, 50, 1e-3, "constant", 0.1) == 1e-3
 
 
+def test_schedules_are_transformers_own_curves_after_warmup():
+    from transformers import get_scheduler
+
+    def theirs(name, warmup, total, **kw):  # what a TRL/HF user's scheduler gives at each step
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total,
+                              scheduler_specific_kwargs=kw)
+        out = []
+        for _ in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert [lr_at(s, 20, 1.0, "linear", 0.1, warmup=4) for s in range(20)] == pytest.approx(theirs("linear", 4, 20))
+    assert [lr_at(s, 20, 1.0, "constant", 0.1, warmup=4) for s in range(20)] == pytest.approx(
+        theirs("constant_with_warmup", 4, 20))
+    warm = [lr_at(s, 20, 2e-3, "cosine", 0.1, warmup=5) for s in range(20)]
+    assert warm[:6] == pytest.approx([0, 4e-4, 8e-4, 1.2e-3, 1.6e-3, 2e-3]) and warm[-1] == pytest.approx(2e-4)
+    assert np.all(np.diff(warm[5:]) <= 0)
+
+
+def test_norms_and_biases_get_no_weight_decay():
+    from flux.learner.base import decay_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Embedding(5, 4))
+    decayed, plain = decay_groups(model, 0.1, ())
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert [p.shape for p in decayed["params"]] == [torch.Size([4, 3]), torch.Size([5, 4])]  # matrices only
+    assert len(plain["params"]) == 3  # the bias, the LayerNorm's weight and bias
+    decayed, plain = decay_groups(model, 0.1, ("2.",))  # by name: the embedding too
+    assert [p.shape for p in decayed["params"]] == [torch.Size([4, 3])] and len(plain["params"]) == 4
+
+
 def test_token_budget_micro_batches_pack_similar_lengths_and_keep_pairs():
     lengths = [40, 2, 3, 38, 2, 4, 2, 3]                       # a long tail: two rows ~10× the rest
     tb = batch_of(lengths)

@@ -98,6 +98,19 @@ class SingleRank:
         return stats, loss
 
 
+def decay_groups(model: torch.nn.Module, weight_decay: float, no_decay: tuple[str, ...]) -> list[dict]:
+    """AdamW parameter groups: weight decay on every trainable matrix, none on 1-D parameters (biases and
+    norm weights, which HF's Trainer and megatron-core exclude too) or on those whose name contains one of
+    `no_decay` (case-insensitive)."""
+    keys = [k.lower() for k in no_decay]
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if p.ndim < 2 or any(k in name.lower() for k in keys) else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0})
+            if g["params"]]
+
+
 class Learner:
     """A policy trained with AdamW, micro-batched gradient accumulation, optionally data parallel.
 
@@ -108,7 +121,8 @@ class Learner:
     """
 
     def __init__(self, model_path: str, *, lr: float = 1e-4, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.99), max_grad_norm: float | None = 1.0,
+                 betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
+                 no_decay: tuple[str, ...] = ("bias", "norm"), max_grad_norm: float | None = 1.0,
                  micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
                  temperature: float = 1.0, reference: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -129,8 +143,8 @@ class Learner:
         if reference:
             self.ref_model = self._load_model(self.model_path, dtype).to(self.device).eval()
             self.ref_model.requires_grad_(False)
-        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr,
-                                           betas=betas, weight_decay=weight_decay)
+        self.optimizer = torch.optim.AdamW(decay_groups(self.model, weight_decay, no_decay), lr=lr, betas=betas,
+                                           eps=eps)
         self.ranks.broadcast_module(self.model)
         if self.ref_model is not None:
             self.ranks.broadcast_module(self.ref_model)

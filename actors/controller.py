@@ -74,8 +74,8 @@ class Controller:
         self.token_of: dict[str, str] = {}
         self.prompts_digest = ""
         if spec.remote:
-            from flux.data import load_prompts
-            self.prompts_digest = hook("remote.prompts_digest")(load_prompts(cfg.prompts))
+            from flux.data import training_records
+            self.prompts_digest = hook("remote.prompts_digest")(training_records(cfg))
         self.trained_samples = self.trained_tokens = 0
         self.dropped_stale = 0
         self.trained_lengths: dict[str, int] = {}  # completion-length histograms, cumulative

@@ -179,14 +179,14 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
 
     from transformers import AutoTokenizer
 
-    from flux.data import is_preference, load_prompts, render_prompt
+    from flux.data import is_preference, render_prompt, training_records
     from flux.engine import build_engine
     from flux.engine.base import SamplingParams
     from flux.rewards import guarded_reward
 
     TIMELINE.mark("libraries")  # torch and transformers
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
-    records = load_prompts(cfg.prompts)
+    records = training_records(cfg)
     reward_fn = guarded_reward(cfg, log)
     seed = cfg.seed * 7919 + int.from_bytes(name.encode()[-4:], "little")
     engine = build_engine(cfg, spec.model_path, name=name, seed=seed, log_dir=f"{spec.run_dir}/logs")

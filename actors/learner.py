@@ -260,7 +260,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     reward_fn = guarded_reward(cfg, log)
-    held_out = eval_records(cfg.eval.prompts, cfg.eval.num_prompts)
+    held_out = eval_records(cfg)
     evaluator = None
     eval_sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.eval.temperature,
                                    stop_token_ids=(tokenizer.eos_token_id,))

@@ -257,7 +257,7 @@ def trl_worker(steps: int, seed: int, threads: int, overrides: list[str], out: P
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     reward_fn = load_function(cfg.reward)
-    held_out = eval_records(cfg.eval.prompts, cfg.eval.num_prompts)
+    held_out = eval_records(cfg)
     sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.eval.temperature,
                               stop_token_ids=(tokenizer.eos_token_id,))
 

@@ -189,8 +189,13 @@ class StalenessConfig:
 class EvalConfig:
     """Held-out evaluation by the learner."""
 
-    prompts: str = _doc("Held-out prompts JSONL (`builtin:<task>` = the task's own held-out split; "
-                        "empty = no evaluation).", "builtin:sort")
+    prompts: str = _doc("What to evaluate on: a prompts JSONL, `builtin:<task>` (the task's own held-out split), "
+                        "`auto` (the training task's held-out split when `prompts` is a built-in task, else "
+                        "the eval.split_fraction held out of the training prompts, else nothing; never another "
+                        "task), or empty (no evaluation). The run prints what it evaluates on.", "auto")
+    split_fraction: float = _doc("With eval.prompts `auto` and a prompts file: this fraction of its records is held "
+                                 "out (by a seeded hash of the record index) and evaluated on, never trained on; "
+                                 "0 = no evaluation.", 0.0)
     every: int = _doc("Evaluate every N steps (0 = only before the first and after the last step).", 0)
     num_prompts: int = _doc("Held-out prompts per evaluation.", 200)
     temperature: float = _doc("Sampling temperature for evaluation (0 = greedy).", 0.0)
@@ -358,6 +363,7 @@ class FluxConfig:
             ("staleness.signal", s.signal in ("k3", "ess_loss", "is_cap"), "must be `k3`, `ess_loss` or `is_cap`"),
             ("staleness.floor_window", s.floor_window >= 1, "must be >= 1"),
             ("eval.num_prompts", self.eval.num_prompts >= 1, "must be >= 1"),
+            ("eval.split_fraction", 0 <= self.eval.split_fraction < 1, "must be in [0, 1)"),
             ("eval.every", self.eval.every >= 0, "must be >= 0"),
             ("net.heartbeat_timeout_s", self.net.heartbeat_timeout_s > self.net.heartbeat_s > 0,
              "need heartbeat_timeout_s > heartbeat_s > 0"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 
@@ -43,6 +44,49 @@ def load_prompts(source: str) -> list[dict]:
         raise DataError(f"{source}: record {lineno} is a {'preference' if kinds[lineno - 1] else 'prompt'} "
                         f"record but record 1 is not; a file holds one kind")
     return records
+
+
+def eval_source(cfg) -> str:
+    """What the run evaluates on: `eval.prompts` as given, or for `auto` the training task's own held-out
+    split (`builtin:<task>`), else `split` (a held-out `eval.split_fraction` of the training records)
+    when that fraction is > 0, else '' (no evaluation). Never a built-in task the run does not train on."""
+    source = cfg.eval.prompts
+    if source != "auto":
+        return source
+    if cfg.prompts.startswith("builtin:"):
+        return "builtin:" + cfg.prompts.removeprefix("builtin:").split(":")[0]
+    return "split" if cfg.eval.split_fraction > 0 else ""
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training, held-out) record indices: each record held out with probability `fraction`, by a hash
+    of its index and the seed (the same split in every process and on every resume), at least one of
+    each when 0 < fraction < 1 and n >= 2."""
+    if fraction <= 0 or n < 2:
+        return list(range(n)), []
+    scores = [zlib.crc32(f"{seed}:{i}".encode()) / 2**32 for i in range(n)]
+    held = {i for i, s in enumerate(scores) if s < fraction}
+    if not held:
+        held = {min(range(n), key=scores.__getitem__)}
+    if len(held) == n:
+        held.discard(max(range(n), key=scores.__getitem__))
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def training_records(cfg) -> list[dict]:
+    """The records the run trains on: `prompts`, less the held-out split when it evaluates on one."""
+    records = load_prompts(cfg.prompts)
+    if eval_source(cfg) != "split":
+        return records
+    train, _ = split_indices(len(records), cfg.eval.split_fraction, cfg.seed)
+    return [records[i] for i in train]
+
+
+def held_out_records(cfg) -> list[dict]:
+    """The held-out split of the training prompts (`eval_source(cfg) == "split"`)."""
+    records = load_prompts(cfg.prompts)
+    _, held = split_indices(len(records), cfg.eval.split_fraction, cfg.seed)
+    return [records[i] for i in held]
 
 
 def is_preference(record: dict) -> bool:

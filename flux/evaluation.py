@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from flux.data import load_prompts, render_prompt
+from flux.data import eval_source, held_out_records, load_prompts, render_prompt
 
 
-def eval_records(source: str, limit: int) -> list[dict]:
-    """The first `limit` held-out records: a `builtin:<task>` source means that task's eval split."""
+def eval_records(cfg, limit: int | None = None) -> list[dict]:
+    """The first `limit` (default eval.num_prompts) records the run evaluates on (`eval_source`): a
+    `builtin:<task>` source means that task's eval split, `split` the training data's held-out part."""
+    source = eval_source(cfg)
+    limit = cfg.eval.num_prompts if limit is None else limit
     if not source:
         return []
-    if source.startswith("builtin:"):
+    if source == "split":
+        records = held_out_records(cfg)
+    elif source.startswith("builtin:"):
         from flux.plugins import hook
 
         builtin_eval = hook("builtin.eval_records")
@@ -18,6 +23,20 @@ def eval_records(source: str, limit: int) -> list[dict]:
     else:
         records = load_prompts(source)
     return records[:limit]
+
+
+def describe_eval(cfg) -> str:
+    """One line: what the run evaluates on (the launcher prints it)."""
+    source, n = eval_source(cfg), len(eval_records(cfg))
+    if not source:
+        return ("no held-out evaluation (set eval.prompts to a file, or eval.split_fraction to hold out part of "
+                f"{cfg.prompts})")
+    if source == "split":
+        return (f"evaluating on {n} held-out prompts of {cfg.prompts} (eval.split_fraction "
+                f"{cfg.eval.split_fraction:g}; they are never trained on)")
+    if source.startswith("builtin:"):
+        return f"evaluating on {n} held-out prompts of {source} (never trained on)"
+    return f"evaluating on {n} prompts of {source}"
 
 
 def evaluate(engine, tokenizer, records: list[dict], reward_fn, sampling) -> dict:

@@ -112,3 +112,24 @@ def test_records_survive_json_round_trip(tmp_path):
     rec = {"prompt": "rev 1=", "answer": "1", "meta": {"nested": [1, 2]}}
     path = jsonl(tmp_path, json.dumps(rec))
     assert load_prompts(path) == [rec]
+
+
+def test_evaluation_defaults_never_pick_a_task_the_run_does_not_train_on(tmp_path):
+    from flux.config import load_config
+    from flux.data import eval_source, held_out_records, split_indices, training_records
+    from flux.evaluation import describe_eval, eval_records
+
+    path = jsonl(tmp_path, *[json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(40)])
+    cfg = load_config(None, [f"prompts={path}"])
+    assert eval_source(cfg) == "" and eval_records(cfg) == [] and "no held-out evaluation" in describe_eval(cfg)
+    assert training_records(cfg) == load_prompts(path)
+    cfg = load_config(None, [f"prompts={path}", "eval.split_fraction=0.25"])
+    train, held = training_records(cfg), held_out_records(cfg)
+    assert eval_source(cfg) == "split" and eval_records(cfg) == held and 4 <= len(held) <= 18
+    assert sorted(r["prompt"] for r in train + held) == sorted(f"q{i}" for i in range(40))  # disjoint, complete
+    assert f"evaluating on {len(held)} held-out prompts of {path}" in describe_eval(cfg)
+    assert split_indices(40, 0.25, cfg.seed) == split_indices(40, 0.25, cfg.seed)  # the same in every process
+    assert split_indices(2, 0.01, 0)[1] and split_indices(2, 0.99, 0)[0]  # at least one of each
+    assert eval_source(load_config(None, ["prompts=builtin:repeat"])) == "builtin:repeat"  # its own task
+    assert eval_source(load_config(None, ["prompts=builtin:sort:train"])) == "builtin:sort"
+    assert eval_source(load_config(None, [f"prompts={path}", f"eval.prompts={path}"])) == path  # as given

@@ -86,6 +86,7 @@ def test_train_exits_zero_with_one_metrics_line_per_step(small_run):
     assert [r["version"] for r in rows] == list(range(1, 7))       # one published version per step
     assert rows[-1]["wall_s"] >= rows[0]["wall_s"]
     assert "eval_score" in rows[0] and rows[-1]["eval_n"] == 20
+    assert "flux: evaluating on 20 held-out prompts of builtin:sort (never trained on)" in proc.stdout
     assert "6 steps" in proc.stdout
     # adaptive mode really runs ahead: the first admit grants two batches at version 0, so some step
     # trains on data one version old (this is what the sync test below rules out)
@@ -118,6 +119,25 @@ def test_run_dir_has_config_and_a_checkpoint_that_moved(small_run, default_model
     state = json.loads((ckpt / "controller_state.json").read_text())
     assert state["version"] == 6 and state["ledger"]["counts"]["trained"] == 6 * 2
     assert {"pid", "cursor", "async_ratio", "started_samples"} <= state.keys()
+
+
+@pytest.mark.slow
+def test_a_users_prompts_are_evaluated_on_their_own_held_out_split_or_not_at_all(default_model, tmp_path):
+    """Changing `prompts` without `eval.prompts` never evaluates on the built-in task; the run says so."""
+    from flux.data import load_prompts, write_jsonl
+
+    path = tmp_path / "mine.jsonl"
+    write_jsonl(load_prompts("builtin:sort")[:60], path)
+    none = flux_train("--max-steps", "1", *SMALL, "--set", f"prompts={path}", "--out", str(tmp_path / "a"))
+    assert none.returncode == 0, none.stdout + none.stderr
+    assert "flux: no held-out evaluation" in none.stdout and "eval_score" not in metrics(tmp_path / "a")[0]
+    split = flux_train("--max-steps", "1", *SMALL, "--set", f"prompts={path}", "--set", "eval.split_fraction=0.2",
+                       "--out", str(tmp_path / "b"))
+    assert split.returncode == 0, split.stdout + split.stderr
+    line = next(ln for ln in split.stdout.splitlines() if "evaluating on" in ln)
+    n = int(line.split("evaluating on ")[1].split()[0])
+    assert 1 <= n < 60 and f"held-out prompts of {path}" in line
+    assert metrics(tmp_path / "b")[0]["eval_n"] == n
 
 
 def test_no_process_or_shared_memory_survives(small_run):

@@ -75,17 +75,17 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     With `resume_from` (a checkpoint directory, see `latest_checkpoint`), the run directory is kept and
     its metrics lines after the checkpoint's step are dropped."""
     from flux.algorithms import get_algorithm
-    from flux.data import DataError, is_preference, load_prompts
-    from flux.evaluation import eval_records
+    from flux.data import DataError, is_preference, training_records
+    from flux.evaluation import describe_eval
     from flux.rewards import load_function
     from flux.sinks import load_factory
 
     try:
-        records = load_prompts(cfg.prompts)
+        records = training_records(cfg)
     except (DataError, ValueError) as e:
         raise SetupError(f"prompts: {e}") from None
     try:
-        eval_records(cfg.eval.prompts, 1)
+        describe_eval(cfg)  # the records it names load
     except (DataError, ValueError) as e:
         raise SetupError(f"eval.prompts: {e}") from None
     try:
@@ -306,6 +306,9 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
     timeline.mark("prepared")  # run directory, prompts, model (built or found), spec
     stream.write(f"flux: run {spec.run_id} in {spec.run_dir}"
                  + (f", resumed from {resume_from}" if resume_from else "") + "\n")
+    from flux.evaluation import describe_eval
+
+    stream.write(f"flux: {describe_eval(cfg)}\n")
     if spec.remote:
         stream.write(f"flux: remote generators attach with: flux generator --connect {spec.remote['connect']} "
                      f"--key {spec.remote['keys']}/NAME.key_secret\n")

@@ -260,13 +260,15 @@ def root_cause(actors: list[Actor]) -> Actor:
 
 
 class Progress:
-    """Follows metrics.jsonl and prints one status line per learner step (in place on a terminal)."""
+    """Follows metrics.jsonl: on a terminal a tqdm bar (steps, rate, ETA, the step's numbers), else one
+    plain line every 10 steps and at the last."""
 
     def __init__(self, run_dir: str, max_steps: int, stream=sys.stdout):
         self.path, self.max_steps, self.stream = Path(run_dir) / "metrics.jsonl", max_steps, stream
         self.tty = stream.isatty()
         self.offset = 0
         self.rows: list[dict] = []
+        self.bar = None
 
     def poll(self) -> None:
         if not self.path.exists():
@@ -282,19 +284,34 @@ class Progress:
             self.show(row)
 
     def show(self, m: dict) -> None:
-        text = (f"step {m['step'] + 1}/{self.max_steps}  reward {m['reward_mean']:.3f}  "
-                f"staleness {m['staleness_mean']:.3f}  async {m['async_ratio']:.2f}  "
-                f"lag {m.get('lag_mean', 0):.2f}  {m['samples_per_s']:.1f} samples/s  "
-                + (f"eval {m['eval_score']:.3f}  " if "eval_score" in m else "") + f"{m['wall_s']:.0f}s")
+        numbers = (f"reward {m['reward_mean']:.3f}  staleness {m['staleness_mean']:.3f}  "
+                   f"async {m['async_ratio']:.2f}  lag {m.get('lag_mean', 0):.2f}  {m['samples_per_s']:.1f} samples/s"
+                   + (f"  eval {m['eval_score']:.3f}" if "eval_score" in m else ""))
         if self.tty:
-            self.stream.write("\r\033[K" + text)
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=self.max_steps, file=self.stream, unit="step", dynamic_ncols=True,
+                                initial=m["step"], bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
+                                                              "[{elapsed}<{remaining}, {rate_fmt}] {postfix}")
+            self.bar.set_postfix_str(numbers, refresh=False)
+            self.bar.update(m["step"] + 1 - self.bar.n)
         elif m["step"] % 10 == 0 or m["step"] + 1 == self.max_steps:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+            self.stream.write(f"step {m['step'] + 1}/{self.max_steps}  {numbers}  {m['wall_s']:.0f}s\n")
+            self.stream.flush()
+
+    def say(self, line: str) -> None:
+        """A line of the run's own (a generator died, a server restarted) above the bar."""
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            self.stream.write(line + "\n")
+            self.stream.flush()
 
     def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tuple[int, RunSpec]:
@@ -327,17 +344,15 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
             progress.poll()
             for a in actors:
                 for line in news(a, seen, "engine restarted") if a.role == "generator" else ():
-                    progress.close()
-                    stream.write(f"flux: {line.split(' flux.' + a.name + ': ', 1)[-1]}\n")
+                    progress.say(f"flux: {line.split(' flux.' + a.name + ': ', 1)[-1]}")
             exited = [a for a in actors if a.proc.poll() is not None]
             for a in exited:
                 if a.role == "generator" and a.proc.returncode != 0 and a.name not in lost:
                     # A generator may die: the controller re-queues its unfinished groups and the others go
                     # on. The run stops only when none is left.
                     lost.add(a.name)
-                    progress.close()
-                    stream.write(f"flux: generator {a.name} died (exit code {a.proc.returncode}): "
-                                 f"{last_words(a) or 'no message'}; its groups are re-queued\n")
+                    progress.say(f"flux: generator {a.name} died (exit code {a.proc.returncode}): "
+                                 f"{last_words(a) or 'no message'}; its groups are re-queued")
             failed = [a for a in exited if a.proc.returncode != 0
                       and (a.role != "generator" or " stops the run: " in last_words(a))]
             if not failed and lost and all(a.proc.poll() is not None for a in actors if a.role == "generator"):

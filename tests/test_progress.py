@@ -34,7 +34,7 @@ def test_a_terminal_gets_a_bar_with_rate_eta_and_the_steps_numbers(tmp_path):
     out = Tty()
     p = feed(tmp_path, out)
     text = out.getvalue()
-XX
+    assert "25/25" in text and ("step/s" in text or "s/step" in text)  # tqdm's rate
     assert "<" in text and "reward 0.500" in text and "staleness 0.100" in text  # elapsed<remaining, numbers
     assert "flux: gen0: cannot reach the SGLang server; engine restarted\n" in text  # above the bar, whole
     assert len(p.rows) == 25

@@ -247,8 +247,10 @@ class LoggingConfig:
 class FluxConfig:
     """A whole Flux job."""
 
-    model_path: str = _doc("HF model directory, or `builtin:tiny` for the embedded default (warm-started on "
-                           "the run's built-in task; `builtin:tiny:<task>` names one).", "builtin:tiny")
+    model_path: str = _doc("HF model directory, a Hub id (`Qwen/Qwen2.5-0.5B`: from the local HF cache, "
+                           "downloaded only where HF_HUB_OFFLINE is not set), or `builtin:tiny` for the embedded "
+                           "default (warm-started on the run's built-in task; `builtin:tiny:<task>` names one).",
+                           "builtin:tiny")
     prompts: str = _doc("Training prompts JSONL, or `builtin:<task>` (built-in tasks `sort`, `repeat`). For DPO, a "
                         "preference JSONL of {prompt, chosen, rejected} trains offline (`builtin:sort_pairs` "
                         "is the built-in one); a prompts file trains online DPO on sampled pairs.",

@@ -140,6 +140,31 @@ def test_a_users_prompts_are_evaluated_on_their_own_held_out_split_or_not_at_all
     assert metrics(tmp_path / "b")[0]["eval_n"] == n
 
 
+@pytest.mark.slow
+def test_a_hub_id_is_found_in_the_local_hf_cache_and_nothing_is_downloaded(default_model, tmp_path):
+    """`model_path: org/name` resolves as transformers resolves it: the cache's snapshot of refs/main."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--flux-test--tiny-sort" / "snapshots" / "0123abcd"
+    shutil.copytree(default_model, snapshot)
+    (cache / "models--flux-test--tiny-sort" / "refs").mkdir()
+    (cache / "models--flux-test--tiny-sort" / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(train_cmd("--max-steps", "1", *SMALL, "--set", "model_path=flux-test/tiny-sort",
+                                   "--out", str(tmp_path / "run")), capture_output=True, text=True, timeout=150,
+                         env=env, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    spec = json.loads((tmp_path / "run" / "spec.json").read_text())
+    assert spec["model_path"] == str(snapshot) and len(metrics(tmp_path / "run")) == 1
+    missing = subprocess.run(train_cmd("--max-steps", "1", "--set", "model_path=flux-test/absent",
+                                       "--out", str(tmp_path / "run2")), capture_output=True, text=True,
+                             timeout=150, env=env, check=False)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert "model_path: flux-test/absent is not a directory, nor in the local HF cache" in missing.stderr
+    assert "HF_HUB_OFFLINE=1 forbids downloading it" in missing.stderr
+
+
 def test_no_process_or_shared_memory_survives(small_run):
     assert_nothing_left(small_run[0])
 

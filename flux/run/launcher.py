@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -165,11 +166,29 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     return spec
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # `org/name` or `name`, as the Hub spells ids
+
+
 def resolve_model_path(model_path: str, prompts: str = "") -> str:
     """`builtin:tiny` (or empty) → the built-in model's directory (made on first use, warm-started on the
-    run's built-in task); a path as it is."""
-    builtin = not model_path or model_path.startswith("builtin:")
-    return hook("builtin.resolve_model_path")(model_path, prompts) if builtin else model_path
+    run's built-in task); a directory as it is; a Hub id (`Qwen/Qwen2.5-0.5B`) → its snapshot, resolved as
+    transformers resolves it: from the local HF cache, downloaded only where the environment allows it
+    (not under HF_HUB_OFFLINE=1). Raises ValueError with one line when a Hub id cannot be found."""
+    if not model_path or model_path.startswith("builtin:"):
+        return hook("builtin.resolve_model_path")(model_path, prompts)
+    if Path(model_path).exists() or not HUB_ID.match(model_path):
+        return model_path
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model_path, local_files_only=constants.HF_HUB_OFFLINE)
+    except LocalEntryNotFoundError:
+        raise ValueError(f"model_path: {model_path} is not a directory, nor in the local HF cache "
+                         f"({constants.HF_HUB_CACHE}); HF_HUB_OFFLINE=1 forbids downloading it") from None
+    except Exception as e:  # noqa: BLE001 (unknown repo, no network, gated model: one line says which)
+        raise ValueError(f"model_path: {model_path} is not a directory, and the HF Hub did not give it: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
 def vocab_size(model_path: str | Path) -> int:

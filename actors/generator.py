@@ -245,7 +245,16 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         for k, (gid, idx, token, prompt_ids) in enumerate(groups):
             comps = outs[k * per_group:(k + 1) * per_group]
             texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
-            rewards = [1.0, 0.0] if offline else [reward_fn(t, records[idx]) for t in texts]
+            parts: dict[str, list[float]] = {}  # the numbers a reward returned besides its score
+            if offline:
+                rewards = [1.0, 0.0]
+            else:
+                rewards = []
+                for text, c in zip(texts, comps):
+                    rewards.append(reward_fn(text, records[idx], completion_ids=c.token_ids.tolist(),
+                                             finish_reason="stop" if c.finished else "length"))
+                    for k, v in reward_fn.extras.items():
+                        parts.setdefault(k, []).append(v)
             if None in rewards:  # a reward call failed (counted, logged once): the whole group is dropped
                 P.send(link.req, P.GroupDone(name, gid, len(comps), dropped="reward_failed"))
                 continue
@@ -257,7 +266,9 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                 logprobs=np.concatenate([c.logprobs for c in comps]),
                 versions=np.concatenate([c.versions for c in comps]),
                 rewards=np.array(rewards, np.float32), finish=np.array([c.finished for c in comps], np.uint8),
-                gen_seconds=gen_s / len(groups), meta={"sample": texts[0][:64]}))
+                gen_seconds=gen_s / len(groups),
+                meta={"sample": texts[0][:64], **({"rewards": {k: float(np.mean(v)) for k, v in parts.items()}}
+                                                   if parts else {})}))
             TIMELINE.mark("first_group")
         reward_fn.check()  # a reward that keeps failing stops the run, in one line
     log.info("%s stopping (%s)", name, stop.reason)

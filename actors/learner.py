@@ -125,6 +125,16 @@ def _lr_factor(schedule: str, total: int, min_ratio: float, warmup: int):
                          scheduler_specific_kwargs=extra).lr_lambdas[0]
 
 
+def reward_parts(metas: list[dict]) -> dict[str, float]:
+    """`reward/<name>`: the batch's mean of each number the rewards returned besides the score (several
+    rewards, or a reward's dict), over the groups that report it."""
+    seen: dict[str, list[float]] = {}
+    for meta in metas:
+        for k, v in (meta.get("rewards") or {}).items():
+            seen.setdefault(k, []).append(float(v))
+    return {f"reward/{k}": float(np.mean(v)) for k, v in sorted(seen.items())}
+
+
 class Trainer:
     """What every learner rank holds and does: the model(s), the algorithm, one optimizer step on a batch.
 
@@ -355,6 +365,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
             "dropped_in_batch": int(batch.dropped_stale),
             "group_ids": [int(g) for g in batch.group_ids],
             "prompts": [int(i) for i in batch.prompt_indices], **last_eval, **saved,
+            **reward_parts(batch.metas),
         }
         P.send(ctl, P.StepReport(step, version, metrics))
         TIMELINE.mark("first_step", save=step == start)

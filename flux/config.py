@@ -255,8 +255,12 @@ class FluxConfig:
                         "preference JSONL of {prompt, chosen, rejected} trains offline (`builtin:sort_pairs` "
                         "is the built-in one); a prompts file trains online DPO on sampled pairs.",
                         "builtin:sort")
-    reward: str = _doc("Reward function `module:function`, called as fn(completion, record) -> float.",
-                       "flux.rewards:char_match")
+    reward: str = _doc("Reward function `module:function`: fn(completion, record) -> float (or a dict with "
+                       "`score` and more numbers, logged), TRL's reward_func(prompts, completions, **columns) "
+                       "or verl's compute_score(data_source, solution_str, ground_truth, extra_info), "
+                       "recognised by their parameter names.", "flux.rewards:char_match")
+    rewards: list = _doc("Several rewards instead of `reward`: [{fn: module:function, weight: 1.0, name: ...}, "
+                         "...]; the reward is their weighted sum, each one logged as reward/<name>.", factory=list)
     reward_timeout_s: float = _doc("Seconds one reward call may take; a call past it fails (0 = no limit).",
                                    30.0)
     reward_max_failure_rate: float = _doc("A reward call that raises, times out or returns NaN/inf/a non-number "
@@ -382,6 +386,10 @@ class FluxConfig:
             ("reward_max_failure_rate", 0 <= self.reward_max_failure_rate <= 1, "must be in [0, 1]"),
             ("prompts", bool(self.prompts.strip()), "must be a JSONL path or `builtin:<task>`"),
             ("reward", ":" in self.reward, "must be a dotted path `module:function`"),
+            ("rewards", all(isinstance(r, dict) and isinstance(r.get("fn"), str) and ":" in r["fn"]
+                            and isinstance(r.get("weight", 1.0), (int, float)) and not set(r) - {"fn", "weight", "name"}
+                            for r in self.rewards),
+             "must be a list of {fn: module:function, weight: number, name: text}"),
         ]
         for name, ok, why in checks:
             if not ok:

@@ -78,7 +78,7 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     from flux.algorithms import get_algorithm
     from flux.data import DataError, is_preference, training_records
     from flux.evaluation import describe_eval
-    from flux.rewards import load_function
+    from flux.rewards import build_reward
     from flux.sinks import load_factory
 
     try:
@@ -90,9 +90,9 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     except (DataError, ValueError) as e:
         raise SetupError(f"eval.prompts: {e}") from None
     try:
-        load_function(cfg.reward)
+        build_reward(cfg)
     except ValueError as e:
-        raise SetupError(f"reward: {e}") from None
+        raise SetupError(f"{'rewards' if cfg.rewards else 'reward'}: {e}") from None
     for dotted in cfg.logging.sinks:
         try:
             load_factory(dotted)

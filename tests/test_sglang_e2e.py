@@ -116,12 +116,13 @@ def test_a_server_that_dies_mid_run_is_restarted_and_its_groups_requeued(default
             proc.wait()
     assert proc.returncode == 0, out
     assert [r["step"] for r in metrics(run_dir)] == list(range(6))
-    said = (run_dir / "logs" / "gen0.stderr").read_text().strip().splitlines()
-    assert len(said) == 1 and "cannot reach the SGLang server" in said[0] and "engine restarted" in said[0], said
+    said = [ln for ln in (run_dir / "logs" / "gen0.stderr").read_text().splitlines() if "engine restarted" in ln]
+    assert len(said) == 1 and "cannot reach the SGLang server" in said[0] and "groups re-queued" in said[0], said
     shown = [ln for ln in out.splitlines() if "engine restarted" in ln]  # the run's own output says so too
     assert len(shown) == 1 and shown[0].startswith("flux: gen0: cannot reach the SGLang server"), out
     groups = json.loads((run_dir / "groups.json").read_text())
-    assert groups["requeued"] >= 1 or "re-queued" in said[0]
+    lost = int(said[0].split(" groups re-queued")[0].rsplit(" ", 1)[-1])
+    assert lost >= 1 and groups["requeued"] == lost, (said, groups)  # the call's groups, back in the queue
     assert groups["admitted"] == groups["trained"] + groups["dropped"] + groups["requeued"] + \
         groups["unfinished_at_stop"], groups
     assert (run_dir / "logs" / "sglang-0.log").exists()

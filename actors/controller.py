@@ -74,8 +74,8 @@ class Controller:
         self.token_of: dict[str, str] = {}
         self.prompts_digest = ""
         if spec.remote:
-            from flux.data import training_records
-            self.prompts_digest = hook("remote.prompts_digest")(training_records(cfg))
+            from flux.data import split_records  # before data.max_prompt_length, as a remote generator reads them
+            self.prompts_digest = hook("remote.prompts_digest")(split_records(cfg)[0])
         self.trained_samples = self.trained_tokens = 0
         self.dropped_stale = 0
         self.trained_lengths: dict[str, int] = {}  # completion-length histograms, cumulative

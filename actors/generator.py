@@ -4,7 +4,8 @@
         ask the controller for credits (whole prompt groups)
         make sure the engine holds weights at least as new as the controller's version
         generate n samples per prompt (tokens, behaviour log-probs, per-token versions)
-        score them, push each group to the buffer, tell the controller it is done
+        hand them to the reward pool, which scores them while the engine generates the next ones
+        push each scored group to the buffer (in generation order); a failed reward drops its group
     (offline preference data: no sampling; the given (chosen, rejected) pair is scored by the engine's
     current weights and sent as a two-sample group with rewards (1, 0))
 
@@ -16,6 +17,7 @@ sockets; its new weights come over the weight stream, handed to the engine only 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import socket
@@ -173,6 +175,12 @@ def recover_engine(engine, link: ControllerLink, lost: list[tuple[int, int]], er
         link.queue_weights(link.newest, link.newest_handle)
 
 
+def _given(results: list) -> concurrent.futures.Future:
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    done.set_result(results)
+    return done
+
+
 def body(spec: RunSpec, name: str, stop, log) -> int:
     cfg = spec.config
     set_threads(cfg.rollout.threads)
@@ -182,12 +190,12 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     from flux.data import is_preference, render_prompt, training_records
     from flux.engine import build_engine
     from flux.engine.base import SamplingParams
-    from flux.rewards import guarded_reward
+    from flux.rewards import Sample, reward_pool
 
     TIMELINE.mark("libraries")  # torch and transformers
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
-    records = training_records(cfg)
-    reward_fn = guarded_reward(cfg, log)
+    records = training_records(cfg, tokenizer)
+    rewards = reward_pool(cfg, log)
     seed = cfg.seed * 7919 + int.from_bytes(name.encode()[-4:], "little")
     engine = build_engine(cfg, spec.model_path, name=name, seed=seed, log_dir=f"{spec.run_dir}/logs")
     TIMELINE.mark("model")
@@ -208,12 +216,31 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     link = ControllerLink(ctx, spec, name, engine, stop, log)
     link.start()
     log.info("%s up: %d prompts, engine %s", name, len(records), r.engine)
+    # Groups being scored, in generation order: the pool scores them while the engine generates the next
+    # ones; each is sent (or dropped, counted) once it and every group before it is scored.
+    scored: list[tuple[P.TrajectoryGroup, object]] = []
+
+    def send_scored() -> None:
+        while scored and scored[0][1].done():
+            group, future = scored.pop(0)
+            results = future.result()
+            if any(score is None for score, _ in results):  # a reward call failed (counted, logged once)
+                P.send(link.req, P.GroupDone(name, group.group_id, group.sample_count, dropped="reward_failed"))
+                continue
+            group.rewards = np.array([score for score, _ in results], np.float32)
+            keys = {k for _, extra in results for k in extra}  # the numbers a reward returned besides its score
+            if keys:
+                group.meta["rewards"] = {k: float(np.mean([e[k] for _, e in results if k in e])) for k in keys}
+            P.send(push, group)
+            TIMELINE.mark("first_group")
+
     TIMELINE.mark("ready", save=True)
     while not stop.is_set():
         admit = link.request(P.AdmitRequest(name, r.groups_per_call))
         if admit is None or not admit.groups:
             link.version_arrived.wait(0.02)  # no credit: wait for a new version (or retry shortly)
             link.version_arrived.clear()
+            send_scored()
             continue
         if admit.version > link.newest and admit.weights:  # its NewVersion broadcast never reached us
             link.queue_weights(admit.version, admit.weights)
@@ -245,37 +272,29 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         for k, (gid, idx, token, prompt_ids) in enumerate(groups):
             comps = outs[k * per_group:(k + 1) * per_group]
             texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
-            parts: dict[str, list[float]] = {}  # the numbers a reward returned besides its score
-            if offline:
-                rewards = [1.0, 0.0]
-            else:
-                rewards = []
-                for text, c in zip(texts, comps):
-                    rewards.append(reward_fn(text, records[idx], completion_ids=c.token_ids.tolist(),
-                                             finish_reason="stop" if c.finished else "length"))
-                    for k, v in reward_fn.extras.items():
-                        parts.setdefault(k, []).append(v)
-            if None in rewards:  # a reward call failed (counted, logged once): the whole group is dropped
-                P.send(link.req, P.GroupDone(name, gid, len(comps), dropped="reward_failed"))
-                continue
-            P.send(push, P.TrajectoryGroup(
+            group = P.TrajectoryGroup(
                 group_id=gid, prompt_index=idx, generator=name, sample_count=len(comps), token=token,
                 prompt_ids=np.asarray(prompt_ids, np.int32),
                 response_ids=np.concatenate([c.token_ids for c in comps]),
                 response_lens=np.array([len(c.token_ids) for c in comps], np.int32),
                 logprobs=np.concatenate([c.logprobs for c in comps]),
                 versions=np.concatenate([c.versions for c in comps]),
-                rewards=np.array(rewards, np.float32), finish=np.array([c.finished for c in comps], np.uint8),
-                gen_seconds=gen_s / len(groups),
-                meta={"sample": texts[0][:64], **({"rewards": {k: float(np.mean(v)) for k, v in parts.items()}}
-                                                   if parts else {})}))
-            TIMELINE.mark("first_group")
-        reward_fn.check()  # a reward that keeps failing stops the run, in one line
+                rewards=np.zeros(len(comps), np.float32), finish=np.array([c.finished for c in comps], np.uint8),
+                gen_seconds=gen_s / len(groups), meta={"sample": texts[0][:64]})
+            if offline:  # the pair's rewards are given
+                scored.append((group, _given([(1.0, {}), (0.0, {})])))
+            else:
+                scored.append((group, rewards.submit([
+                    Sample(t, records[idx], c.token_ids.tolist(), "stop" if c.finished else "length")
+                    for t, c in zip(texts, comps)])))
+        send_scored()
+        rewards.check()  # a reward that keeps failing stops the run, in one line
     log.info("%s stopping (%s)", name, stop.reason)
     TIMELINE.mark("stopping")
     TIMELINE.totals.update(busy_s=engine.busy_seconds, tokens=engine.tokens_generated,
                            weight_load_s=getattr(engine, "load_seconds", 0.0), weight_loads=getattr(engine, "loads", 0))
     P.send(link.req, P.Goodbye("generator", name, stop.reason or "stopped", True))
+    rewards.close()  # groups still being scored are the ledger's unfinished_at_stop (or a leaver's, re-queued)
     engine.close()
     if link._io.ident is not None:  # started (a Stop can come before registration finished)
         link._io.join(2)

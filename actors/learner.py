@@ -261,7 +261,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     from flux.engine.base import SamplingParams
     from flux.engine.torch_engine import TorchEngine
     from flux.evaluation import eval_records, evaluate
-    from flux.rewards import guarded_reward
+    from flux.rewards import reward_pool
     from flux.control.staleness import batch_signals
     from flux.run.weights import WeightPublisher
 
@@ -269,8 +269,8 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     learner, ranks = trainer.learner, trainer.ranks
     tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    reward_fn = guarded_reward(cfg, log)
-    held_out = eval_records(cfg)
+    scorer = reward_pool(cfg, log)  # the evaluation's
+    held_out = eval_records(cfg, tokenizer=tokenizer)
     evaluator = None
     eval_sampling = SamplingParams(cfg.rollout.max_new_tokens, cfg.eval.temperature,
                                    stop_token_ids=(tokenizer.eos_token_id,))
@@ -292,7 +292,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
             return {}
         model = learner.eval_model()  # an HF model with the current weights (megatron: a refreshed twin)
         evaluator = evaluator or TorchEngine(model, seed=cfg.seed)
-        return evaluate(evaluator, tokenizer, held_out, reward_fn, eval_sampling)
+        return evaluate(evaluator, tokenizer, held_out, scorer.score, eval_sampling)
 
     if spec.resume_from:  # the generators start from the base model: give them the checkpoint's weights
         P.send(ctl, P.Published(version, publisher.publish(version, learner.export_weights())))
@@ -375,6 +375,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     heart.halt.set()
     heart.join(2)
     publisher.close()
+    scorer.close()
     ctl.close()
     buffer.sock.close()
     ctx.term()

@@ -264,7 +264,8 @@ def trl_worker(steps: int, seed: int, threads: int, overrides: list[str], out: P
     def run_eval() -> float | None:
         if not held_out:
             return None
-        return evaluate(TorchEngine(model, seed=seed), tokenizer, held_out, reward_fn, sampling)["eval_score"]
+        score = lambda samples: [reward_fn(s.completion, s.record) for s in samples]  # noqa: E731
+        return evaluate(TorchEngine(model, seed=seed), tokenizer, held_out, score, sampling)["eval_score"]
 
     evals = {"eval_before": run_eval()}
     rows: list[dict] = []

@@ -95,53 +95,6 @@ def plot(run_dir, out):
         fail(str(e))
 
 
-@main.command()
-@click.option("--connect", required=True, metavar="tcp://HOST:PORT",
-              help="The run's remote endpoint (`flux train` prints it when net.remote is on).")
-@click.option("--key", required=True, type=click.Path(dir_okay=False), metavar="FILE",
-              help="This generator's key pair: NAME.key_secret made by `flux keys`.")
-@click.option("--server-key", type=click.Path(dir_okay=False), default=None, metavar="FILE",
-              help="The run's public key (default: server.key next to --key).")
-@click.option("--engine", type=click.Choice(["torch", "sglang"]), default=None,
-              help="Rollout engine here (default: the run's rollout.engine).")
-@click.option("--name", default=None, help="Generator name (default HOSTNAME-PID; made unique in the run).")
-@click.option("--model", type=click.Path(file_okay=False), default=None,
-              help="The run's base model on this machine, if not at the run's path.")
-@click.option("--prompts", default=None, metavar="FILE",
-              help="The run's prompts file on this machine, if not at the run's path (must be identical).")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Directory for this generator's logs (default runs/generator-NAME).")
-def generator(connect, key, server_key, engine, name, model, prompts, out):
-    """Attach a generator to a running job (which has net.remote on); leave with Ctrl-C or SIGTERM."""
-    from flux.plugins import hook
-
-    try:
-        code = hook("remote.run_generator")(connect, key, server_key, name=name, engine=engine, model=model,
-                                            prompts=prompts, out=out)
-    except hook("remote.RemoteError") as e:
-        fail(str(e))
-    sys.exit(code)
-
-
-@main.command()
-@click.argument("key_dir", type=click.Path(file_okay=False))
-@click.option("--client", "clients", multiple=True, metavar="NAME",
-              help="Make a key pair for this client (repeatable; default: one named `client`).")
-def keys(key_dir, clients):
-    """Make CURVE keys for remote generators: the run's pair and client pairs (existing keys are kept)."""
-    from flux.plugins import hook
-
-    try:
-        made = hook("remote.make_keys")(key_dir, clients or ("client",))
-    except hook("remote.KeysError") as e:
-        fail(str(e))
-    click.echo(f"flux: run key (public) {made.pop('server')}; train with --set net.remote=true --set "
-               f"net.keys={key_dir}")
-    for name, path in made.items():
-        click.echo(f"flux: client {name}: copy {path} and {key_dir}/server.key to the generator machine; "
-                   f"its public key is in {key_dir}/authorized/{name}.key (delete it to shut {name} out)")
-
-
 @main.command("config")
 def show_config():
     """Print every config key with its default and meaning."""
@@ -150,6 +103,15 @@ def show_config():
     for key, typ, default, doc in config_fields():
         click.echo(f"{key} ({typ}, default {default!r}): {doc}")
 
+
+def _remote_commands() -> None:
+    from flux.plugins import hook
+
+    for command in hook("remote.commands"):  # `flux generator`, `flux keys` (flux/integrations/remote/cli.py)
+        main.add_command(command)
+
+
+_remote_commands()
 
 if __name__ == "__main__":
     main()

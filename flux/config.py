@@ -202,6 +202,23 @@ class EvalConfig:
 
 
 @dataclass
+class DataConfig:
+    """How the rows of `prompts` become records (column names, length limit)."""
+
+    prompt_key: str = _doc("Column holding the prompt: a string, or a chat list of {role, content} (TRL's "
+                           "conversational format, verl's parquet `prompt`).", "prompt")
+    messages_key: str = _doc("Column holding a chat list of {role, content}, used when a row has no prompt_key.",
+                             "messages")
+    answer_key: str = _doc("Column holding the reference answer (`a.b` reaches into a nested column); a row "
+                           "without it falls back to verl's `reward_model.ground_truth`. Rewards see it as "
+                           "`answer`; every column stays in the record.", "answer")
+    split: str = _doc("Split of a saved dataset directory or a Hub dataset to train on.", "train")
+    max_prompt_length: int = _doc("Prompts longer than this many tokens (as rendered for the model) are left "
+                                  "out of training and evaluation, counted in data.json and the start-up line "
+                                  "(0 = no limit).", 0)
+
+
+@dataclass
 class NetConfig:
     """Sockets and liveness."""
 
@@ -251,8 +268,9 @@ class FluxConfig:
                            "downloaded only where HF_HUB_OFFLINE is not set), or `builtin:tiny` for the embedded "
                            "default (warm-started on the run's built-in task; `builtin:tiny:<task>` names one).",
                            "builtin:tiny")
-    prompts: str = _doc("Training prompts JSONL, or `builtin:<task>` (built-in tasks `sort`, `repeat`). For DPO, a "
-                        "preference JSONL of {prompt, chosen, rejected} trains offline (`builtin:sort_pairs` "
+    prompts: str = _doc("Training prompts: a JSONL/JSON/parquet/CSV file, a directory saved by `datasets`, a "
+                        "Hub dataset id in the local HF cache (read with `datasets`, see `data`), or "
+                        "`builtin:<task>` (built-in tasks `sort`, `repeat`). For DPO, a preference JSONL of {prompt, chosen, rejected} trains offline (`builtin:sort_pairs` "
                         "is the built-in one); a prompts file trains online DPO on sampled pairs.",
                         "builtin:sort")
     reward: str = _doc("Reward function `module:function`: fn(completion, record) -> float (or a dict with "
@@ -260,9 +278,16 @@ class FluxConfig:
                        "or verl's compute_score(data_source, solution_str, ground_truth, extra_info), "
                        "recognised by their parameter names.", "flux.rewards:char_match")
     rewards: list = _doc("Several rewards instead of `reward`: [{fn: module:function, weight: 1.0, name: ...}, "
-                         "...]; the reward is their weighted sum, each one logged as reward/<name>.", factory=list)
-    reward_timeout_s: float = _doc("Seconds one reward call may take; a call past it fails (0 = no limit).",
-                                   30.0)
+                         "{url: http://..., weight: ...}, ...]; the reward is their weighted sum, each one logged "
+                         "as reward/<name>.", factory=list)
+    reward_url: str = _doc("A reward served over HTTP instead of `reward`: each prompt group's samples are POSTed "
+                           "as one JSON batch, answered with a score each (docs/usage.md#rewards).", "")
+    reward_workers: int = _doc("Reward calls in flight at once, beside the engine (threads for plain functions; "
+                               "`async def` rewards and HTTP requests share the same limit).", 32)
+    reward_timeout_s: float = _doc("Seconds one reward call (one HTTP attempt) may take; a call past it fails "
+                                   "(0 = no limit).", 30.0)
+    reward_retries: int = _doc("HTTP rewards: how many times a request that fails to connect, times out or is "
+                               "answered 429/5xx is sent again.", 2)
     reward_max_failure_rate: float = _doc("A reward call that raises, times out or returns NaN/inf/a non-number "
                                           "drops its sample's group (counted as `reward_failed`); the run stops "
                                           "with an error when more than this share of the last 200 calls "
@@ -281,6 +306,7 @@ class FluxConfig:
     checkpoint: CheckpointConfig = _doc("Checkpoints.", factory=CheckpointConfig)
     adaptive_async: AdaptiveAsyncConfig = _doc("Async ratio control.", factory=AdaptiveAsyncConfig)
     staleness: StalenessConfig = _doc("Staleness definition.", factory=StalenessConfig)
+    data: DataConfig = _doc("Prompt columns.", factory=DataConfig)
     eval: EvalConfig = _doc("Held-out evaluation.", factory=EvalConfig)
     net: NetConfig = _doc("Sockets.", factory=NetConfig)
     logging: LoggingConfig = _doc("Metrics sinks.", factory=LoggingConfig)
@@ -384,12 +410,18 @@ class FluxConfig:
             ("max_steps", self.max_steps >= 1, "must be >= 1"),
             ("reward_timeout_s", self.reward_timeout_s >= 0, "must be >= 0"),
             ("reward_max_failure_rate", 0 <= self.reward_max_failure_rate <= 1, "must be in [0, 1]"),
+            ("reward_workers", self.reward_workers >= 1, "must be >= 1"),
+            ("data.max_prompt_length", self.data.max_prompt_length >= 0, "must be >= 0"),
+            ("reward_retries", self.reward_retries >= 0, "must be >= 0"),
+            ("reward_url", self.reward_url == "" or self.reward_url.startswith(("http://", "https://")),
+             "must be an http:// or https:// URL"),
             ("prompts", bool(self.prompts.strip()), "must be a JSONL path or `builtin:<task>`"),
             ("reward", ":" in self.reward, "must be a dotted path `module:function`"),
-            ("rewards", all(isinstance(r, dict) and isinstance(r.get("fn"), str) and ":" in r["fn"]
-                            and isinstance(r.get("weight", 1.0), (int, float)) and not set(r) - {"fn", "weight", "name"}
+            ("rewards", all(isinstance(r, dict) and isinstance(r.get("weight", 1.0), (int, float)) and (
+                (isinstance(r.get("fn"), str) and ":" in r["fn"] and not set(r) - {"fn", "weight", "name"})
+                or (str(r.get("url", "")).startswith(("http://", "https://")) and not set(r) - {"url", "weight", "name"}))
                             for r in self.rewards),
-             "must be a list of {fn: module:function, weight: number, name: text}"),
+             "must be a list of {fn: module:function, weight: number, name: text} or {url: http://..., ...}"),
         ]
         for name, ok, why in checks:
             if not ok:

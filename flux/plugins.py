@@ -22,6 +22,7 @@ HOOKS = {
     # learner.ranks > 1 (flux/integrations/distributed)
     "distributed.RankGroup": "flux.integrations.distributed.data_parallel:RankGroup",
     # net.remote and `flux generator` / `flux keys` (flux/integrations/remote)
+    "remote.commands": "flux.integrations.remote.cli:COMMANDS",
     "remote.endpoints": "flux.integrations.remote.side:remote_endpoints",
     "remote.ControllerSide": "flux.integrations.remote.side:RemoteSide",
     "remote.open_curve_pull": "flux.integrations.remote.side:open_curve_pull",
@@ -34,9 +35,15 @@ HOOKS = {
     "remote.secure_client": "flux.integrations.remote.auth:secure_client",
     "remote.make_keys": "flux.integrations.remote.auth:make_keys",
     "remote.KeysError": "flux.integrations.remote.auth:KeysError",
-    # logging.tensorboard (flux/integrations/sinks)
+    # reward_url, rewards: [{url: ...}] (flux/integrations/rewards)
+    "rewards.HttpReward": "flux.integrations.rewards.http:HttpReward",
+    "rewards.adapt_foreign": "flux.integrations.rewards.styles:adapt_foreign",
+    # prompts that are not JSONL (flux/integrations/data)
+    "data.read_rows": "flux.integrations.data.hf_datasets:read_rows",
+    # logging.tensorboard, logging.wandb (flux/integrations/sinks)
     "sinks.tensorboard": "flux.integrations.sinks.tensorboard:TensorBoardSink",
-    # `flux status`, `flux plot` (flux/integrations/tools)
+    # `flux status`, `flux plot`, the progress bar of `flux train` (flux/integrations/tools)
+    "tools.Progress": "flux.integrations.tools.progress:Progress",
     "tools.watch": "flux.integrations.tools.status:watch",
     "tools.StatusError": "flux.integrations.tools.status:StatusError",
     "tools.plot_run_dir": "flux.integrations.tools.plot:plot_run_dir",

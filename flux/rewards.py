@@ -1,31 +1,34 @@
-"""Built-in reward functions, loading a user's by dotted path, and calling it safely (`RewardGuard`).
+"""Built-in reward functions, the reward styles Flux calls unchanged, and the pool that runs them.
 
-A reward function is `fn(completion: str, record: dict) -> float`, where `record` is the prompt's JSONL
-object (its `answer` and any free metadata); it may also take `completion_ids` (the sampled token ids,
-special tokens included) and `finish_reason` (`stop` or `length`) by name. Two other signatures are
-recognised by their parameter names and called unchanged (`adapt`):
+A reward function is `fn(completion: str, record: dict) -> float`, where `record` is the prompt's record
+(its `answer` and any free metadata); it may also take `completion_ids` (the sampled token ids, special
+tokens included) and `finish_reason` (`stop` or `length`) by name. Two other signatures are recognised by
+their parameter names and called unchanged (`adapt`):
 
 - TRL (a `completions` parameter): `reward_func(prompts, completions, completion_ids, **columns) ->
-  list[float]`, called by keyword with one-element lists (conversational records get TRL's message
-  lists), the record's other keys as columns — each argument only if the function takes it;
+  list[float]`, called once per prompt group by keyword (conversational records get TRL's message
+  lists), the records' other keys as columns — each argument only if the function takes it;
 - verl (`solution_str` and `ground_truth` parameters): `compute_score(data_source, solution_str,
   ground_truth, extra_info=None)`, with `data_source`, `reward_model.ground_truth` (else `answer`) and
   `extra_info` from the record.
 
-Any of them may return a float or a dict with a `score` and more numbers, which are logged (`reward/<k>`).
-`rewards: [{fn, weight}, ...]` combines several: the reward is the weighted sum, each one logged.
+Any of them may be an `async def`, and may return a float or a dict with a `score` and more numbers,
+which are logged (`reward/<k>`). `rewards: [{fn | url, weight}, ...]` combines several: the reward is the
+weighted sum, each one logged. `reward_url` is a reward served over HTTP (flux/integrations/rewards).
+`RewardPool` runs them beside the engine, `reward_workers` calls at a time, each bounded by a timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
-import functools
+import concurrent.futures
+import dataclasses
 import inspect
 import logging
 import math
 import numbers
 import re
-import signal
 import threading
 import traceback
 from typing import Callable
@@ -73,69 +76,48 @@ def load_function(dotted: str) -> Callable:
     return fn
 
 
-def adapt(fn: Callable) -> Callable:
-    """`fn` as `native(completion, record, completion_ids=None, finish_reason=None)`, whatever its style."""
-    params = inspect.signature(fn).parameters
-    names = set(params)
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+def adapt(fn: Callable) -> "Part":
+    """`fn` as a Part of any style (module docstring; TRL's and verl's in flux/integrations/rewards): an
+    `async def` is awaited on the pool's event loop, any other function runs in a thread."""
+    names = set(inspect.signature(fn).parameters)
+    if "completions" in names or {"solution_str", "ground_truth"} <= names:
+        from flux.plugins import hook
 
-    def wants(name: str) -> bool:
-        return name in names or var_kw
+        return hook("rewards.adapt_foreign")(fn)
 
-    if "completions" in names:  # TRL: batched lists in (by name), a list of floats out
-        @functools.wraps(fn)
-        def trl(completion, record, completion_ids=None, finish_reason=None):
-            chat = "messages" in record
-            prompt = record["messages"] if chat else record.get("prompt", "")
-            text = [{"role": "assistant", "content": completion}] if chat else completion
-            extra = {k: [v] for k, v in record.items() if k not in ("prompt", "messages") and wants(k)}
-            if wants("completion_ids"):
-                extra["completion_ids"] = [list(completion_ids or [])]
-            if wants("prompts"):
-                extra["prompts"] = [prompt]
-            out = fn(completions=[text], **extra)
-            return out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out
-        return trl
-    if {"solution_str", "ground_truth"} <= names:  # verl's compute_score
-        @functools.wraps(fn)
-        def verl(completion, record, completion_ids=None, finish_reason=None):
-            truth = (record.get("reward_model") or {}).get("ground_truth", record.get("answer"))
-            extra = {"extra_info": record.get("extra_info", {})} if wants("extra_info") else {}
-            if wants("data_source"):
-                extra["data_source"] = record.get("data_source", "")
-            return fn(solution_str=completion, ground_truth=truth, **extra)
-        return verl
-
-    @functools.wraps(fn)
-    def native(completion, record, completion_ids=None, finish_reason=None):
-        extra = {k: v for k, v in (("completion_ids", completion_ids), ("finish_reason", finish_reason))
-                 if k in names}
-        return fn(completion, record, **extra)
-    return native
+    def native(s: Sample):
+        kw = {k: getattr(s, k) for k in ("completion_ids", "finish_reason") if k in names}
+        return fn(s.completion, s.record, **kw)
+    return Part(getattr(fn, "__name__", "reward"), native, is_async=inspect.iscoroutinefunction(fn))
 
 
-class Combined:
-    """Several rewards as one: the weighted sum of their scores; each score (and each one's extra
-    numbers) in `parts` for logging. A part that returns None is skipped (TRL's "not applicable")."""
+@dataclasses.dataclass
+class Sample:
+    """One completion to score: its text (special tokens stripped), its prompt's record, the sampled
+    token ids (special tokens kept) and why it ended (`stop` or `length`)."""
 
-    def __init__(self, parts: list[tuple[str, Callable, float]]):
-        self.parts = parts
-        self.__name__ = "+".join(name for name, _, _ in parts)
+    completion: str
+    record: dict
+    completion_ids: list | None = None
+    finish_reason: str = "stop"
 
-    def __call__(self, completion, record, completion_ids=None, finish_reason=None):
-        total, logged, scored = 0.0, {}, 0
-        for name, fn, weight in self.parts:
-            value = fn(completion, record, completion_ids=completion_ids, finish_reason=finish_reason)
-            if value is None:
-                continue
-            score, extra = split_score(value)
-            if score is None:
-                return value  # not a number: the guard counts it
-            total += weight * score
-            scored += 1
-            logged[name] = score
-            logged.update({f"{name}/{k}": v for k, v in extra.items()})
-        return {"score": total, **logged} if scored else None
+    @property
+    def prompt(self):
+        return self.record["messages"] if "messages" in self.record else self.record.get("prompt", "")
+
+
+@dataclasses.dataclass
+class Part:
+    """One reward: `call(sample)` (or `call(samples)` when batched) gives a value per sample (a number,
+    a dict with `score`, or None: not applicable); `weight` in the sum; `timeout_s` per call (None: the
+    part bounds itself, as the HTTP client does)."""
+
+    name: str
+    call: Callable
+    weight: float = 1.0
+    batched: bool = False
+    is_async: bool = False
+    timeout_s: float | None = 0.0  # 0: the run's reward_timeout_s
 
 
 def split_score(value) -> tuple[float | None, dict]:
@@ -151,65 +133,95 @@ def split_score(value) -> tuple[float | None, dict]:
     return float(value), extra
 
 
-class RewardTimeout(Exception):
-    pass
+class RewardPool:
+    """Scores batches of samples beside the engine, so that a slow or remote reward never stalls generation.
 
-
-class RewardGuard:
-    """Calls user reward code so that it cannot stop or poison the run.
-
-    A call that raises, runs past `timeout_s`, or returns NaN, inf or a non-number gives None (the caller
+    `submit(samples)` returns at once with a future of [(score or None, extra numbers)] per sample. The
+    parts run on an event loop in a thread of their own, at most `workers` calls at a time: an `async
+    def` reward (or the HTTP client) is awaited there, any other function runs in a thread per call. A
+    call that raises, runs past its timeout, or returns NaN, inf or a non-number gives None (the caller
     drops the sample's group) and is counted by kind in `failures`; the first of each kind is logged with
-    its traceback or value. `check()` raises `FluxRunError` once more than `max_failure_rate` of the last
-    `window` calls failed: a reward that keeps failing is a bug to report, not noise to train around.
-
-    The timeout is a SIGALRM timer, so it holds in the main thread only (the generator's and learner's
-    loops run there); elsewhere calls run without one. It interrupts Python code and blocking system
-    calls, not a C extension that never returns to the interpreter.
+    its traceback or value. `check()` raises `FluxRunError` once more than `max_failure_rate` of the
+    last `window` samples failed: a reward that keeps failing is a bug to report, not noise to train
+    around. A function past its timeout is abandoned, not killed: its thread runs on until it returns.
     """
 
-    def __init__(self, fn: Callable, timeout_s: float = 30.0, max_failure_rate: float = 0.5, window: int = 200,
-                 log: logging.Logger | None = None):
-        self.fn, self.timeout_s, self.max_failure_rate, self.window = fn, timeout_s, max_failure_rate, window
+    def __init__(self, parts: list[Part], workers: int = 32, timeout_s: float = 30.0,
+                 max_failure_rate: float = 0.5, window: int = 200, log: logging.Logger | None = None):
+        self.parts, self.timeout_s = parts, timeout_s
+        self.max_failure_rate, self.window = max_failure_rate, window
         self.log = log or logging.getLogger("flux.rewards")
         self.failures: dict[str, int] = {}
-        self.calls = 0
         self.recent: collections.deque = collections.deque(maxlen=window)
-        self.extras: dict[str, float] = {}  # the last successful call's logged numbers (dict returns)
+        self.loop = asyncio.new_event_loop()
+        self.limit = asyncio.Semaphore(max(1, workers))
+        self._thread = threading.Thread(target=self.loop.run_forever, name="rewards", daemon=True)
+        self._thread.start()
 
-    def __call__(self, completion: str, record: dict, completion_ids=None, finish_reason=None) -> float | None:
-        self.calls += 1
-        self.extras = {}
-        kind, detail, value = "", "", None
-        timed = self.timeout_s > 0 and threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGALRM, _raise_timeout) if timed else None
-        try:
-            if timed:
-                signal.setitimer(signal.ITIMER_REAL, self.timeout_s)
-            value = self.fn(completion, record, completion_ids=completion_ids, finish_reason=finish_reason)
-        except RewardTimeout:
-            kind, detail = "timeout", f"no answer within {self.timeout_s:g}s"
-        except Exception:
-            kind, detail = "raised", traceback.format_exc()
-        finally:
-            if timed:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, previous)
-        score, extras = split_score(value) if not kind else (None, {})
-        if not kind:
-            if score is None:
-                kind, detail = "not_a_number", f"returned {value!r:.80}"
-            elif not math.isfinite(score):
-                kind, detail = "non_finite", f"returned {value!r}"
-        self.recent.append(bool(kind))
-        if not kind:
-            self.extras = extras
-            return score
+    def submit(self, samples: list[Sample]) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(self._score(samples), self.loop)
+
+    def score(self, samples: list[Sample]) -> list[float | None]:
+        """The scores of `samples`, waiting for them (the evaluation's use)."""
+        return [score for score, _ in self.submit(samples).result()] if samples else []
+
+    async def _score(self, samples: list[Sample]) -> list[tuple[float | None, dict]]:
+        results = await asyncio.gather(*(self._part(p, samples) for p in self.parts))
+        out = []
+        for i in range(len(samples)):
+            total, logged, scored, failure = 0.0, {}, 0, None
+            for part, values in zip(self.parts, results):
+                kind, value = values[i]
+                if not kind and value is None:  # not applicable (TRL's None): skipped
+                    continue
+                score, extra = split_score(value) if not kind else (None, {})
+                if not kind and score is None:
+                    kind, value = "not_a_number", f"returned {value!r:.80}"
+                elif not kind and not math.isfinite(score):
+                    kind, value = "non_finite", f"returned {value!r}"
+                if kind:
+                    failure = failure or (kind, value)
+                    continue
+                total, scored = total + part.weight * score, scored + 1
+                if len(self.parts) == 1:
+                    logged.update(extra)
+                else:
+                    logged.update({part.name: score, **{f"{part.name}/{k}": v for k, v in extra.items()}})
+            if failure or not scored:  # a part failed, or none applied
+                self._failed(*(failure or ("not_a_number", "returned None")))
+                out.append((None, {}))
+            else:
+                self.recent.append(False)
+                out.append((total, logged))
+        return out
+
+    async def _part(self, part: Part, samples: list[Sample]) -> list[tuple[str, object]]:
+        """(failure kind or '', value) per sample."""
+        timeout = self.timeout_s if part.timeout_s == 0 else part.timeout_s
+
+        async def once(arg):
+            async with self.limit:
+                work = part.call(arg) if part.is_async else _in_thread(part.call, arg)
+                try:
+                    return "", await asyncio.wait_for(work, timeout or None)
+                except asyncio.TimeoutError:
+                    return "timeout", f"no answer within {timeout:g}s"
+                except Exception:
+                    return "raised", traceback.format_exc()
+
+        if not part.batched:
+            return list(await asyncio.gather(*(once(s) for s in samples)))
+        kind, value = await once(samples)
+        if not kind and not (isinstance(value, (list, tuple)) and len(value) == len(samples)):
+            kind, value = "bad_batch", f"returned {value!r:.80} for {len(samples)} samples"
+        return [(kind, value)] * len(samples) if kind else [("", v) for v in value]
+
+    def _failed(self, kind: str, detail) -> None:
+        self.recent.append(True)
         self.failures[kind] = self.failures.get(kind, 0) + 1
         if self.failures[kind] == 1:
             self.log.error("reward %s failed (%s, logged once per kind; its sample's group is dropped): %s",
-                           getattr(self.fn, "__name__", self.fn), kind, detail.strip())
-        return None
+                           "+".join(p.name for p in self.parts), kind, str(detail).strip())
 
     def check(self) -> None:
         """Raise FluxRunError if rewards keep failing."""
@@ -220,20 +232,54 @@ class RewardGuard:
                                f"samples ({', '.join(f'{k}: {v}' for k, v in sorted(self.failures.items()))}); "
                                f"reward_max_failure_rate={self.max_failure_rate:g}")
 
-
-def _raise_timeout(_signum, _frame):
-    raise RewardTimeout()
-
-
-def build_reward(cfg) -> Callable:
-    """The run's reward: `rewards` (several, weighted) when given, else `reward`; in the native form."""
-    if not cfg.rewards:
-        return adapt(load_function(cfg.reward))
-    parts = [(str(r.get("name") or r["fn"].rpartition(":")[2]), adapt(load_function(r["fn"])),
-              float(r.get("weight", 1.0))) for r in cfg.rewards]
-    return Combined(parts)
+    def close(self) -> None:
+        for part in self.parts:
+            if hasattr(part.call, "aclose"):
+                asyncio.run_coroutine_threadsafe(part.call.aclose(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
 
 
-def guarded_reward(cfg, log: logging.Logger | None = None) -> RewardGuard:
-    """The run's reward (`build_reward`) behind a RewardGuard with the run's limits."""
-    return RewardGuard(build_reward(cfg), cfg.reward_timeout_s, cfg.reward_max_failure_rate, log=log)
+def _in_thread(fn: Callable, arg):
+    """`fn(arg)` in a daemon thread of its own, as an awaitable (abandoned, not joined, past a timeout)."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(value, error):
+        if not done.done():
+            done.set_exception(error) if error else done.set_result(value)
+
+    def run():
+        try:
+            value, error = fn(arg), None
+        except Exception as e:
+            value, error = None, e
+        loop.call_soon_threadsafe(settle, value, error)
+
+    threading.Thread(target=run, name="reward-call", daemon=True).start()
+    return done
+
+
+def build_parts(cfg) -> list[Part]:
+    """The run's rewards: `rewards` (several, weighted; each a `fn` or a `url`) when given, else
+    `reward_url` when set, else `reward`."""
+    entries = cfg.rewards or [{"url": cfg.reward_url} if cfg.reward_url else {"fn": cfg.reward}]
+    parts = []
+    for entry in entries:
+        if entry.get("url"):
+            from flux.plugins import hook
+
+            part = Part("http", hook("rewards.HttpReward")(entry["url"], cfg.reward_timeout_s, cfg.reward_retries,
+                                           cfg.reward_workers), batched=True, is_async=True, timeout_s=None)
+        else:
+            part = adapt(load_function(entry["fn"]))
+        part.name = str(entry.get("name") or part.name)
+        part.weight = float(entry.get("weight", 1.0))
+        parts.append(part)
+    return parts
+
+
+def reward_pool(cfg, log: logging.Logger | None = None) -> RewardPool:
+    """The run's rewards (`build_parts`) in a RewardPool with the run's limits."""
+    return RewardPool(build_parts(cfg), cfg.reward_workers, cfg.reward_timeout_s, cfg.reward_max_failure_rate,
+                      log=log)

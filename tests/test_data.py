@@ -116,7 +116,7 @@ def test_records_survive_json_round_trip(tmp_path):
 
 def test_evaluation_defaults_never_pick_a_task_the_run_does_not_train_on(tmp_path):
     from flux.config import load_config
-    from flux.data import eval_source, held_out_records, split_indices, training_records
+    from flux.data import eval_source, split_indices, split_records, training_records
     from flux.evaluation import describe_eval, eval_records
 
     path = jsonl(tmp_path, *[json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(40)])
@@ -124,7 +124,7 @@ def test_evaluation_defaults_never_pick_a_task_the_run_does_not_train_on(tmp_pat
     assert eval_source(cfg) == "" and eval_records(cfg) == [] and "no held-out evaluation" in describe_eval(cfg)
     assert training_records(cfg) == load_prompts(path)
     cfg = load_config(None, [f"prompts={path}", "eval.split_fraction=0.25"])
-    train, held = training_records(cfg), held_out_records(cfg)
+    train, held = split_records(cfg)
     assert eval_source(cfg) == "split" and eval_records(cfg) == held and 4 <= len(held) <= 18
     assert sorted(r["prompt"] for r in train + held) == sorted(f"q{i}" for i in range(40))  # disjoint, complete
     assert f"evaluating on {len(held)} held-out prompts of {path}" in describe_eval(cfg)

@@ -3,7 +3,7 @@
 import io
 import json
 
-from flux.run.launcher import Progress
+from flux.integrations.tools.progress import Progress
 
 
 def row(step: int) -> dict:

@@ -10,7 +10,16 @@ import re
 
 import pytest
 
-from flux.rewards import Combined, RewardGuard, adapt
+from flux.rewards import RewardPool, Sample, adapt
+
+
+def score(fn, completion, record, completion_ids=None, finish_reason="stop"):
+    """`fn`'s score of one sample, as a run's reward pool computes it."""
+    pool = RewardPool([adapt(fn)], timeout_s=5)
+    try:
+        return pool.score([Sample(completion, record, completion_ids, finish_reason)])[0]
+    finally:
+        pool.close()
 
 
 # ---- TRL's documented examples (verbatim) -------------------------------------------------------
@@ -47,53 +56,57 @@ def compute_score(solution_str, ground_truth, method="strict", format_score=0.0,
 
 
 def test_trl_reward_functions_run_unchanged():
-    assert adapt(reward_len)("x" * 15, {"prompt": "p"}) == -5
+    assert score(reward_len, "x" * 15, {"prompt": "p"}) == -5
     chat = {"messages": [{"role": "user", "content": "2+2?"}]}
-    assert adapt(format_reward_func)("<think>easy</think><answer>4</answer>", chat) == 1.0
-    assert adapt(format_reward_func)("4", chat) == 0.0
+    assert score(format_reward_func, "<think>easy</think><answer>4</answer>", chat) == 1.0
+    assert score(format_reward_func, "4", chat) == 0.0
     record = {"prompt": "2+2?", "ground_truth": "4"}  # a dataset column, as TRL passes it
-    assert adapt(reward_func)(r"so \boxed{4}", record) == 1.0 and adapt(reward_func)(r"\boxed{5}", record) == 0.0
+    assert score(reward_func, r"so \boxed{4}", record) == 1.0 and score(reward_func, r"\boxed{5}", record) == 0.0
     seen = {}
 
     def wants_ids(prompts, completions, completion_ids, **kw):
         seen.update(prompts=prompts, ids=completion_ids, kw=kw)
         return [1.0]
 
-    assert adapt(wants_ids)("a", {"prompt": "p", "level": 3}, completion_ids=[5, 1]) == 1.0
+    assert score(wants_ids, "a", {"prompt": "p", "level": 3}, completion_ids=[5, 1]) == 1.0
     assert seen == {"prompts": ["p"], "ids": [[5, 1]], "kw": {"level": [3]}}
 
 
 def test_verl_compute_score_runs_unchanged():
     record = {"prompt": "q", "data_source": "openai/gsm8k", "reward_model": {"ground_truth": "72"},
               "extra_info": {"split": "train"}}
-    assert adapt(my_reward_fn)("x" * 50, record) == 0.5
-    assert adapt(compute_score)("... #### 72", record) == 1.0 and adapt(compute_score)("72", record) == 0
-    assert adapt(compute_score)("#### 9", {"prompt": "q", "answer": "9"}) == 1.0  # Flux's `answer` as truth
+    assert score(my_reward_fn, "x" * 50, record) == 0.5
+    assert score(compute_score, "... #### 72", record) == 1.0 and score(compute_score, "72", record) == 0
+    assert score(compute_score, "#### 9", {"prompt": "q", "answer": "9"}) == 1.0  # Flux's `answer` as truth
 
 
 def test_a_native_reward_may_ask_for_ids_and_the_finish_reason():
     def stopped(completion, record, completion_ids, finish_reason):
         return float(finish_reason == "stop" and completion_ids[-1] == 1)
 
-    assert adapt(stopped)("a", {}, completion_ids=[4, 1], finish_reason="stop") == 1.0
-    assert adapt(stopped)("a", {}, completion_ids=[4, 4], finish_reason="length") == 0.0
+    assert score(stopped, "a", {}, completion_ids=[4, 1], finish_reason="stop") == 1.0
+    assert score(stopped, "a", {}, completion_ids=[4, 4], finish_reason="length") == 0.0
 
 
 def test_dict_returns_are_scored_and_their_numbers_kept():
-    guard = RewardGuard(adapt(lambda completion, record: {"score": 0.5, "acc": 1, "note": "x"}), timeout_s=0)
-    assert guard("a", {}) == 0.5 and guard.extras == {"acc": 1.0}
-    bad = RewardGuard(adapt(lambda completion, record: {"acc": 1.0}), timeout_s=0)
-    assert bad("a", {}) is None and bad.failures == {"not_a_number": 1} and bad.extras == {}
+    pool = RewardPool([adapt(lambda completion, record: {"score": 0.5, "acc": 1, "note": "x"})])
+    assert pool.submit([Sample("a", {})]).result() == [(0.5, {"acc": 1.0})]
+    bad = RewardPool([adapt(lambda completion, record: {"acc": 1.0})])
+    assert bad.submit([Sample("a", {})]).result() == [(None, {})] and bad.failures == {"not_a_number": 1}
+    pool.close(), bad.close()
 
 
 def test_several_rewards_are_a_weighted_sum_each_logged():
-    both = Combined([("len", adapt(reward_len), 0.1), ("fmt", adapt(format_reward_func), 2.0),
-                     ("na", adapt(lambda completions, **kw: [None]), 5.0)])  # None: not applicable, skipped
-    guard = RewardGuard(both, timeout_s=0)
+    parts = [adapt(reward_len), adapt(format_reward_func), adapt(lambda completions, **kw: [None] * len(completions))]
+    for part, name, weight in zip(parts, ("len", "fmt", "na"), (0.1, 2.0, 5.0)):  # None: not applicable
+        part.name, part.weight = name, weight
+    pool = RewardPool(parts)
     chat = {"messages": [{"role": "user", "content": "q"}]}
     text = "<think>t</think><answer>a</answer>"
-    assert guard(text, chat) == pytest.approx(0.1 * -abs(20 - 1) + 2.0)  # TRL: len() of the message list
-    assert guard.extras == {"len": -19.0, "fmt": 1.0}
+    [(total, logged)] = pool.submit([Sample(text, chat)]).result()
+    assert total == pytest.approx(0.1 * -abs(20 - 1) + 2.0)  # TRL: len() of the message list
+    assert logged == {"len": -19.0, "fmt": 1.0}
+    pool.close()
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from flux.config import ConfigError, FluxConfig, dump_config
+from flux.hf import HUB_ID, hub_snapshot
 from flux.plugins import hook
 from flux.run.runtime import RunSpec, Timeline, die_with_parent, free_port
 
@@ -76,21 +76,21 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     With `resume_from` (a checkpoint directory, see `latest_checkpoint`), the run directory is kept and
     its metrics lines after the checkpoint's step are dropped."""
     from flux.algorithms import get_algorithm
-    from flux.data import DataError, is_preference, training_records
-    from flux.evaluation import describe_eval
-    from flux.rewards import build_reward
+    from flux.data import DataError, is_preference, split_records, within_length
+    from flux.evaluation import all_eval_records
+    from flux.rewards import build_parts
     from flux.sinks import load_factory
 
     try:
-        records = training_records(cfg)
+        records = split_records(cfg)[0]
     except (DataError, ValueError) as e:
         raise SetupError(f"prompts: {e}") from None
     try:
-        describe_eval(cfg)  # the records it names load
+        all_eval_records(cfg)  # the records it names load
     except (DataError, ValueError) as e:
         raise SetupError(f"eval.prompts: {e}") from None
     try:
-        build_reward(cfg)
+        build_parts(cfg)
     except ValueError as e:
         raise SetupError(f"{'rewards' if cfg.rewards else 'reward'}: {e}") from None
     for dotted in cfg.logging.sinks:
@@ -127,6 +127,16 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
         raise SetupError(str(e)) from None
     if not (Path(model_path) / "config.json").is_file():
         raise SetupError(f"model_path: {model_path} is not an HF model directory (no config.json)")
+    counts = {"train": len(records)}
+    if cfg.data.max_prompt_length:  # left out (counted) where the rendered prompt is longer
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        records, counts["train_too_long"] = within_length(records, cfg, tokenizer)
+        counts.update(train=len(records), eval_too_long=within_length(all_eval_records(cfg), cfg, tokenizer)[1])
+        if not records:
+            raise SetupError(f"data.max_prompt_length: all {counts['train_too_long']} training prompts of "
+                             f"{cfg.prompts} are longer than {cfg.data.max_prompt_length} tokens")
     if cfg.learner.backend == "megatron":
         try:
             hook("megatron.check_setup")(model_path)
@@ -136,6 +146,7 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, run_dir / "config.yaml")
+    (run_dir / "data.json").write_text(json.dumps(counts) + "\n")
     if resume_from:
         step = json.loads(Path(resume_from, "controller_state.json").read_text()).get("step") or 0
         keep_metrics_before(run_dir, int(step))
@@ -166,7 +177,6 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     return spec
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # `org/name` or `name`, as the Hub spells ids
 
 
 def resolve_model_path(model_path: str, prompts: str = "") -> str:
@@ -178,17 +188,7 @@ def resolve_model_path(model_path: str, prompts: str = "") -> str:
         return hook("builtin.resolve_model_path")(model_path, prompts)
     if Path(model_path).exists() or not HUB_ID.match(model_path):
         return model_path
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(model_path, local_files_only=constants.HF_HUB_OFFLINE)
-    except LocalEntryNotFoundError:
-        raise ValueError(f"model_path: {model_path} is not a directory, nor in the local HF cache "
-                         f"({constants.HF_HUB_CACHE}); HF_HUB_OFFLINE=1 forbids downloading it") from None
-    except Exception as e:  # noqa: BLE001 (unknown repo, no network, gated model: one line says which)
-        raise ValueError(f"model_path: {model_path} is not a directory, and the HF Hub did not give it: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    return hub_snapshot(model_path, "model_path")
 
 
 def vocab_size(model_path: str | Path) -> int:
@@ -278,61 +278,6 @@ def root_cause(actors: list[Actor]) -> Actor:
     return min(actors, key=lambda a: (" stops the run: " not in said[a.name], " crashed: " not in said[a.name]))
 
 
-class Progress:
-    """Follows metrics.jsonl: on a terminal a tqdm bar (steps, rate, ETA, the step's numbers), else one
-    plain line every 10 steps and at the last."""
-
-    def __init__(self, run_dir: str, max_steps: int, stream=sys.stdout):
-        self.path, self.max_steps, self.stream = Path(run_dir) / "metrics.jsonl", max_steps, stream
-        self.tty = stream.isatty()
-        self.offset = 0
-        self.rows: list[dict] = []
-        self.bar = None
-
-    def poll(self) -> None:
-        if not self.path.exists():
-            return
-        with self.path.open() as f:
-            f.seek(self.offset)
-            chunk = f.read()
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self.offset += len(complete.encode())
-        for line in complete.splitlines():
-            row = json.loads(line)
-            self.rows.append(row)
-            self.show(row)
-
-    def show(self, m: dict) -> None:
-        numbers = (f"reward {m['reward_mean']:.3f}  staleness {m['staleness_mean']:.3f}  "
-                   f"async {m['async_ratio']:.2f}  lag {m.get('lag_mean', 0):.2f}  {m['samples_per_s']:.1f} samples/s"
-                   + (f"  eval {m['eval_score']:.3f}" if "eval_score" in m else ""))
-        if self.tty:
-            if self.bar is None:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=self.max_steps, file=self.stream, unit="step", dynamic_ncols=True,
-                                initial=m["step"], bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
-                                                              "[{elapsed}<{remaining}, {rate_fmt}] {postfix}")
-            self.bar.set_postfix_str(numbers, refresh=False)
-            self.bar.update(m["step"] + 1 - self.bar.n)
-        elif m["step"] % 10 == 0 or m["step"] + 1 == self.max_steps:
-            self.stream.write(f"step {m['step'] + 1}/{self.max_steps}  {numbers}  {m['wall_s']:.0f}s\n")
-            self.stream.flush()
-
-    def say(self, line: str) -> None:
-        """A line of the run's own (a generator died, a server restarted) above the bar."""
-        if self.bar is not None:
-            self.bar.write(line, file=self.stream)
-        else:
-            self.stream.write(line + "\n")
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
 def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tuple[int, RunSpec]:
     """Run a whole job. Returns (exit code, spec): 0 done, 1 an actor failed, 130 interrupted."""
     timeline = Timeline()  # one per run: the Python API may run several in one process
@@ -344,13 +289,17 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
                  + (f", resumed from {resume_from}" if resume_from else "") + "\n")
     from flux.evaluation import describe_eval
 
-    stream.write(f"flux: {describe_eval(cfg)}\n")
+    counts = json.loads(Path(spec.run_dir, "data.json").read_text())
+    if cfg.data.max_prompt_length:
+        stream.write(f"flux: data.max_prompt_length={cfg.data.max_prompt_length} leaves out {counts['train_too_long']} "
+                     f"training and {counts['eval_too_long']} evaluation prompts (longer)\n")
+    stream.write(f"flux: {describe_eval(cfg, counts)}\n")
     if spec.remote:
         stream.write(f"flux: remote generators attach with: flux generator --connect {spec.remote['connect']} "
                      f"--key {spec.remote['keys']}/NAME.key_secret\n")
     stream.flush()
     actors: list[Actor] = []
-    progress = Progress(spec.run_dir, cfg.max_steps, stream)
+    progress = hook("tools.Progress")(spec.run_dir, cfg.max_steps, stream)
     code = 0
     lost: set[str] = set()  # generators that died
     seen: dict[str, int] = {}  # bytes of each generator's stderr already scanned for restarts

@@ -171,7 +171,7 @@ def spec_from_info(info: P.RunInfo, address: str, curve: dict, out: Path, model:
                    prompts: str | None = None, engine: str | None = None) -> RunSpec:
     """This machine's RunSpec for the run: the run's config, with the model and prompts found here."""
     from flux.config import FluxConfig, _build
-    from flux.data import DataError, training_records
+    from flux.data import DataError, split_records
     from flux.integrations.builtin.tiny import resolve_model_path
 
     cfg = _build(FluxConfig, info.config, "")
@@ -186,7 +186,7 @@ def spec_from_info(info: P.RunInfo, address: str, curve: dict, out: Path, model:
         raise RemoteError(f"the run's model {model_path} is not on this machine: pass --model DIR (a copy of "
                           f"the run's base model {cfg.model_path})")
     try:
-        records = training_records(cfg)
+        records = split_records(cfg)[0]
     except (DataError, ValueError) as e:
         raise RemoteError(f"prompts: {e} (pass --prompts FILE, a copy of the run's prompts)") from None
     if prompts_digest(records) != info.prompts_digest:

@@ -45,10 +45,6 @@ class Member:
     key: str = ""  # a remote generator's CURVE public key (z85): the one its messages must come from
 
 
-# What a remote peer may say: a generator's part of the conversation, nothing of the learner's or buffer's.
-REMOTE_TYPES = (P.RunInfoRequest, P.Register, P.Heartbeat, P.AdmitRequest, P.GroupDone, P.Goodbye)
-
-
 class Controller:
     """The control loop's state: admission, the group ledger, the PID, membership. `handle` is the dispatch."""
 
@@ -88,7 +84,7 @@ class Controller:
         self.last_step: int | None = None
         self.metrics = open_sinks(spec.run_dir, cfg)
         self.gate = None  # the remote side's Gatekeeper (net.remote): which keys are still authorized
-        self.dispatch = {P.RunInfoRequest: self.run_info, P.Heartbeat: self.heartbeat,
+        self.dispatch = {P.RunInfoRequest: lambda req: hook("remote.run_info")(self, req), P.Heartbeat: self.heartbeat,
                          P.AdmitRequest: self.admit, P.GroupDone: self.group_done, P.Published: self.published,
                          P.StepReport: self.on_step, P.BufferReport: self.on_buffer, P.Goodbye: self.on_goodbye}
         if spec.resume_from:
@@ -100,7 +96,7 @@ class Controller:
         if remote and key and not self.key_allowed(key):  # its key was removed: it is cut off
             self.drops.drop("key_revoked", detail=f"{msg.TYPE} from {getattr(msg, 'name', '?')}")
             return P.Stop(P.KEY_REMOVED)
-        if remote and not self.remote_may_send(msg, key):
+        if remote and not hook("remote.may_send")(self, msg, key):
             return None
         member = self.members.get(getattr(msg, "name", None))
         if member is not None:
@@ -137,46 +133,9 @@ class Controller:
         self.weights = msg.weights
         return P.NewVersion(msg.version, msg.weights)  # broadcast, not a reply (see loop)
 
-    def remote_may_send(self, msg, key: str = "") -> bool:
-        """A remote peer speaks for remote generators only: never as the learner or buffer, never in the
-        name of a local actor or of a remote one holding another key. Anything else is counted and dropped."""
-        name = getattr(msg, "name", "")
-        if not isinstance(msg, REMOTE_TYPES) or getattr(msg, "role", "generator") != "generator":
-            self.drops.drop("remote_not_allowed", detail=msg.TYPE)
-            return False
-        member = self.members.get(name)
-        if member is not None and not isinstance(msg, P.RunInfoRequest):
-            if not member.remote:
-                self.drops.drop("remote_not_allowed", detail=f"{msg.TYPE} in the name of local {name}")
-                return False
-            if member.key and key != member.key:
-                self.drops.drop("remote_not_allowed", detail=f"{msg.TYPE} in the name of {name}, another key")
-                return False
-        return True
-
     def key_allowed(self, key: str) -> bool:
         """Is a remote peer's CURVE key still in the run's authorized/ directory? (No remote side: yes.)"""
         return self.gate is None or self.gate.allowed(key)
-
-    def run_info(self, req: P.RunInfoRequest) -> P.RunInfo:
-        """What a remote generator needs to join: the config, model path, prompts digest, the other ports."""
-        port_of = hook("remote.port_of")
-        name, k = req.name, 1
-        while name in self.members or name in self.handed_out:
-            k += 1
-            name = f"{req.name}-{k}"
-        self.handed_out.add(name)
-        token = ""
-        if self.cfg.net.weight_stream == "plain":
-            import secrets
-
-            token = self.token_of[name] = secrets.token_hex(16)
-            self.weight_tokens.add(token)
-        r = self.spec.remote
-        self.log.info("remote generator %s on %s asks to join", name, req.host)
-        return P.RunInfo(self.spec.run_id, name, self.admission.version, self.spec.model_path, self.spec.num_prompts,
-                         self.prompts_digest, self.cfg.to_dict(),
-                         {k: port_of(r[k]) for k in ("pub", "pull", "weights")}, token)
 
     def admit(self, req: P.AdmitRequest) -> P.Admit:
         grants, member = [], self.members.get(req.name)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import queue
 import socket
 import threading
 import time
@@ -175,6 +176,52 @@ def recover_engine(engine, link: ControllerLink, lost: list[tuple[int, int]], er
         link.queue_weights(link.newest, link.newest_handle)
 
 
+class Sender(threading.Thread):
+    """Sends each group once the reward pool has scored it, in generation order, on sockets of its own: a
+    group leaves the moment it is scored, not when the engine's next call returns. A group whose reward
+    failed is dropped (counted) instead."""
+
+    def __init__(self, ctx, spec: RunSpec, name: str):
+        super().__init__(name="gen-send", daemon=True)
+        self.ctx, self.spec, self.gen = ctx, spec, name
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()  # (TrajectoryGroup, future of its scores) | None
+        self.halt = threading.Event()
+        self.linger_ms = 2000
+
+    def run(self) -> None:
+        push, req = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.DEALER)
+        connect(push, self.spec.buffer_pull, self.spec)
+        connect(req, self.spec.controller_router, self.spec)
+        while (item := self.queue.get()) is not None:
+            group, future = item
+            while not future.done() and not self.halt.is_set():
+                concurrent.futures.wait([future], timeout=0.1)
+            if not future.done():
+                break  # stopping: this group and the ones after it are unfinished
+            results = future.result()
+            if any(score is None for score, _ in results):  # a reward call failed (counted, logged once)
+                P.send(req, P.GroupDone(self.gen, group.group_id, group.sample_count, dropped="reward_failed"))
+                continue
+            group.rewards = np.array([score for score, _ in results], np.float32)
+            keys = {k for _, extra in results for k in extra}  # numbers a reward returned besides its score
+            if keys:
+                group.meta["rewards"] = {k: float(np.mean([e[k] for _, e in results if k in e])) for k in keys}
+            P.send(push, group)
+            TIMELINE.mark("first_group")
+        # Leaving a running run, groups still queued for the buffer get 2 s to reach it; once the run is over
+        # the buffer is gone and they are counted as unfinished: waiting for them would only delay the exit.
+        push.close(linger=self.linger_ms)
+        req.close(linger=self.linger_ms)
+
+    def finish(self, wait_s: float) -> None:
+        """Send what is scored within `wait_s`, then stop."""
+        self.linger_ms = int(wait_s * 1000)
+        self.queue.put(None)
+        self.join(wait_s)
+        self.halt.set()
+        self.join(2)
+
+
 def _given(results: list) -> concurrent.futures.Future:
     done: concurrent.futures.Future = concurrent.futures.Future()
     done.set_result(results)
@@ -210,37 +257,17 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                 for k in ("chosen", "rejected")]
 
     ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 2000)
-    connect(push, spec.buffer_pull, spec)
     link = ControllerLink(ctx, spec, name, engine, stop, log)
     link.start()
     log.info("%s up: %d prompts, engine %s", name, len(records), r.engine)
-    # Groups being scored, in generation order: the pool scores them while the engine generates the next
-    # ones; each is sent (or dropped, counted) once it and every group before it is scored.
-    scored: list[tuple[P.TrajectoryGroup, object]] = []
-
-    def send_scored() -> None:
-        while scored and scored[0][1].done():
-            group, future = scored.pop(0)
-            results = future.result()
-            if any(score is None for score, _ in results):  # a reward call failed (counted, logged once)
-                P.send(link.req, P.GroupDone(name, group.group_id, group.sample_count, dropped="reward_failed"))
-                continue
-            group.rewards = np.array([score for score, _ in results], np.float32)
-            keys = {k for _, extra in results for k in extra}  # the numbers a reward returned besides its score
-            if keys:
-                group.meta["rewards"] = {k: float(np.mean([e[k] for _, e in results if k in e])) for k in keys}
-            P.send(push, group)
-            TIMELINE.mark("first_group")
-
+    sender = Sender(ctx, spec, name)
+    sender.start()
     TIMELINE.mark("ready", save=True)
     while not stop.is_set():
         admit = link.request(P.AdmitRequest(name, r.groups_per_call))
         if admit is None or not admit.groups:
             link.version_arrived.wait(0.02)  # no credit: wait for a new version (or retry shortly)
             link.version_arrived.clear()
-            send_scored()
             continue
         if admit.version > link.newest and admit.weights:  # its NewVersion broadcast never reached us
             link.queue_weights(admit.version, admit.weights)
@@ -282,17 +309,17 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                 rewards=np.zeros(len(comps), np.float32), finish=np.array([c.finished for c in comps], np.uint8),
                 gen_seconds=gen_s / len(groups), meta={"sample": texts[0][:64]})
             if offline:  # the pair's rewards are given
-                scored.append((group, _given([(1.0, {}), (0.0, {})])))
+                sender.queue.put((group, _given([(1.0, {}), (0.0, {})])))
             else:
-                scored.append((group, rewards.submit([
+                sender.queue.put((group, rewards.submit([
                     Sample(t, records[idx], c.token_ids.tolist(), "stop" if c.finished else "length")
                     for t, c in zip(texts, comps)])))
-        send_scored()
         rewards.check()  # a reward that keeps failing stops the run, in one line
     log.info("%s stopping (%s)", name, stop.reason)
     TIMELINE.mark("stopping")
     TIMELINE.totals.update(busy_s=engine.busy_seconds, tokens=engine.tokens_generated,
                            weight_load_s=getattr(engine, "load_seconds", 0.0), weight_loads=getattr(engine, "loads", 0))
+    sender.finish(wait_s=0 if link.run_over else 2.0)
     P.send(link.req, P.Goodbye("generator", name, stop.reason or "stopped", True))
     rewards.close()  # groups still being scored are the ledger's unfinished_at_stop (or a leaver's, re-queued)
     engine.close()
@@ -301,9 +328,6 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     if link.fetcher is not None:
         link.fetcher.stop()
         log.info("%s: weight stream %s", name, link.fetcher.stats)
-    # Leaving a running run, groups still queued for the buffer get 2 s to reach it; once the run is over
-    # the buffer is gone and they are counted as unfinished: waiting for them would only delay the exit.
-    push.close(linger=0 if link.run_over else 2000)
     link.req.close()
     ctx.term()
     return 0

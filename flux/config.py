@@ -255,6 +255,9 @@ class LoggingConfig:
     tensorboard: bool = _doc("Also write TensorBoard event files to RUN_DIR/tensorboard (needs the "
                              "`tensorboard` package; without it the run logs one warning and goes on).",
                              False)
+    wandb: dict = _doc("Also log to Weights & Biases: {project, name, mode (`online`, `offline` or `disabled`), "
+                       "entity, tags, group}; needs the `wandb` package (flux-rlhf[wandb]). Empty = off.",
+                       factory=dict)
     sinks: list = _doc("More metrics sinks: dotted paths `module:factory`, each called once as "
                        "factory(run_dir, config) -> an object with write(step, metrics) and close().",
                        factory=list)
@@ -283,7 +286,7 @@ class FluxConfig:
     reward_url: str = _doc("A reward served over HTTP instead of `reward`: each prompt group's samples are POSTed "
                            "as one JSON batch, answered with a score each (docs/usage.md#rewards).", "")
     reward_workers: int = _doc("Reward calls in flight at once, beside the engine (threads for plain functions; "
-                               "`async def` rewards and HTTP requests share the same limit).", 32)
+                               "`async def` rewards and HTTP requests share the same limit).", 64)
     reward_timeout_s: float = _doc("Seconds one reward call (one HTTP attempt) may take; a call past it fails "
                                    "(0 = no limit).", 30.0)
     reward_retries: int = _doc("HTTP rewards: how many times a request that fails to connect, times out or is "
@@ -405,6 +408,9 @@ class FluxConfig:
             ("net.weight_chunk_kb", self.net.weight_chunk_kb >= 1, "must be >= 1"),
             ("net.weight_window", self.net.weight_window >= 1, "must be >= 1"),
             ("net.weight_stream", self.net.weight_stream in ("curve", "plain"), "must be `curve` or `plain`"),
+            ("logging.wandb", set(self.logging.wandb) <= {"project", "name", "mode", "entity", "tags", "group"}
+             and self.logging.wandb.get("mode", "online") in ("online", "offline", "disabled"),
+             "takes project, name, mode (online/offline/disabled), entity, tags, group"),
             ("logging.sinks", all(isinstance(p, str) and ":" in p for p in self.logging.sinks),
              "must be a list of dotted paths `module:factory`"),
             ("max_steps", self.max_steps >= 1, "must be >= 1"),

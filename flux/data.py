@@ -29,12 +29,13 @@ def load_prompts(source: str, data=None) -> list[dict]:
         return hook("builtin.records")(source.removeprefix("builtin:"))
     from flux.config import DataConfig
 
-    d = data or DataConfig()
-    return _load(source, d.prompt_key, d.messages_key, d.answer_key, d.split)
+    d, path = data or DataConfig(), Path(source)
+    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None  # a changed file is read again
+    return _load(source, stamp, d.prompt_key, d.messages_key, d.answer_key, d.split)
 
 
 @functools.lru_cache(maxsize=4)
-def _load(source: str, prompt_key: str, messages_key: str, answer_key: str, split: str) -> list[dict]:
+def _load(source: str, _stamp, prompt_key: str, messages_key: str, answer_key: str, split: str) -> list[dict]:
     path = Path(source)
     if path.suffix == ".jsonl" or (path.is_file() and path.suffix not in (".json", ".parquet", ".csv", ".arrow")):
         rows = _jsonl_rows(source)

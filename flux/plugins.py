@@ -23,6 +23,8 @@ HOOKS = {
     "distributed.RankGroup": "flux.integrations.distributed.data_parallel:RankGroup",
     # net.remote and `flux generator` / `flux keys` (flux/integrations/remote)
     "remote.commands": "flux.integrations.remote.cli:COMMANDS",
+    "remote.may_send": "flux.integrations.remote.side:may_send",
+    "remote.run_info": "flux.integrations.remote.side:run_info",
     "remote.endpoints": "flux.integrations.remote.side:remote_endpoints",
     "remote.ControllerSide": "flux.integrations.remote.side:RemoteSide",
     "remote.open_curve_pull": "flux.integrations.remote.side:open_curve_pull",
@@ -42,6 +44,7 @@ HOOKS = {
     "data.read_rows": "flux.integrations.data.hf_datasets:read_rows",
     # logging.tensorboard, logging.wandb (flux/integrations/sinks)
     "sinks.tensorboard": "flux.integrations.sinks.tensorboard:TensorBoardSink",
+    "sinks.wandb": "flux.integrations.sinks.wandb:WandbSink",
     # `flux status`, `flux plot`, the progress bar of `flux train` (flux/integrations/tools)
     "tools.Progress": "flux.integrations.tools.progress:Progress",
     "tools.watch": "flux.integrations.tools.status:watch",

@@ -28,6 +28,7 @@ import inspect
 import logging
 import math
 import numbers
+import queue
 import re
 import threading
 import traceback
@@ -138,7 +139,7 @@ class RewardPool:
 
     `submit(samples)` returns at once with a future of [(score or None, extra numbers)] per sample. The
     parts run on an event loop in a thread of their own, at most `workers` calls at a time: an `async
-    def` reward (or the HTTP client) is awaited there, any other function runs in a thread per call. A
+    def` reward (or the HTTP client) is awaited there, any other function runs on the pool's threads. A
     call that raises, runs past its timeout, or returns NaN, inf or a non-number gives None (the caller
     drops the sample's group) and is counted by kind in `failures`; the first of each kind is logged with
     its traceback or value. `check()` raises `FluxRunError` once more than `max_failure_rate` of the
@@ -146,7 +147,7 @@ class RewardPool:
     around. A function past its timeout is abandoned, not killed: its thread runs on until it returns.
     """
 
-    def __init__(self, parts: list[Part], workers: int = 32, timeout_s: float = 30.0,
+    def __init__(self, parts: list[Part], workers: int = 64, timeout_s: float = 30.0,
                  max_failure_rate: float = 0.5, window: int = 200, log: logging.Logger | None = None):
         self.parts, self.timeout_s = parts, timeout_s
         self.max_failure_rate, self.window = max_failure_rate, window
@@ -155,6 +156,7 @@ class RewardPool:
         self.recent: collections.deque = collections.deque(maxlen=window)
         self.loop = asyncio.new_event_loop()
         self.limit = asyncio.Semaphore(max(1, workers))
+        self.workers, self.busy, self.threads, self.jobs = max(1, workers), 0, [], queue.SimpleQueue()
         self._thread = threading.Thread(target=self.loop.run_forever, name="rewards", daemon=True)
         self._thread.start()
 
@@ -201,7 +203,7 @@ class RewardPool:
 
         async def once(arg):
             async with self.limit:
-                work = part.call(arg) if part.is_async else _in_thread(part.call, arg)
+                work = part.call(arg) if part.is_async else self._in_thread(part.call, arg)
                 try:
                     return "", await asyncio.wait_for(work, timeout or None)
                 except asyncio.TimeoutError:
@@ -215,6 +217,27 @@ class RewardPool:
         if not kind and not (isinstance(value, (list, tuple)) and len(value) == len(samples)):
             kind, value = "bad_batch", f"returned {value!r:.80} for {len(samples)} samples"
         return [(kind, value)] * len(samples) if kind else [("", v) for v in value]
+
+    def _in_thread(self, fn: Callable, arg) -> asyncio.Future:
+        """`fn(arg)` on one of the pool's daemon threads (started as calls need them, up to `workers`;
+        a call abandoned past its timeout keeps its thread until it returns)."""
+        done = self.loop.create_future()
+        self.busy += 1
+        done.add_done_callback(lambda _: setattr(self, "busy", self.busy - 1))
+        if self.busy > len(self.threads) < self.workers:
+            self.threads.append(threading.Thread(target=self._work, name="reward", daemon=True))
+            self.threads[-1].start()
+        self.jobs.put((fn, arg, done))
+        return done
+
+    def _work(self) -> None:
+        while True:
+            fn, arg, done = self.jobs.get()
+            try:
+                value, error = fn(arg), None
+            except Exception as e:
+                value, error = None, e
+            self.loop.call_soon_threadsafe(_settle, done, value, error)
 
     def _failed(self, kind: str, detail) -> None:
         self.recent.append(True)
@@ -240,24 +263,9 @@ class RewardPool:
         self._thread.join(5)
 
 
-def _in_thread(fn: Callable, arg):
-    """`fn(arg)` in a daemon thread of its own, as an awaitable (abandoned, not joined, past a timeout)."""
-    loop = asyncio.get_running_loop()
-    done = loop.create_future()
-
-    def settle(value, error):
-        if not done.done():
-            done.set_exception(error) if error else done.set_result(value)
-
-    def run():
-        try:
-            value, error = fn(arg), None
-        except Exception as e:
-            value, error = None, e
-        loop.call_soon_threadsafe(settle, value, error)
-
-    threading.Thread(target=run, name="reward-call", daemon=True).start()
-    return done
+def _settle(done: asyncio.Future, value, error) -> None:
+    if not done.done():  # else abandoned past its timeout
+        done.set_exception(error) if error else done.set_result(value)
 
 
 def build_parts(cfg) -> list[Part]:

@@ -5,10 +5,12 @@ fans every step out to all of them:
 
     logging:
       tensorboard: true                      # RUN_DIR/tensorboard, if the `tensorboard` package is there
+      wandb: {project: my-proj, mode: offline}   # Weights & Biases, if the `wandb` package is there
       sinks: [mypkg.tracking:make_sink]      # make_sink(run_dir, config) -> sink
 
-The TensorBoard sink is an integration (flux/integrations/sinks/tensorboard.py), imported (with torch,
-through `torch.utils.tensorboard`) only when asked for.
+The TensorBoard and wandb sinks are integrations (flux/integrations/sinks), imported only when asked for.
+They show each metric under its group (`grouped` in flux/integrations/sinks): `rollout/`, `train/`,
+`staleness/`, `timing/`, `eval/`, followed by its metrics.jsonl name (`staleness/lag_mean`).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def load_factory(dotted: str) -> Callable:
 
 
 def open_sinks(run_dir: str, config: FluxConfig) -> Sinks:
-    """metrics.jsonl, plus TensorBoard and the `logging.sinks` factories when the config asks."""
+    """metrics.jsonl, plus TensorBoard, wandb and the `logging.sinks` factories when the config asks."""
     extras: list[Sink] = []
     if config.logging.tensorboard:
         try:
@@ -99,6 +101,14 @@ def open_sinks(run_dir: str, config: FluxConfig) -> Sinks:
         except ImportError as e:
             log.warning("logging.tensorboard is on but TensorBoard is not available (%s); "
                         "pip install tensorboard. Going on without it.", e)
+    if config.logging.wandb:
+        try:
+            from flux.plugins import hook
+
+            extras.append(hook("sinks.wandb")(run_dir, config))
+        except ImportError as e:
+            log.warning("logging.wandb is set but wandb is not available (%s); pip install 'flux-rlhf[wandb]'. "
+                        "Going on without it.", e)
     for dotted in config.logging.sinks:
         extras.append(load_factory(dotted)(run_dir, config))
     return Sinks(JsonlSink(os.path.join(run_dir, "metrics.jsonl")), extras)

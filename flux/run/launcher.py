@@ -362,7 +362,7 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if code == 0:
-        summarize(progress.rows, spec, stream)
+        progress.summarize()
     return code, spec
 
 
@@ -378,22 +378,6 @@ def _sigterm_as_interrupt():
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGTERM, interrupt)
-
-
-def summarize(rows: list[dict], spec: RunSpec, stream) -> None:
-    if not rows:
-        stream.write("flux: no steps were recorded\n")
-        return
-    first, last = rows[0], rows[-1]
-    k, j = max(1, len(rows) // 10), min(5, len(rows))
-    head = sum(r["reward_mean"] for r in rows[:j]) / j
-    tail = sum(r["reward_mean"] for r in rows[-k:]) / k
-    stream.write(f"flux: {len(rows)} steps in {last['wall_s']:.0f}s; reward {head:.3f} (first {j} steps) → "
-                 f"{tail:.3f} (last {k} steps)")
-    if "eval_score" in first:
-        stream.write(f"; held-out eval {first['eval_score']:.3f} → {last['eval_score']:.3f}")
-    stream.write(f"\nflux: metrics {spec.run_dir}/metrics.jsonl; checkpoint "
-                 f"{spec.run_dir}/checkpoints/step_{last['step'] + 1}\n")
 
 
 __all__ = ["run", "prepare", "start", "stop_all", "SetupError", "ConfigError"]

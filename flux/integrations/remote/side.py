@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import socket
 import sys
 import time
@@ -247,3 +248,44 @@ def run_generator(connect: str, key: str, server_key: str | None = None, name: s
         return 1
     stream.write(f"flux: generator {info.name} left the run ({stop.reason or 'stopped'})\n")
     return code
+
+
+# ---------------------------------------------------------------- the controller's side (actors/controller.py)
+# What a remote peer may say: a generator's part of the conversation, nothing of the learner's or buffer's.
+REMOTE_TYPES = (P.RunInfoRequest, P.Register, P.Heartbeat, P.AdmitRequest, P.GroupDone, P.Goodbye)
+
+
+def may_send(ctl, msg, key: str = "") -> bool:
+    """A remote peer speaks for remote generators only: never as the learner or buffer, never in the
+    name of a local actor or of a remote one holding another key. Anything else is counted and dropped."""
+    name = getattr(msg, "name", "")
+    if not isinstance(msg, REMOTE_TYPES) or getattr(msg, "role", "generator") != "generator":
+        ctl.drops.drop("remote_not_allowed", detail=msg.TYPE)
+        return False
+    member = ctl.members.get(name)
+    if member is not None and not isinstance(msg, P.RunInfoRequest):
+        if not member.remote:
+            ctl.drops.drop("remote_not_allowed", detail=f"{msg.TYPE} in the name of local {name}")
+            return False
+        if member.key and key != member.key:
+            ctl.drops.drop("remote_not_allowed", detail=f"{msg.TYPE} in the name of {name}, another key")
+            return False
+    return True
+
+
+def run_info(ctl, req: P.RunInfoRequest) -> P.RunInfo:
+    """What a remote generator needs to join: the config, model path, prompts digest, the other ports."""
+    name, k = req.name, 1
+    while name in ctl.members or name in ctl.handed_out:
+        k += 1
+        name = f"{req.name}-{k}"
+    ctl.handed_out.add(name)
+    token = ""
+    if ctl.cfg.net.weight_stream == "plain":
+        token = ctl.token_of[name] = secrets.token_hex(16)
+        ctl.weight_tokens.add(token)
+    r = ctl.spec.remote
+    ctl.log.info("remote generator %s on %s asks to join", name, req.host)
+    return P.RunInfo(ctl.spec.run_id, name, ctl.admission.version, ctl.spec.model_path, ctl.spec.num_prompts,
+                     ctl.prompts_digest, ctl.cfg.to_dict(),
+                     {k: port_of(r[k]) for k in ("pub", "pull", "weights")}, token)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flux.sinks import scalars
+from flux.integrations.sinks import grouped
 
 
 class TensorBoardSink:
-    """Every numeric metric as a scalar; nested dicts become `a/b` tags (e.g. `groups/trained`)."""
+    """Every numeric metric as a scalar, under its group (flux.integrations.sinks.grouped: `staleness/lag_mean`,
+    `rollout/groups/trained`)."""
 
     def __init__(self, logdir: str):
         from torch.utils.tensorboard import SummaryWriter
@@ -14,7 +15,7 @@ class TensorBoardSink:
         self.writer = SummaryWriter(logdir)
 
     def write(self, step: int, metrics: dict) -> None:
-        for tag, value in scalars(metrics).items():
+        for tag, value in grouped(metrics).items():
             self.writer.add_scalar(tag, value, step)
 
     def close(self) -> None:

@@ -61,3 +61,19 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def summarize(self) -> None:
+        """The run's last lines: steps, wall time, reward first → last, held-out eval, where things are."""
+        rows, stream, run_dir = self.rows, self.stream, self.path.parent
+        if not rows:
+            stream.write("flux: no steps were recorded\n")
+            return
+        first, last = rows[0], rows[-1]
+        k, j = max(1, len(rows) // 10), min(5, len(rows))
+        head = sum(r["reward_mean"] for r in rows[:j]) / j
+        tail = sum(r["reward_mean"] for r in rows[-k:]) / k
+        stream.write(f"flux: {len(rows)} steps in {last['wall_s']:.0f}s; reward {head:.3f} (first {j} steps) → "
+                     f"{tail:.3f} (last {k} steps)")
+        if "eval_score" in first:
+            stream.write(f"; held-out eval {first['eval_score']:.3f} → {last['eval_score']:.3f}")
+        stream.write(f"\nflux: metrics {run_dir}/metrics.jsonl; checkpoint {run_dir}/checkpoints/step_{last['step'] + 1}\n")

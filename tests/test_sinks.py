@@ -224,3 +224,32 @@ def test_without_tensorboard_one_warning_and_the_run_goes_on(tmp_path, monkeypat
     sinks.close()
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'
     assert not (tmp_path / "tensorboard").exists()
+
+
+@pytest.mark.slow
+def test_a_run_logs_to_wandb_offline_and_leaves_no_wandb_process(default_model, tmp_path):
+    pytest.importorskip("wandb")
+    import os
+
+    import psutil
+
+    from tests.test_e2e import SMALL, assert_nothing_left, flux_train
+
+    def wandb_processes():
+        return {p.pid for p in psutil.process_iter(["name", "cmdline"])
+                if "wandb-core" in (p.info["name"] or "") + " ".join(p.info["cmdline"] or [])}
+
+    before = wandb_processes()
+    os.environ["WANDB_SILENT"] = "true"
+    try:
+        proc = flux_train("--max-steps", "2", *SMALL, "--set", "logging.wandb={project: flux-e2e, mode: offline}",
+                          "--out", str(tmp_path / "run"))
+    finally:
+        os.environ.pop("WANDB_SILENT")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [run] = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    history = [r for r in wandb_records(next(run.glob("run-*.wandb")).read_bytes())
+               if r.WhichOneof("record_type") == "history"]
+    assert len(history) == 2
+    assert wandb_processes() <= before
+    assert_nothing_left(tmp_path / "run")

@@ -8,7 +8,7 @@ interleaved, each `--repeats` times:
 
 - `instant`: the built-in char_match (microseconds per sample);
 - `sleep_50ms`: char_match after `time.sleep(0.05)` (bench/slow_rewards.py), in the reward pool's
-  threads (reward_workers, default 64);
+  threads (reward_workers, default 128);
 - `async_50ms`: the same as an `async def` awaiting `asyncio.sleep(0.05)`;
 - `sleep_50ms_1_worker` (only when named in --variants: 40 steps take minutes): the plain function with
   reward_workers=1, one sample at a time (what a reward called inside the generator's loop costs,

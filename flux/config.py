@@ -286,7 +286,7 @@ class FluxConfig:
     reward_url: str = _doc("A reward served over HTTP instead of `reward`: each prompt group's samples are POSTed "
                            "as one JSON batch, answered with a score each (docs/usage.md#rewards).", "")
     reward_workers: int = _doc("Reward calls in flight at once, beside the engine (threads for plain functions; "
-                               "`async def` rewards and HTTP requests share the same limit).", 64)
+                               "`async def` rewards and HTTP requests share the same limit; threads start only as calls need them).", 128)
     reward_timeout_s: float = _doc("Seconds one reward call (one HTTP attempt) may take; a call past it fails "
                                    "(0 = no limit).", 30.0)
     reward_retries: int = _doc("HTTP rewards: how many times a request that fails to connect, times out or is "

@@ -147,7 +147,7 @@ class RewardPool:
     around. A function past its timeout is abandoned, not killed: its thread runs on until it returns.
     """
 
-    def __init__(self, parts: list[Part], workers: int = 64, timeout_s: float = 30.0,
+    def __init__(self, parts: list[Part], workers: int = 128, timeout_s: float = 30.0,
                  max_failure_rate: float = 0.5, window: int = 200, log: logging.Logger | None = None):
         self.parts, self.timeout_s = parts, timeout_s
         self.max_failure_rate, self.window = max_failure_rate, window
@@ -219,11 +219,10 @@ class RewardPool:
         return [(kind, value)] * len(samples) if kind else [("", v) for v in value]
 
     def _in_thread(self, fn: Callable, arg) -> asyncio.Future:
-        """`fn(arg)` on one of the pool's daemon threads (started as calls need them, up to `workers`;
-        a call abandoned past its timeout keeps its thread until it returns)."""
+        """`fn(arg)` on one of the pool's daemon threads, started as calls need them, up to `workers` (a
+        call abandoned past its timeout keeps its thread busy until it returns)."""
         done = self.loop.create_future()
         self.busy += 1
-        done.add_done_callback(lambda _: setattr(self, "busy", self.busy - 1))
         if self.busy > len(self.threads) < self.workers:
             self.threads.append(threading.Thread(target=self._work, name="reward", daemon=True))
             self.threads[-1].start()
@@ -237,7 +236,12 @@ class RewardPool:
                 value, error = fn(arg), None
             except Exception as e:
                 value, error = None, e
-            self.loop.call_soon_threadsafe(_settle, done, value, error)
+            self.loop.call_soon_threadsafe(self._returned, done, value, error)
+
+    def _returned(self, done: asyncio.Future, value, error) -> None:
+        self.busy -= 1
+        if not done.done():  # else abandoned past its timeout
+            done.set_exception(error) if error else done.set_result(value)
 
     def _failed(self, kind: str, detail) -> None:
         self.recent.append(True)
@@ -261,11 +265,6 @@ class RewardPool:
                 asyncio.run_coroutine_threadsafe(part.call.aclose(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
-
-
-def _settle(done: asyncio.Future, value, error) -> None:
-    if not done.done():  # else abandoned past its timeout
-        done.set_exception(error) if error else done.set_result(value)
 
 
 def build_parts(cfg) -> list[Part]:

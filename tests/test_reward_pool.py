@@ -95,6 +95,24 @@ def test_failures_are_counted_by_kind_and_the_pool_goes_on(caplog):
     pool.close()
 
 
+def test_calls_abandoned_past_their_timeout_keep_their_threads_and_the_rest_go_on():
+    gauge = Gauge()
+
+    def reward(completion, record):
+        if completion.startswith("hang"):
+            time.sleep(2)
+        with gauge:
+            time.sleep(0.1)
+        return 1.0
+
+    pool = RewardPool([adapt(reward)], workers=4, timeout_s=0.3)
+    assert pool.score([Sample("hang0", {}), Sample("hang1", {})]) == [None, None]
+    t0 = time.monotonic()
+    assert pool.score(samples(4)) == [1.0] * 4  # two threads are still asleep: two more start
+    assert len(pool.threads) == 4 and time.monotonic() - t0 < 0.3 * 2 and gauge.peak == 2
+    pool.close()
+
+
 def test_a_batch_reward_must_answer_once_per_sample():
     pool = RewardPool([adapt(lambda completions, **kw: [1.0])])
     assert pool.score(samples(3)) == [None] * 3 and pool.failures == {"bad_batch": 3}

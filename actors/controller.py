@@ -84,9 +84,11 @@ class Controller:
         self.last_step: int | None = None
         self.metrics = open_sinks(spec.run_dir, cfg)
         self.gate = None  # the remote side's Gatekeeper (net.remote): which keys are still authorized
-        self.dispatch = {P.RunInfoRequest: lambda req: hook("remote.run_info")(self, req), P.Heartbeat: self.heartbeat,
+        self.dispatch = {P.Heartbeat: self.heartbeat,
                          P.AdmitRequest: self.admit, P.GroupDone: self.group_done, P.Published: self.published,
                          P.StepReport: self.on_step, P.BufferReport: self.on_buffer, P.Goodbye: self.on_goodbye}
+        if spec.remote:  # RunInfoRequest (flux/integrations/remote)
+            self.dispatch.update(hook("remote.handlers")(self))
         if spec.resume_from:
             self.restore(json.loads(Path(spec.resume_from, "controller_state.json").read_text()))
 

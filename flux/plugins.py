@@ -24,7 +24,7 @@ HOOKS = {
     # net.remote and `flux generator` / `flux keys` (flux/integrations/remote)
     "remote.commands": "flux.integrations.remote.cli:COMMANDS",
     "remote.may_send": "flux.integrations.remote.side:may_send",
-    "remote.run_info": "flux.integrations.remote.side:run_info",
+    "remote.handlers": "flux.integrations.remote.side:handlers",
     "remote.endpoints": "flux.integrations.remote.side:remote_endpoints",
     "remote.ControllerSide": "flux.integrations.remote.side:RemoteSide",
     "remote.open_curve_pull": "flux.integrations.remote.side:open_curve_pull",

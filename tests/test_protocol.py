@@ -8,6 +8,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flux.integrations.remote import messages as M
 from flux.run import protocol as P
 from flux.run.protocol import ProtocolError, decode, encode
 
@@ -45,15 +46,15 @@ EXAMPLES = [
     P.BatchRequest(step=1, version=3, groups=2),
     P.Batch.from_groups(1, [group(1), group(2, lens=(1, 1, 4), version=2)], dropped_stale=1, dropped_ids=[0]),
     P.Batch.from_groups(1, []),
-    P.RunInfoRequest(name="far", host="gpu-7"),
-    P.RunInfo(run_id="run", name="far", version=3, model_path="/m", num_prompts=10, prompts_digest="ab" * 32,
+    M.RunInfoRequest(name="far", host="gpu-7"),
+    M.RunInfo(run_id="run", name="far", version=3, model_path="/m", num_prompts=10, prompts_digest="ab" * 32,
               config={"rollout": {"group_size": 4}}, ports={"pub": 5001, "pull": 5002, "weights": 5003},
               weights_token="9f" * 16),
-    P.WeightFetch(version=3, first=2, count=4, token="9f" * 16),
-    P.WeightManifest(version=3, nbytes=192, chunk_bytes=64, n_chunks=3, checksum=2**64 - 1,
+    M.WeightFetch(version=3, first=2, count=4, token="9f" * 16),
+    M.WeightManifest(version=3, nbytes=192, chunk_bytes=64, n_chunks=3, checksum=2**64 - 1,
                      tensors=[["w", "float32", [4, 8], 0, 128], ["b", "bfloat16", [3], 128, 6]]),
-    P.WeightChunk(version=3, index=1, checksum=12345, data=np.arange(64, dtype=np.uint8)),
-    P.WeightUnavailable(version=2, newest=3, reason="superseded"),
+    M.WeightChunk(version=3, index=1, checksum=12345, data=np.arange(64, dtype=np.uint8)),
+    M.WeightUnavailable(version=2, newest=3, reason="superseded"),
 ]
 
 
@@ -140,12 +141,12 @@ def test_header_layout():
     msgspec.structs.replace(group(), logprobs=np.zeros(2)),
     msgspec.structs.replace(group(), response_ids=np.arange(5.0)),
     msgspec.structs.replace(group(), rewards=np.array([0.0, np.inf])),
-    P.RunInfo(run_id="r", name="far", version=0, model_path="/m", num_prompts=1, prompts_digest="", config={},
+    M.RunInfo(run_id="r", name="far", version=0, model_path="/m", num_prompts=1, prompts_digest="", config={},
               ports={"pub": 1, "pull": 70000, "weights": 3}, weights_token=""),
-    P.WeightManifest(version=1, nbytes=192, chunk_bytes=64, n_chunks=2, checksum=0, tensors=[]),
-    P.WeightManifest(version=1, nbytes=64, chunk_bytes=64, n_chunks=1, checksum=0,
+    M.WeightManifest(version=1, nbytes=192, chunk_bytes=64, n_chunks=2, checksum=0, tensors=[]),
+    M.WeightManifest(version=1, nbytes=64, chunk_bytes=64, n_chunks=1, checksum=0,
                      tensors=[["w", "float32", [32], 0, 128]]),
-    P.WeightChunk(version=1, index=0, checksum=0, data=np.zeros(7, np.uint8)),
+    M.WeightChunk(version=1, index=0, checksum=0, data=np.zeros(7, np.uint8)),
 ], ids=lambda m: m.TYPE)
 def test_encode_rejects_invalid_messages(bad):
     with pytest.raises(ProtocolError):

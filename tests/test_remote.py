@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from actors.controller import Controller
+from flux.integrations.remote import messages as M
 from flux.run import protocol as P
 from flux.cli import main
 from flux.config import ConfigError, FluxConfig, load_config
@@ -89,11 +90,11 @@ def test_a_remote_peer_speaks_only_for_remote_generators(tmp_path, keys):
     ctl = Controller(spec, logging.getLogger("test"))
     try:
         ctl.handle(None, P.Register("generator", "gen0", 1, "h"))
-        info = ctl.handle(None, P.RunInfoRequest("gen0", "far"), remote=True)
+        info = ctl.handle(None, M.RunInfoRequest("gen0", "far"), remote=True)
         assert info.name == "gen0-2" and info.ports == {"pub": 6, "pull": 7, "weights": 8}
         assert info.config["rollout"]["group_size"] == 4 and len(info.prompts_digest) == 64
         assert info.weights_token == ""                                   # CURVE stream: no token
-        assert ctl.handle(None, P.RunInfoRequest("gen0", "far"), remote=True).name == "gen0-3"
+        assert ctl.handle(None, M.RunInfoRequest("gen0", "far"), remote=True).name == "gen0-3"
         welcome = ctl.handle(None, P.Register("generator", "gen0-2", 9, "far"), remote=True)
         assert ctl.members["gen0-2"].remote and welcome.weights is None
         ctl.handle(None, P.Published(1, {"kind": "shm", "name": "x", "version": 1, "nbytes": 64, "host": "h"}))
@@ -120,8 +121,8 @@ def test_an_unencrypted_weight_stream_takes_a_token_per_remote_generator(tmp_pat
                    remote=remote)
     ctl = Controller(spec, logging.getLogger("test"))
     try:
-        a = ctl.handle(None, P.RunInfoRequest("a", "far"), remote=True)
-        b = ctl.handle(None, P.RunInfoRequest("b", "far"), remote=True)
+        a = ctl.handle(None, M.RunInfoRequest("a", "far"), remote=True)
+        b = ctl.handle(None, M.RunInfoRequest("b", "far"), remote=True)
         assert len(a.weights_token) == 32 and a.weights_token != b.weights_token
         assert ctl.weight_tokens == {a.weights_token, b.weights_token}
         ctl.handle(None, P.Register("generator", "a", 9, "far"), remote=True)

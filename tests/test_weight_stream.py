@@ -14,6 +14,7 @@ import pytest
 import torch
 import zmq
 
+from flux.integrations.remote import messages as M
 from flux.run import protocol as P
 from flux.integrations.remote.auth import Gatekeeper, client_keys, make_keys, secure_client
 from flux.integrations.remote.weight_stream import WeightFetcher, WeightServer, chunk_sums
@@ -198,7 +199,7 @@ class FlakyServer(WeightServer):
             part = snap.data[i * self.chunk_bytes:(i + 1) * self.chunk_bytes].copy()
             if i == 1:
                 part[17] ^= 0x40
-            P.send(sock, P.WeightChunk(snap.version, i, int(snap.sums[i]), part), identity=ident)
+            P.send(sock, M.WeightChunk(snap.version, i, int(snap.sums[i]), part), identity=ident)
 
 
 def test_a_corrupted_chunk_is_rejected_and_fetched_again(keys, published):
@@ -301,7 +302,7 @@ def test_a_client_without_an_authorised_key_gets_nothing(harness, published, key
     with caplog.at_level(logging.WARNING, logger="test.weight_stream"):
         for count in (0, 1):
             try:  # never block: once the handshake is refused the DEALER may have no peer to queue to
-                P.send(sock, P.WeightFetch(1, 0, count), flags=zmq.NOBLOCK)
+                P.send(sock, M.WeightFetch(1, 0, count), flags=zmq.NOBLOCK)
             except zmq.Again:
                 pass
         assert sock.poll(1500) == 0                  # no manifest, no chunk: nothing at all

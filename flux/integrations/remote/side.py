@@ -29,6 +29,7 @@ from pathlib import Path
 
 import zmq
 
+from flux.integrations.remote import messages as M
 from flux.run import protocol as P
 from flux.integrations.remote.auth import (
     Gatekeeper,
@@ -134,7 +135,7 @@ def open_curve_pull(ctx: zmq.Context, spec: RunSpec, log) -> tuple[zmq.Socket, G
 
 
 # ---------------------------------------------------------------- remote machine
-def ask_run_info(address: str, curve: dict, name: str, timeout_s: float = 20.0) -> P.RunInfo:
+def ask_run_info(address: str, curve: dict, name: str, timeout_s: float = 20.0) -> M.RunInfo:
     """RunInfoRequest -> RunInfo over CURVE; a refused key or a failed handshake is a RemoteError at once."""
     from zmq.utils.monitor import recv_monitor_message
 
@@ -146,7 +147,7 @@ def ask_run_info(address: str, curve: dict, name: str, timeout_s: float = 20.0) 
     sock.connect(address)
     drops = P.DropCounter("attach")
     try:
-        P.send(sock, P.RunInfoRequest(name, socket.gethostname()))
+        P.send(sock, M.RunInfoRequest(name, socket.gethostname()))
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if monitor.poll(0):
@@ -158,7 +159,7 @@ def ask_run_info(address: str, curve: dict, name: str, timeout_s: float = 20.0) 
                                   "the run's key directory), or not a Flux remote endpoint")
             if sock.poll(100):
                 _, msg = P.recv(sock, drops)
-                if isinstance(msg, P.RunInfo):
+                if isinstance(msg, M.RunInfo):
                     return msg
         raise RemoteError(f"no answer from {address} within {timeout_s:g}s: is the run up, with net.remote=true "
                           "and that port reachable?")
@@ -168,7 +169,7 @@ def ask_run_info(address: str, curve: dict, name: str, timeout_s: float = 20.0) 
         sock.close()
 
 
-def spec_from_info(info: P.RunInfo, address: str, curve: dict, out: Path, model: str | None = None,
+def spec_from_info(info: M.RunInfo, address: str, curve: dict, out: Path, model: str | None = None,
                    prompts: str | None = None, engine: str | None = None) -> RunSpec:
     """This machine's RunSpec for the run: the run's config, with the model and prompts found here."""
     from flux.config import FluxConfig, _build
@@ -252,7 +253,7 @@ def run_generator(connect: str, key: str, server_key: str | None = None, name: s
 
 # ---------------------------------------------------------------- the controller's side (actors/controller.py)
 # What a remote peer may say: a generator's part of the conversation, nothing of the learner's or buffer's.
-REMOTE_TYPES = (P.RunInfoRequest, P.Register, P.Heartbeat, P.AdmitRequest, P.GroupDone, P.Goodbye)
+REMOTE_TYPES = (M.RunInfoRequest, P.Register, P.Heartbeat, P.AdmitRequest, P.GroupDone, P.Goodbye)
 
 
 def may_send(ctl, msg, key: str = "") -> bool:
@@ -263,7 +264,7 @@ def may_send(ctl, msg, key: str = "") -> bool:
         ctl.drops.drop("remote_not_allowed", detail=msg.TYPE)
         return False
     member = ctl.members.get(name)
-    if member is not None and not isinstance(msg, P.RunInfoRequest):
+    if member is not None and not isinstance(msg, M.RunInfoRequest):
         if not member.remote:
             ctl.drops.drop("remote_not_allowed", detail=f"{msg.TYPE} in the name of local {name}")
             return False
@@ -273,7 +274,7 @@ def may_send(ctl, msg, key: str = "") -> bool:
     return True
 
 
-def run_info(ctl, req: P.RunInfoRequest) -> P.RunInfo:
+def run_info(ctl, req: M.RunInfoRequest) -> M.RunInfo:
     """What a remote generator needs to join: the config, model path, prompts digest, the other ports."""
     name, k = req.name, 1
     while name in ctl.members or name in ctl.handed_out:
@@ -286,6 +287,11 @@ def run_info(ctl, req: P.RunInfoRequest) -> P.RunInfo:
         ctl.weight_tokens.add(token)
     r = ctl.spec.remote
     ctl.log.info("remote generator %s on %s asks to join", name, req.host)
-    return P.RunInfo(ctl.spec.run_id, name, ctl.admission.version, ctl.spec.model_path, ctl.spec.num_prompts,
+    return M.RunInfo(ctl.spec.run_id, name, ctl.admission.version, ctl.spec.model_path, ctl.spec.num_prompts,
                      ctl.prompts_digest, ctl.cfg.to_dict(),
                      {k: port_of(r[k]) for k in ("pub", "pull", "weights")}, token)
+
+
+def handlers(ctl) -> dict:
+    """What the controller of a run open to remote generators answers beyond its own table."""
+    return {M.RunInfoRequest: lambda req: run_info(ctl, req)}

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from flux.integrations.remote import messages as M
 from flux.run import protocol as P
 
 log = logging.getLogger("flux.integrations.remote.weight_stream")
@@ -136,14 +137,14 @@ class WeightServer(threading.Thread):
                         break
                     if key and self.allowed is not None and not self.allowed(key):
                         self.drops.drop("key_revoked", detail="a weights request from a removed key")
-                    elif isinstance(msg, P.WeightFetch):
+                    elif isinstance(msg, M.WeightFetch):
                         self.serve(sock, ident, msg)
                     elif msg is not None:
                         self.drops.drop("unexpected_type", detail=msg.TYPE)
         finally:
             sock.close()
 
-    def serve(self, sock: zmq.Socket, ident, req: P.WeightFetch) -> None:
+    def serve(self, sock: zmq.Socket, ident, req: M.WeightFetch) -> None:
         if self.tokens is not None and req.token not in self.tokens:
             self.drops.drop("no_token", detail="a weights request without a valid token (not answered)")
             return
@@ -155,16 +156,16 @@ class WeightServer(threading.Thread):
             newest = self.newest
             why = "superseded" if req.version < newest else "not announced yet" if req.version > newest else \
                 "could not be read"
-            P.send(sock, P.WeightUnavailable(req.version, newest, why), identity=ident)
+            P.send(sock, M.WeightUnavailable(req.version, newest, why), identity=ident)
             return
         n = len(snap.sums)
         if req.count == 0:
-            P.send(sock, P.WeightManifest(snap.version, len(snap.data), self.chunk_bytes, n, snap.checksum,
+            P.send(sock, M.WeightManifest(snap.version, len(snap.data), self.chunk_bytes, n, snap.checksum,
                                           snap.manifest), identity=ident)
             return
         for i in range(req.first, min(req.first + req.count, n)):
             part = snap.data[i * self.chunk_bytes:(i + 1) * self.chunk_bytes]
-            P.send(sock, P.WeightChunk(snap.version, i, int(snap.sums[i]), part), identity=ident)
+            P.send(sock, M.WeightChunk(snap.version, i, int(snap.sums[i]), part), identity=ident)
             self.stats["chunks"] += 1
             self.stats["bytes"] += len(part)
 
@@ -276,11 +277,11 @@ class WeightFetcher(threading.Thread):
                         run_len += 1
                     else:
                         if run_start is not None:
-                            self._send(P.WeightFetch(version, run_start, run_len, self.token))
+                            self._send(M.WeightFetch(version, run_start, run_len, self.token))
                         run_start, run_len = cursor, 1
                 cursor += 1
             if run_start is not None:  # "chunk i onward": one request per contiguous run
-                self._send(P.WeightFetch(version, run_start, run_len, self.token))
+                self._send(M.WeightFetch(version, run_start, run_len, self.token))
 
         ask_more()
         last = time.monotonic()
@@ -308,11 +309,11 @@ class WeightFetcher(threading.Thread):
                 last = time.monotonic()
                 continue
             _, msg = P.recv(self._sock, self.drops)
-            if isinstance(msg, P.WeightUnavailable) and msg.version == version:
+            if isinstance(msg, M.WeightUnavailable) and msg.version == version:
                 self.log.info("weights v%d unavailable (%s; newest %d)", version, msg.reason, msg.newest)
                 self.want(msg.newest)
                 return None
-            if not isinstance(msg, P.WeightChunk) or msg.version != version or not 0 <= msg.index < n:
+            if not isinstance(msg, M.WeightChunk) or msg.version != version or not 0 <= msg.index < n:
                 continue  # a late answer of an earlier download or request
             i = msg.index
             if have[i]:
@@ -358,19 +359,19 @@ class WeightFetcher(threading.Thread):
         self.stats["seconds"] += time.monotonic() - t0
         return state
 
-    def _manifest(self, version: int) -> P.WeightManifest | None:
+    def _manifest(self, version: int) -> M.WeightManifest | None:
         if self._sock is None:
             self._reconnect()
         for attempt in range(self.max_resumes + 1):
-            self._send(P.WeightFetch(version, 0, 0, self.token))
+            self._send(M.WeightFetch(version, 0, 0, self.token))
             end = time.monotonic() + self.stall_s
             while time.monotonic() < end and not self.halt.is_set() and self.target <= version:
                 if not self._sock.poll(50):
                     continue
                 _, msg = P.recv(self._sock, self.drops)
-                if isinstance(msg, P.WeightManifest) and msg.version == version:
+                if isinstance(msg, M.WeightManifest) and msg.version == version:
                     return msg
-                if isinstance(msg, P.WeightUnavailable) and msg.version == version:
+                if isinstance(msg, M.WeightUnavailable) and msg.version == version:
                     self.want(msg.newest)
                     return None
             if self.halt.is_set() or self.target > version:

@@ -25,11 +25,13 @@ class HttpReward:
     """An async batched reward part: `await HttpReward(url, ...)(samples)` → a value per sample."""
 
     def __init__(self, url: str, timeout_s: float = 30.0, retries: int = 2, concurrency: int = 32):
-        self.url, self.retries = url, retries
-        self.client = httpx.AsyncClient(timeout=timeout_s or None,
-                                        limits=httpx.Limits(max_connections=max(1, concurrency)))
+        self.url, self.retries, self.timeout_s, self.concurrency = url, retries, timeout_s, concurrency
+        self.client: httpx.AsyncClient | None = None  # made on the first call, on the pool's event loop
 
     async def __call__(self, samples) -> list:
+        if self.client is None:
+            self.client = httpx.AsyncClient(timeout=self.timeout_s or None,
+                                            limits=httpx.Limits(max_connections=max(1, self.concurrency)))
         body = {"samples": [{"prompt": s.prompt, "completion": s.completion, "finish_reason": s.finish_reason,
                              "completion_ids": list(s.completion_ids or []), "record": s.record}
                             for s in samples]}
@@ -50,4 +52,5 @@ class HttpReward:
             await asyncio.sleep(0.5 * 2 ** attempt)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self.client is not None:
+            await self.client.aclose()

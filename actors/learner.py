@@ -145,6 +145,7 @@ class Trainer:
 
     def __init__(self, spec: RunSpec, ranks):
         from flux.algorithms import get_algorithm
+        from flux.hf import device_and_dtype
         from flux.learner import build_learner
         from flux.learner.torch_learner import TorchCritic
 
@@ -154,17 +155,19 @@ class Trainer:
         self.params = self.algorithm.params(cfg.algo)
         self.loss_fn = self.algorithm.bind(self.params)
         torch.manual_seed(cfg.seed)
-        dp = {"ranks": ranks} if ranks.world > 1 else {}  # (config: data parallel is torch-backend only)
-        adam = {"betas": tuple(lc.adam_betas), "eps": lc.adam_eps, "no_decay": tuple(lc.no_decay)}
-        self.learner = build_learner(lc.backend, spec.model_path, lr=lc.lr, weight_decay=lc.weight_decay, **adam,
-                                     max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
-                                     micro_batch_tokens=lc.micro_batch_tokens or None, temperature=cfg.rollout.temperature,
-                                     reference=self.algorithm.wants_reference(self.params), seed=cfg.seed, **dp)
+        device, compute = device_and_dtype(lc.device, lc.dtype)
+        common = dict(weight_decay=lc.weight_decay, betas=tuple(lc.adam_betas), eps=lc.adam_eps,
+                      no_decay=tuple(lc.no_decay), max_grad_norm=lc.max_grad_norm, seed=cfg.seed, device=device,
+                      compute_dtype=compute, micro_batch_size=lc.micro_batch_size or None,
+                      micro_batch_tokens=lc.micro_batch_tokens or None)
+        if ranks.world > 1:  # (config: data parallel is torch-backend only)
+            common["ranks"] = ranks
+        extra = {"gradient_checkpointing": True} if lc.gradient_checkpointing else {}
+        self.learner = build_learner(lc.backend, spec.model_path, lr=lc.lr, temperature=cfg.rollout.temperature,
+                                     reference=self.algorithm.wants_reference(self.params), **extra, **common)
         self.critic = None
         if self.algorithm.value_loss is not None:
-            self.critic = TorchCritic(spec.model_path, lr=lc.critic_lr or lc.lr, weight_decay=lc.weight_decay, **adam,
-                                      max_grad_norm=lc.max_grad_norm, micro_batch_size=lc.micro_batch_size or None,
-                                      micro_batch_tokens=lc.micro_batch_tokens or None, seed=cfg.seed, **dp)
+            self.critic = TorchCritic(spec.model_path, lr=lc.critic_lr or lc.lr, **common)
             self.value_loss_fn = self.algorithm.bind_value(self.params)
 
     def load(self, path: str) -> None:

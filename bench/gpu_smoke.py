@@ -16,10 +16,14 @@ Nothing is downloaded: the model is the embedded default (a small random Qwen2 b
                 ranks on one GPU), checked with /get_weights_by_name
   tokens_per_s  generation throughput (256 prompts x 128 tokens, sampled)
   train         `flux train --set rollout.engine=sglang` for 30 steps: reward rises, staleness reported
+  torch_bf16    `flux train` on the default backends, learner and built-in engine on the GPU in bf16
+                (learner.device/dtype, rollout.device/dtype) for 30 steps: reward rises; tokens/s of
+                generation and training, busy fractions, weight load time per version (CUDA IPC)
 
 With --cpu-dry-run the server is the mock (tests/sglang_mock.py, started by the same SGLangServer),
-tensors stay on the CPU (sent by value instead of by IPC handle), the train run is 4 steps, and the
-checks that need the real model (log-probs, a rising reward) say SKIP. Exit code: 0 when nothing FAILs.
+tensors stay on the CPU (sent by value instead of by IPC handle), the train runs are 4 steps (torch_bf16
+on the CPU, bf16 autocast there), and the checks that need the real model (log-probs, a rising reward
+on the SGLang mock) say SKIP. Exit code: 0 when nothing FAILs.
 """
 
 from __future__ import annotations
@@ -230,6 +234,28 @@ def main(argv=None) -> int:
             return "SKIP", {**detail, "why": "the mock's rewards do not learn (the run itself passed)"}
         return ("PASS" if last > first else "FAIL"), detail
 
+    def torch_bf16():
+        from bench.common import mean, run_train
+
+        steps = args.steps or (4 if dry else 30)
+        sets = [f"learner.device={device}", f"rollout.device={device}", "learner.dtype=bf16", "rollout.dtype=bf16"]
+        rows, _, error = run_train("torch_bf16", sets, steps, work / "torch_bf16")
+        if error:
+            return "FAIL", {"error": error, "log": str(work / "torch_bf16" / "bench.log")}
+        gen = json.loads((work / "torch_bf16" / "logs" / "gen0.timeline.json").read_text()).get("totals", {})
+        k = max(1, steps // 3)
+        first, last = mean(r["reward_mean"] for r in rows[:k]), mean(r["reward_mean"] for r in rows[-k:])
+        detail = {"steps": len(rows), "device": device, "reward_first": round(first, 3), "reward_last": round(last, 3),
+                  "generation_tokens_per_s": round(gen.get("tokens", 0) / max(1e-9, gen.get("busy_s", 0)), 1),
+                  "training_tokens_per_s": round(mean(r["tokens"] / max(1e-9, r["time_update_s"]) for r in rows), 1),
+                  "learner_busy_frac": round(mean(r["learner_busy_frac"] for r in rows), 3),
+                  "generator_busy_frac": round(mean(r["generator_busy_frac"] for r in rows), 3),
+                  "weight_load_ms": round(1000 * gen.get("weight_load_s", 0) / max(1, gen.get("weight_loads", 0)), 2),
+                  "wall_s": rows[-1].get("wall_s")}
+        if len(rows) != steps or not all(r["loss"] == r["loss"] for r in rows):
+            return "FAIL", {**detail, "why": "missing steps or a NaN loss"}
+        return ("PASS" if dry or last > first else "FAIL"), detail
+
     try:
         report.run("server", start_server)
         if state["engine"] is not None:
@@ -244,6 +270,7 @@ def main(argv=None) -> int:
             state["engine"].close()
         server.stop()
     report.run("train", train)
+    report.run("torch_bf16", torch_bf16)
     out = Path(args.out or ROOT / "bench" / "results" / ("gpu_smoke_dry.json" if dry else "gpu_smoke.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

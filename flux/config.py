@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,6 +63,10 @@ class RolloutConfig:
     top_k: int = _doc("Top-k sampling (0 = off).", 0)
     update_mode: str = _doc("When new weights reach a busy engine: `inflight` (between decode steps, a "
                             "sequence may span versions) or `between_sequences`.", "inflight")
+    device: str = _doc("Where the built-in engine runs: `auto` (CUDA when present, else CPU), `cpu`, `cuda`, "
+                       "`cuda:N`.", "auto")
+    dtype: str = _doc("Built-in engine weights: `auto` (bf16 on CUDA, fp32 on CPU), `bf16`, `fp16`, `fp32`. "
+                      "Sampling always takes its log-softmax in fp32.", "auto")
     threads: int = _doc("torch intra-op threads per generator process.", 1)
     slowdown: float = _doc("Extra seconds of sleep per generated token (a simulated slower generator, "
                            "used by benchmarks to change the generation/training balance).", 0.0)
@@ -134,6 +139,12 @@ class LearnerConfig:
                                  "ceil(rows / N) micro-batches of near-equal token counts (0 = whole batch).", 0)
     micro_batch_tokens: int = _doc("Padded tokens per forward/backward, rows packed longest-first so a long "
                                    "tail does not pad every row to it (0 = off; overrides micro_batch_size).", 0)
+    device: str = _doc("Where the learner trains (`backend: torch`, `megatron`): `auto` (CUDA when present, "
+                       "else CPU), `cpu`, `cuda`, `cuda:N`.", "auto")
+    dtype: str = _doc("Compute precision: `fp32`, or `bf16` (autocast: bf16 matmuls; master weights, gradients, "
+                      "AdamW state and the log-softmax stay fp32); `auto` = bf16 on CUDA, fp32 on CPU.", "auto")
+    gradient_checkpointing: bool = _doc("Recompute activations in backward instead of keeping them "
+                                        "(`backend: torch`): less memory, about a third more compute.", False)
     threads: int = _doc("torch intra-op threads in the learner process.", 1)
     max_skipped_steps: int = _doc("Stop the run with an error after this many consecutive optimizer steps "
                                   "skipped for a non-finite gradient (a skipped step's groups are dropped and "
@@ -417,6 +428,10 @@ class FluxConfig:
             ("reward_timeout_s", self.reward_timeout_s >= 0, "must be >= 0"),
             ("reward_max_failure_rate", 0 <= self.reward_max_failure_rate <= 1, "must be in [0, 1]"),
             ("reward_workers", self.reward_workers >= 1, "must be >= 1"),
+            *((f"{k}.device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", s.device) is not None,
+               "must be auto, cpu, cuda or cuda:N") for k, s in (("rollout", self.rollout), ("learner", self.learner))),
+            ("rollout.dtype", self.rollout.dtype in ("auto", "bf16", "fp16", "fp32"), "must be auto, bf16, fp16 or fp32"),
+            ("learner.dtype", self.learner.dtype in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
             ("data.max_prompt_length", self.data.max_prompt_length >= 0, "must be >= 0"),
             ("reward_retries", self.reward_retries >= 0, "must be >= 0"),
             ("reward_url", self.reward_url == "" or self.reward_url.startswith(("http://", "https://")),

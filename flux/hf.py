@@ -18,6 +18,15 @@ def from_pretrained(path: str, dtype: torch.dtype, auto_class: str = "AutoModelF
     return getattr(transformers, auto_class).from_pretrained(path, **{key: dtype})
 
 
+def device_and_dtype(device: str, dtype: str):
+    """(`auto` resolved: CUDA when present, else CPU; the torch dtype, `auto` = bf16 on CUDA, fp32 on CPU)."""
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    name = ("bf16" if device.startswith("cuda") else "fp32") if dtype == "auto" else dtype
+    return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
 def hub_snapshot(repo_id: str, field: str, repo_type: str = "model") -> str:
     """The local directory of a Hub model or dataset, resolved as transformers resolves it: from the local
     HF cache, downloaded only where the environment allows it (not under HF_HUB_OFFLINE=1). ValueError

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKS = {"server", "logprobs_v0", "ipc_v1", "inflight_abort", "inflight_retract", "inflight_in_place",
-          "distributed", "tokens_per_s", "train"}
+          "distributed", "tokens_per_s", "train", "torch_bf16"}
 
 
 @pytest.mark.slow
@@ -26,6 +26,8 @@ def test_the_gpu_smoke_test_passes_its_cpu_dry_run(tmp_path):
     assert {n for n, s in status.items() if s == "SKIP"} == {"logprobs_v0", "train"}, status
     assert all(report["checks"][f"inflight_{m}"]["switched_mid_sequence"] > 0 for m in ("abort", "retract", "in_place"))
     assert report["checks"]["train"]["steps"] == 4 and "staleness_mean" in report["checks"]["train"]
+    bf16 = report["checks"]["torch_bf16"]
+    assert bf16["steps"] == 4 and bf16["device"] == "cpu" and bf16["generation_tokens_per_s"] > 0
     assert [line.split()[0] for line in proc.stdout.splitlines() if line.split()[1:2] and line.split()[1] in CHECKS] \
         == [status[line.split()[1]] for line in proc.stdout.splitlines() if line.split()[1:2] and line.split()[1] in CHECKS]
 

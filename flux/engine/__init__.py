@@ -26,5 +26,7 @@ def build_engine(cfg, model_path: str, *, name: str = "gen0", seed: int | None =
         digits = re.search(r"(\d+)$", name)
         return build(cfg, model_path, index=int(digits.group(1)) if digits else 0, log_dir=log_dir)
     from flux.engine.torch_engine import TorchEngine
+    from flux.hf import device_and_dtype
 
-    return TorchEngine.from_pretrained(model_path, update_mode=r.update_mode, seed=seed)
+    device, dtype = device_and_dtype(r.device, r.dtype)
+    return TorchEngine.from_pretrained(model_path, device=device, dtype=dtype, update_mode=r.update_mode, seed=seed)

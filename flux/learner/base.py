@@ -126,11 +126,12 @@ class Learner:
                  micro_batch_size: int | None = None, micro_batch_tokens: int | None = None,
                  temperature: float = 1.0, reference: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 ranks: SingleRank | None = None):
+                 compute_dtype: torch.dtype = torch.float32, ranks: SingleRank | None = None):
         torch.manual_seed(seed)
         self.ranks = ranks or SingleRank()
         self.model_path = str(model_path)
         self.device = torch.device(device)
+        self.compute_dtype = compute_dtype  # below the weights' dtype: forward passes run under autocast
         self.max_grad_norm = max_grad_norm
         self.micro_batch_size = micro_batch_size
         self.micro_batch_tokens = micro_batch_tokens
@@ -201,7 +202,8 @@ class Learner:
                 if mb.input_ids.shape[1] == 0:
                     continue
                 mb = mb.to(self.device)
-                lp = self._forward(model, mb)
+                with self._autocast():
+                    lp = self._forward(model, mb)
                 out[mine[rows], cols] = lp.cpu()
         # Each row comes from exactly one rank and is 0 on the others: the sum is exact.
         return self.ranks.sum_(out).to(batch.input_ids.device)
@@ -254,7 +256,8 @@ class Learner:
                 continue
             mb = mb.to(self.device)
             share = n_tok / total
-            lp = self._forward(self.model, mb)
+            with self._autocast():
+                lp = self._forward(self.model, mb)
             if proximal is not None:
                 mb.proximal_logprobs = lp.detach()
                 proximal[rows, cols] = mb.proximal_logprobs.float().cpu()
@@ -276,6 +279,11 @@ class Learner:
             self.step_count += 1
         return {**acc, "loss": loss_sum, "grad_norm": grad_norm, "lr": self.optimizer.param_groups[0]["lr"],
                 "step_skipped": float(skipped)}
+
+    def _autocast(self):
+        """Mixed precision for a forward pass: matmuls in compute_dtype, the weights as they are."""
+        weights = next(self.model.parameters()).dtype
+        return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != weights)
 
     def _my_micro_batches(self, batch: TrainBatch) -> list[Tensor]:
         if self.ranks.world == 1:

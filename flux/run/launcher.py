@@ -137,6 +137,13 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
         if not records:
             raise SetupError(f"data.max_prompt_length: all {counts['train_too_long']} training prompts of "
                              f"{cfg.prompts} are longer than {cfg.data.max_prompt_length} tokens")
+    cuda = [f"{k}.device={d}" for k, d in (("learner", cfg.learner.device), ("rollout", cfg.rollout.device))
+            if d.startswith("cuda")]
+    if cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SetupError(f"{cuda[0]}: no CUDA device is visible here (torch.cuda.is_available() is False)")
     if cfg.learner.backend == "megatron":
         try:
             hook("megatron.check_setup")(model_path)

@@ -155,7 +155,7 @@ class Trainer:
         self.params = self.algorithm.params(cfg.algo)
         self.loss_fn = self.algorithm.bind(self.params)
         torch.manual_seed(cfg.seed)
-        device, compute = device_and_dtype(lc.device, lc.dtype)
+        device, compute = device_and_dtype(lc.device, lc.dtype, ranks.rank if ranks.world > 1 else None)
         common = dict(weight_decay=lc.weight_decay, betas=tuple(lc.adam_betas), eps=lc.adam_eps,
                       no_decay=tuple(lc.no_decay), max_grad_norm=lc.max_grad_norm, seed=cfg.seed, device=device,
                       compute_dtype=compute, micro_batch_size=lc.micro_batch_size or None,
@@ -224,8 +224,12 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     from flux.plugins import hook
 
     # Before the models load, so that joining waits only for the other ranks' imports.
+    if cfg.learner.ranks > 1:  # NCCL between the ranks' GPUs, gloo on CPU
+        from flux.hf import device_and_dtype
+
+        device = device_and_dtype(cfg.learner.device, "fp32", int(os.environ.get("RANK", "0")))[0]
     ranks = SingleRank() if cfg.learner.ranks == 1 else \
-        hook("distributed.RankGroup").from_env(timeout_s=cfg.learner.dist_timeout_s)
+        hook("distributed.RankGroup").from_env(device=device, timeout_s=cfg.learner.dist_timeout_s)
     if ranks.world != cfg.learner.ranks:
         raise RuntimeError(f"learner.ranks={cfg.learner.ranks} but this process was started as one of "
                            f"{ranks.world}")

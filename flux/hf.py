@@ -18,11 +18,14 @@ def from_pretrained(path: str, dtype: torch.dtype, auto_class: str = "AutoModelF
     return getattr(transformers, auto_class).from_pretrained(path, **{key: dtype})
 
 
-def device_and_dtype(device: str, dtype: str):
-    """(`auto` resolved: CUDA when present, else CPU; the torch dtype, `auto` = bf16 on CUDA, fp32 on CPU)."""
+def device_and_dtype(device: str, dtype: str, rank: int | None = None):
+    """(`auto` resolved: CUDA when present, else CPU; the torch dtype, `auto` = bf16 on CUDA, fp32 on CPU).
+    With a data-parallel `rank`, plain `cuda` is that rank's GPU (round robin over the visible ones)."""
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device == "cuda" and rank is not None:
+        device = f"cuda:{rank % torch.cuda.device_count()}"
     name = ("bf16" if device.startswith("cuda") else "fp32") if dtype == "auto" else dtype
     return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 

@@ -31,7 +31,7 @@ import zmq
 
 from flux.engine.base import EngineLost
 from flux.run import protocol as P
-from flux.run.runtime import TIMELINE, RunSpec, StopFlag, actor_main, connect, set_threads
+from flux.run.runtime import TIMELINE, RunSpec, StopFlag, actor_main, actor_threads, connect, set_threads
 
 
 class ControllerLink:
@@ -230,7 +230,7 @@ def _given(results: list) -> concurrent.futures.Future:
 
 def body(spec: RunSpec, name: str, stop, log) -> int:
     cfg = spec.config
-    set_threads(cfg.rollout.threads)
+    set_threads(actor_threads(cfg, "generator"))
 
     from transformers import AutoTokenizer
 

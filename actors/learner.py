@@ -31,7 +31,7 @@ from flux.run import protocol as P
 from flux.run.checkpoints import staging_dir
 from flux.control.composer import add_lengths
 from flux.learner.base import micro_batches as split_rows
-from flux.run.runtime import TIMELINE, FluxRunError, Heartbeater, RunSpec, actor_main, set_threads
+from flux.run.runtime import TIMELINE, FluxRunError, Heartbeater, RunSpec, actor_main, actor_threads, set_threads
 
 
 class BatchClient:
@@ -219,15 +219,14 @@ class Trainer:
 
 def body(spec: RunSpec, name: str, stop, log) -> int:
     cfg = spec.config
-    set_threads(cfg.learner.threads)
+    set_threads(actor_threads(cfg, "learner"))
     from flux.learner.base import SingleRank
     from flux.plugins import hook
 
     # Before the models load, so that joining waits only for the other ranks' imports.
-    if cfg.learner.ranks > 1:  # NCCL between the ranks' GPUs, gloo on CPU
-        from flux.hf import device_and_dtype
+    from flux.hf import device_and_dtype
 
-        device = device_and_dtype(cfg.learner.device, "fp32", int(os.environ.get("RANK", "0")))[0]
+    device = device_and_dtype(cfg.learner.device, "fp32", int(os.environ.get("RANK", "0")))[0]  # NCCL or gloo
     ranks = SingleRank() if cfg.learner.ranks == 1 else \
         hook("distributed.RankGroup").from_env(device=device, timeout_s=cfg.learner.dist_timeout_s)
     if ranks.world != cfg.learner.ranks:

@@ -67,7 +67,9 @@ class RolloutConfig:
                        "`cuda:N`.", "auto")
     dtype: str = _doc("Built-in engine weights: `auto` (bf16 on CUDA, fp32 on CPU), `bf16`, `fp16`, `fp32`. "
                       "Sampling always takes its log-softmax in fp32.", "auto")
-    threads: int = _doc("torch intra-op threads per generator process.", 1)
+    threads: int = _doc("torch intra-op threads per generator process; 0 = by mode and cores: in sync mode the "
+                        "generators share every core (they and the learner take turns), else every process of "
+                        "the run gets an equal share.", 0)
     slowdown: float = _doc("Extra seconds of sleep per generated token (a simulated slower generator, "
                            "used by benchmarks to change the generation/training balance).", 0.0)
     slowdown_schedule: list = _doc("Simulated slower/faster generation from a policy version on, used by "
@@ -145,7 +147,8 @@ class LearnerConfig:
                       "AdamW state and the log-softmax stay fp32); `auto` = bf16 on CUDA, fp32 on CPU.", "auto")
     gradient_checkpointing: bool = _doc("Recompute activations in backward instead of keeping them "
                                         "(`backend: torch`): less memory, about a third more compute.", False)
-    threads: int = _doc("torch intra-op threads in the learner process.", 1)
+    threads: int = _doc("torch intra-op threads per learner process; 0 = by mode and cores (see "
+                        "rollout.threads).", 0)
     max_skipped_steps: int = _doc("Stop the run with an error after this many consecutive optimizer steps "
                                   "skipped for a non-finite gradient (a skipped step's groups are dropped and "
                                   "counted as `step_skipped`).", 3)
@@ -354,7 +357,7 @@ class FluxConfig:
             ("rollout.top_k", r.top_k >= 0, "must be >= 0"),
             ("rollout.update_mode", r.update_mode in ("inflight", "between_sequences"),
              "must be `inflight` or `between_sequences`"),
-            ("rollout.threads", r.threads >= 1, "must be >= 1"),
+            ("rollout.threads", r.threads >= 0, "must be >= 0 (0 = by mode and cores)"),
             ("rollout.slowdown", r.slowdown >= 0, "must be >= 0"),
             ("rollout.slowdown_schedule", _valid_schedule(r.slowdown_schedule),
              "must be [[from_version, seconds_per_token], ...] with versions >= 0 increasing, seconds >= 0"),
@@ -387,7 +390,7 @@ class FluxConfig:
             ("learner.min_lr_ratio", 0 <= lr.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("learner.micro_batch_size", lr.micro_batch_size >= 0, "must be >= 0"),
             ("learner.micro_batch_tokens", lr.micro_batch_tokens >= 0, "must be >= 0"),
-            ("learner.threads", lr.threads >= 1, "must be >= 1"),
+            ("learner.threads", lr.threads >= 0, "must be >= 0 (0 = by mode and cores)"),
             ("learner.max_skipped_steps", lr.max_skipped_steps >= 1, "must be >= 1"),
             ("checkpoint.every", self.checkpoint.every >= 0, "must be >= 0"),
             ("checkpoint.keep_last", self.checkpoint.keep_last >= 0, "must be >= 0"),

@@ -109,10 +109,10 @@ OUT_OF_RANGE = [
     ("rollout.engine", "vllm"), ("rollout.num_generators", 0), ("rollout.group_size", 0),
     ("rollout.groups_per_call", 0), ("rollout.max_new_tokens", 0), ("rollout.temperature", 0.0),
     ("rollout.top_p", 0.0), ("rollout.top_p", 1.5), ("rollout.top_k", -1), ("rollout.update_mode", "never"),
-    ("rollout.threads", 0), ("rollout.slowdown", -0.1), ("learner.backend", "jax"),
+    ("rollout.threads", -1), ("rollout.slowdown", -0.1), ("learner.backend", "jax"),
     ("learner.groups_per_step", 0), ("learner.lr", 0.0), ("learner.lr", -1e-3),
     ("learner.micro_batch_size", -1),
-    ("learner.threads", 0), ("checkpoint.every", -1), ("checkpoint.keep_last", -1), ("learner.max_skipped_steps", 0), ("learner.ranks", 0),
+    ("learner.threads", -1), ("checkpoint.every", -1), ("checkpoint.keep_last", -1), ("learner.max_skipped_steps", 0), ("learner.ranks", 0),
     ("learner.dist_timeout_s", 0.0), ("learner.lr_schedule", "sqrt"), ("learner.warmup_steps", -1),
     ("learner.adam_betas", "[0.9]"), ("learner.adam_betas", "[0.9, 1.0]"), ("learner.adam_eps", 0.0),
     ("rollout.sglang_restarts", -1),
@@ -215,3 +215,17 @@ def test_a_dotted_path_whose_module_raises_on_import_is_a_config_error(tmp_path,
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match="importing it raised RuntimeError: no GPU here"):
         load_config(None, ["rollout.engine=broken_engine_mod:build"])
+
+
+def test_thread_counts_follow_the_mode_and_the_cores(monkeypatch):
+    from flux.run import runtime
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    sync = FluxConfig(adaptive_async={"mode": "sync"}, rollout={"num_generators": 2}).validate()
+    assert runtime.actor_threads(sync, "learner") == 8 and runtime.actor_threads(sync, "generator") == 4
+    overlapped = FluxConfig(rollout={"num_generators": 3}).validate()  # adaptive: all four at once
+    assert runtime.actor_threads(overlapped, "learner") == 2 == runtime.actor_threads(overlapped, "generator")
+    ranks = FluxConfig(learner={"ranks": 4}, rollout={"num_generators": 12}).validate()
+    assert runtime.actor_threads(ranks, "learner") == 1  # never 0
+    given = FluxConfig(learner={"threads": 3}, rollout={"threads": 1}).validate()
+    assert runtime.actor_threads(given, "learner") == 3 and runtime.actor_threads(given, "generator") == 1

@@ -30,7 +30,8 @@ def load_prompts(source: str, data=None) -> list[dict]:
     from flux.config import DataConfig
 
     d, path = data or DataConfig(), Path(source)
-    stamp = (path.stat().st_mtime_ns, path.stat().st_size) if path.exists() else None  # a changed file is read again
+    st = path.stat() if path.exists() else None
+    stamp = (st.st_mtime_ns, st.st_size) if st else None  # a changed file is read again
     return _load(source, stamp, d.prompt_key, d.messages_key, d.answer_key, d.split)
 
 

@@ -64,14 +64,7 @@ class Controller:
         self.gone: dict[str, dict] = {}  # name -> its last status row, for `flux status`
         self.weights: dict | None = None
         self.peer_drops: dict[str, dict] = {}  # actor -> malformed messages it dropped, by reason
-        self.handed_out: set[str] = set()  # names given to remote generators in a RunInfo
-        # net.weight_stream=plain: the weight server serves these tokens only (one per remote generator)
-        self.weight_tokens: set[str] = set()
-        self.token_of: dict[str, str] = {}
-        self.prompts_digest = ""
-        if spec.remote:
-            from flux.data import split_records  # before data.max_prompt_length, as a remote generator reads them
-            self.prompts_digest = hook("remote.prompts_digest")(split_records(cfg)[0])
+        self.peers = hook("remote.Peers")(cfg) if spec.remote else None  # remote generators' names and tokens
         self.trained_samples = self.trained_tokens = 0
         self.dropped_stale = 0
         self.trained_lengths: dict[str, int] = {}  # completion-length histograms, cumulative
@@ -280,7 +273,8 @@ class Controller:
     def forget(self, member: Member, state: str, reason: str) -> None:
         """A member `exited` (said goodbye) or is `dead` (crashed, silent); `flux status` still lists it."""
         self.gone[member.name] = self.member_row(member, time.monotonic(), state, reason)
-        self.weight_tokens.discard(self.token_of.pop(member.name, ""))  # no more weights for it
+        if self.peers is not None:
+            self.peers.forget(member.name)  # no more weights for it
 
     def on_goodbye(self, msg: P.Goodbye) -> None:
         self.log.info("%s %s says goodbye (%s, ok=%s)", msg.role, msg.name, msg.reason, msg.ok)
@@ -302,12 +296,8 @@ class Controller:
                              [g.prompt_index for g in lost])
 
     def check_liveness(self) -> None:
-        for name, m in list(self.members.items()):
-            if m.remote and m.key and not self.key_allowed(m.key):
-                self.log.warning("generator %s cut off: its key was removed from %s", name, self.gate.authorized)
-                del self.members[name]
-                self.forget(m, "dead", "key removed")
-                self.reclaim(m)
+        if self.gate is not None:
+            self.peers.cut_off(self)  # remote generators whose key was removed
         deadline = time.monotonic() - self.cfg.net.heartbeat_timeout_s
         for name, m in list(self.members.items()):
             if m.last_seen < deadline:
@@ -331,7 +321,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     ctl = Controller(spec, log)
     remote = None
     if spec.remote:  # remote generators: CURVE ROUTER and PUB, gatekeeper, weight server (integrations/remote)
-        remote = hook("remote.ControllerSide")(ctx, spec, log, ctl.weight_tokens)
+        remote = hook("remote.ControllerSide")(ctx, spec, log, ctl.peers.weight_tokens)
         ctl.gate = remote.gate
     poller = zmq.Poller()
     for sock in (router, remote and remote.router):

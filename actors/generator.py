@@ -29,7 +29,7 @@ import zlib
 import numpy as np
 import zmq
 
-from flux.engine.base import EngineLost
+from flux.engine.base import CallBatch, EngineLost
 from flux.run import protocol as P
 from flux.run.runtime import TIMELINE, RunSpec, StopFlag, actor_main, actor_threads, connect, set_threads
 
@@ -53,13 +53,7 @@ class ControllerLink:
         if spec.remote.get("weights"):  # remote: versions arrive over the weight stream (integrations/remote)
             from flux.plugins import hook
 
-            WeightFetcher = hook("remote.WeightFetcher")
-            net = spec.config.net
-            curve = spec.curve if net.weight_stream == "curve" else None  # plain: a token instead
-            self.fetcher = WeightFetcher(ctx, spec.remote["weights"], curve, self._deliver, log,
-                                         window=net.weight_window, stall_s=net.heartbeat_timeout_s,
-                                         token=spec.remote.get("token", ""))
-            self.fetcher.start()
+            self.fetcher = hook("remote.start_fetcher")(ctx, spec, self._deliver, log)
 
     def _deliver(self, version: int, state: dict) -> None:
         self.engine.load_weights(version, state)
@@ -252,7 +246,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k, stops)
     offline = is_preference(records[0])
 
-    def pair(record: dict) -> list[list[int]]:
+    def pair(record: dict) -> list[list[int]]:  # offline: the (chosen, rejected) responses
         return [tokenizer(record[k], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                 for k in ("chosen", "rejected")]
 
@@ -263,41 +257,54 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     sender = Sender(ctx, spec, name)
     sender.start()
     TIMELINE.mark("ready", save=True)
+    per_group = 2 if offline else r.group_size
+    if offline:
+        batch = CallBatch(lambda pairs, _: engine.score([p for p, _ in pairs], [q for _, q in pairs], r.temperature))
+    else:  # continuous batching where the engine has it (the built-in one), else one generate call per step
+        batch = engine if hasattr(engine, "step") else CallBatch(engine.generate)
+    capacity = r.groups_per_call * per_group  # sequences in flight
+    flying: dict[int, tuple] = {}  # group id -> (prompt index, admission token, prompt ids, time admitted)
+    refused = (-1, 0.0)  # (newest version, time) of the last refused admission
     while not stop.is_set():
-        admit = link.request(P.AdmitRequest(name, r.groups_per_call))
-        if admit is None or not admit.groups:
+        # Ask for credits while there is room for a group, but after a refusal only once a new version is
+        # out or 20 ms have passed (credits come with versions, and back with dropped groups).
+        while (room := capacity - batch.rows_in_flight) >= per_group and not stop.is_set() and not (
+                flying and refused[0] == link.newest and time.monotonic() - refused[1] < 0.02):
+            admit = link.request(P.AdmitRequest(name, room // per_group))
+            if admit is None or not admit.groups:
+                refused = (link.newest, time.monotonic())
+                break
+            if admit.version > link.newest and admit.weights:  # its NewVersion broadcast never reached us
+                link.queue_weights(admit.version, admit.weights)
+            if not batch.rows_in_flight and not link.wait_for_version(admit.version):
+                break  # (a batch that starts takes the admitted weights; sequences running pick them up as they go)
+            # Seeded by what is sampled (prompts, policy version, generator): a resumed run, or a sync run
+            # repeated, draws the same completions (a batch that starts empty takes its first request's seed).
+            seed = zlib.crc32(repr((cfg.seed, name, admit.version, [g["prompt_index"] for g in admit.groups])).encode())
+            for g in admit.groups:
+                idx = g["prompt_index"]
+                ids = render_prompt(records[idx], tokenizer)
+                flying[g["group_id"]] = (idx, g["token"], ids, time.monotonic())
+                batch.add(g["group_id"], [(ids, q) for q in pair(records[idx])] if offline else [ids] * per_group,
+                          dataclasses.replace(sampling, seed=seed))
+        if not flying:
             link.version_arrived.wait(0.02)  # no credit: wait for a new version (or retry shortly)
             link.version_arrived.clear()
             continue
-        if admit.version > link.newest and admit.weights:  # its NewVersion broadcast never reached us
-            link.queue_weights(admit.version, admit.weights)
-        groups = [(g["group_id"], g["prompt_index"], g["token"],
-                   render_prompt(records[g["prompt_index"]], tokenizer)) for g in admit.groups]
-        per_group = 2 if offline else r.group_size
-        t0 = time.monotonic()
+        tokens = engine.tokens_generated
         try:
-            if not link.wait_for_version(admit.version):
-                break
-            if offline:
-                responses = [resp for _, idx, _, _ in groups for resp in pair(records[idx])]
-                outs = engine.score([ids for *_, ids in groups for _ in range(2)], responses, r.temperature)
-            else:
-                # Seeded by what is sampled (prompts, policy version, generator): a resumed run, or a sync
-                # run repeated, draws the same completions.
-                seed = zlib.crc32(repr((cfg.seed, name, admit.version, [idx for _, idx, *_ in groups])).encode())
-                outs = engine.generate([ids for *_, ids in groups for _ in range(r.group_size)],
-                                       dataclasses.replace(sampling, seed=seed))
+            done = batch.step()
         except EngineLost as e:
-            recover_engine(engine, link, [(gid, per_group) for gid, *_ in groups], e, log)
+            recover_engine(engine, link, [(gid, per_group) for gid in flying], e, log)
+            flying.clear()
             continue
         per_token = slowdown_at(engine.version, r.slowdown_schedule, r.slowdown)
         if per_token:
-            extra_s = per_token * sum(len(c.token_ids) for c in outs)
+            extra_s = per_token * (engine.tokens_generated - tokens)
             time.sleep(extra_s)
             engine.busy_seconds += extra_s  # a simulated slower engine is busy, not idle, while it "generates"
-        gen_s = time.monotonic() - t0
-        for k, (gid, idx, token, prompt_ids) in enumerate(groups):
-            comps = outs[k * per_group:(k + 1) * per_group]
+        for gid, comps in done:
+            idx, token, prompt_ids, t0 = flying.pop(gid)
             texts = tokenizer.batch_decode([c.token_ids for c in comps], skip_special_tokens=True)
             group = P.TrajectoryGroup(
                 group_id=gid, prompt_index=idx, generator=name, sample_count=len(comps), token=token,
@@ -307,7 +314,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                 logprobs=np.concatenate([c.logprobs for c in comps]),
                 versions=np.concatenate([c.versions for c in comps]),
                 rewards=np.zeros(len(comps), np.float32), finish=np.array([c.finished for c in comps], np.uint8),
-                gen_seconds=gen_s / len(groups), meta={"sample": texts[0][:64]})
+                gen_seconds=time.monotonic() - t0, meta={"sample": texts[0][:64]})
             if offline:  # the pair's rewards are given
                 sender.queue.put((group, _given([(1.0, {}), (0.0, {})])))
             else:

@@ -16,9 +16,13 @@ HOOKS = {
     "sglang.build": "flux.integrations.sglang.engine:build",
     "sglang.check_setup": "flux.integrations.sglang.engine:check_setup",
     "sglang.SGLangError": "flux.integrations.sglang.engine:SGLangError",
+    "sglang.config_checks": "flux.integrations.sglang.checks:config_checks",
     # learner.backend: megatron (flux/integrations/megatron)
     "megatron.Learner": "flux.integrations.megatron.learner:MegatronLearner",
     "megatron.check_setup": "flux.integrations.megatron.learner:check_setup",
+    # CUDA IPC buckets of the shared-memory weight path (flux/integrations/cuda)
+    "cuda.share_bucket": "flux.integrations.cuda.ipc:share_bucket",
+    "cuda.open_bucket": "flux.integrations.cuda.ipc:open_bucket",
     # learner.ranks > 1 (flux/integrations/distributed)
     "distributed.RankGroup": "flux.integrations.distributed.data_parallel:RankGroup",
     # net.remote and `flux generator` / `flux keys` (flux/integrations/remote)
@@ -27,13 +31,14 @@ HOOKS = {
     "remote.handlers": "flux.integrations.remote.side:handlers",
     "remote.endpoints": "flux.integrations.remote.side:remote_endpoints",
     "remote.ControllerSide": "flux.integrations.remote.side:RemoteSide",
+    "remote.Peers": "flux.integrations.remote.side:Peers",
+    "remote.config_checks": "flux.integrations.remote.checks:config_checks",
     "remote.open_curve_pull": "flux.integrations.remote.side:open_curve_pull",
-    "remote.prompts_digest": "flux.integrations.remote.side:prompts_digest",
     "remote.stream_handle": "flux.integrations.remote.side:stream_handle",
     "remote.port_of": "flux.integrations.remote.side:port_of",
     "remote.run_generator": "flux.integrations.remote.side:run_generator",
     "remote.RemoteError": "flux.integrations.remote.side:RemoteError",
-    "remote.WeightFetcher": "flux.integrations.remote.weight_stream:WeightFetcher",
+    "remote.start_fetcher": "flux.integrations.remote.weight_stream:start_fetcher",
     "remote.secure_client": "flux.integrations.remote.auth:secure_client",
     "remote.make_keys": "flux.integrations.remote.auth:make_keys",
     "remote.KeysError": "flux.integrations.remote.auth:KeysError",

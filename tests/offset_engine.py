@@ -14,11 +14,12 @@ OFFSET = float(os.environ.get("FLUX_TEST_LOGPROB_OFFSET", "0.3"))
 class OffsetEngine(TorchEngine):
     """The built-in engine, reporting log μ(y) − OFFSET for every sampled token (samples unchanged)."""
 
-    def generate(self, prompts, sampling):
-        outs = super().generate(prompts, sampling)
-        for c in outs:
-            c.logprobs = c.logprobs - OFFSET
-        return outs
+    def step(self):  # generate() runs through step() too
+        done = super().step()
+        for _, outs in done:
+            for c in outs:
+                c.logprobs = c.logprobs - OFFSET
+        return done
 
 
 def build(cfg, model_path, *, name="gen0", seed=None, log_dir=None):

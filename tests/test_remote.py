@@ -124,10 +124,10 @@ def test_an_unencrypted_weight_stream_takes_a_token_per_remote_generator(tmp_pat
         a = ctl.handle(None, M.RunInfoRequest("a", "far"), remote=True)
         b = ctl.handle(None, M.RunInfoRequest("b", "far"), remote=True)
         assert len(a.weights_token) == 32 and a.weights_token != b.weights_token
-        assert ctl.weight_tokens == {a.weights_token, b.weights_token}
+        assert ctl.peers.weight_tokens == {a.weights_token, b.weights_token}
         ctl.handle(None, P.Register("generator", "a", 9, "far"), remote=True)
         ctl.handle(None, P.Goodbye("generator", "a", "SIGTERM", True), remote=True)
-        assert ctl.weight_tokens == {b.weights_token}                   # withdrawn when it leaves
+        assert ctl.peers.weight_tokens == {b.weights_token}                   # withdrawn when it leaves
     finally:
         ctl.metrics.close()
 

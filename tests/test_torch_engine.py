@@ -211,7 +211,8 @@ def test_pause_mid_generation_then_resume():
     )
     worker.start()
     time.sleep(0.3)
-    assert worker.is_alive() and engine.tokens_generated == 2 * len(PROMPTS)  # stopped at a step boundary
+    # Paused by the first decode forward: the next step waits before it samples the second token.
+    assert worker.is_alive() and engine.tokens_generated == len(PROMPTS)  # stopped at a step boundary
     engine.resume()
     worker.join(timeout=10)
     assert all(len(c.token_ids) == 5 for c in result[0])
@@ -267,3 +268,102 @@ def test_cuda_logprobs_match_teacher_forcing():
             logp = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
         ref = logp.gather(-1, ids[0, len(prompt):, None]).squeeze(-1).cpu().numpy()
         np.testing.assert_allclose(c.logprobs, ref, atol=1e-3)
+
+
+# ---- continuous batching: add / step ----------------------------------------------------------------
+
+def run_to_end(engine: TorchEngine, joins: dict[int, tuple]) -> dict:
+    """Step until every request is done; `joins` maps a step number to the (key, prompts, sampling) added
+    before it. Returns {key: completions} and checks each request comes back exactly once."""
+    done, step = {}, 0
+    while step in joins or engine.rows_in_flight or any(s > step for s in joins):
+        if step in joins:
+            engine.add(*joins[step])
+        for key, outs in engine.step():
+            assert key not in done
+            done[key] = outs
+        step += 1
+    return done
+
+
+def test_requests_joining_mid_flight_sample_as_if_alone(model):
+    """Greedy: a request that joins a running batch (its prompts left-padded into the batch's cache) gets
+    the tokens it gets alone, and so does the request it joined; log-probs match teacher forcing."""
+    greedy = SamplingParams(max_new_tokens=9, temperature=0.0)
+    engine = TorchEngine(model)
+    alone = {k: engine.generate(ps, greedy) for k, ps in (("a", PROMPTS[:2]), ("b", PROMPTS[2:]), ("c", [[9] * 12]))}
+    joined = run_to_end(engine, {0: ("a", PROMPTS[:2], greedy), 3: ("b", PROMPTS[2:], greedy),
+                                 5: ("c", [[9] * 12], greedy)})
+    for key, outs in alone.items():
+        for ref, c in zip(outs, joined[key]):
+            assert c.token_ids.tolist() == ref.token_ids.tolist(), key
+            np.testing.assert_allclose(c.logprobs, ref.logprobs, atol=1e-4)
+    for prompt, c in zip(PROMPTS, joined["a"] + joined["b"]):
+        np.testing.assert_allclose(c.logprobs, teacher_forced_logprobs(model, prompt, c.token_ids, 1.0), atol=1e-4)
+
+
+def test_rows_leave_when_done_and_the_cache_stays_narrow(model):
+    """Sampled rows of mixed lengths leave as they finish; a batch that keeps taking new prompts for 60
+    steps keeps a cache no wider than its longest live row; every log-prob is still the teacher-forced one."""
+    sampling = SamplingParams(max_new_tokens=6, temperature=1.0, stop_token_ids=(4, 19, 33))
+    engine = TorchEngine(model, seed=5)
+    joins = {s: (s, [PROMPTS[s % 4]], sampling) for s in range(60)}
+    widths, done, step = [], {}, 0
+    while step < 60 or engine.rows_in_flight:
+        if step in joins:
+            engine.add(*joins[step])
+        done.update(engine.step())
+        if engine._mask is not None:
+            widths.append(engine._mask.shape[1])
+            assert engine.rows_in_flight <= 6 and engine._mask.shape[0] == engine.rows_in_flight
+        step += 1
+    assert sorted(done) == list(range(60)) and max(widths) <= 7 + 6
+    lengths = {len(c.token_ids) for (c,) in done.values()}
+    assert len(lengths) > 1 and engine.tokens_generated == sum(len(c.token_ids) for (c,) in done.values())
+    for s, (c,) in done.items():
+        np.testing.assert_allclose(c.logprobs, teacher_forced_logprobs(model, PROMPTS[s % 4], c.token_ids, 1.0),
+                                   atol=1e-4)
+
+
+def test_inflight_update_while_rows_join():
+    """Weights that arrive between steps: running rows switch version mid-sequence; a row that joins later
+    starts on the new weights."""
+    model, new_state = tiny_model(0), tiny_model(1).state_dict()
+    engine = TorchEngine(model, seed=0, update_mode="inflight")
+    sampling = SamplingParams(max_new_tokens=6)
+    engine.add("old", PROMPTS[:2], sampling)
+    for _ in range(3):
+        assert engine.step() == []
+    engine.load_weights(1, new_state)
+    engine.add("new", PROMPTS[2:], sampling)
+    done = dict(run_to_end(engine, {}))
+    # Three steps sampled tokens 0-2 and computed token 3's logits on version 0; the update lands before
+    # step 4, so token 4 is the first of version 1.
+    assert all(c.versions.tolist() == [0, 0, 0, 0, 1, 1] for c in done["old"])
+    assert all((c.versions == 1).all() for c in done["new"])
+
+
+def test_between_sequences_drains_before_anyone_joins():
+    model, new_state = tiny_model(0), tiny_model(1).state_dict()
+    engine = TorchEngine(model, seed=0, update_mode="between_sequences")
+    sampling = SamplingParams(max_new_tokens=5)
+    engine.add("old", PROMPTS[:2], sampling)
+    engine.step()
+    engine.load_weights(1, new_state)
+    engine.add("new", PROMPTS[2:], sampling)
+    order = []
+    while engine.rows_in_flight:
+        order += [key for key, _ in engine.step()]
+        if "old" not in order:
+            assert len(engine._rows) == 2  # "new" waits for the update, which waits for "old" to finish
+    assert order == ["old", "new"] and engine.version == 1
+
+
+def test_one_batch_shares_its_sampling_parameters(model):
+    engine = TorchEngine(model)
+    engine.add("a", PROMPTS, SamplingParams(max_new_tokens=4, seed=1))
+    engine.add("b", PROMPTS, SamplingParams(max_new_tokens=4, seed=2))  # another seed is fine
+    with pytest.raises(ValueError, match="share their sampling"):
+        engine.add("c", PROMPTS, SamplingParams(max_new_tokens=5))
+    with pytest.raises(RuntimeError, match="add/step"):
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=4))

@@ -90,3 +90,27 @@ class RolloutEngine(Protocol):
 
     # Optional: `recover() -> bool` after an EngineLost: True once the backend serves again, at the base
     # version (the generator then queues the newest weights again); False when it cannot.
+
+
+class CallBatch:
+    """`add` / `step` (the built-in engine's continuous batching, as the generator drives it) over a plain
+    call such as an engine's `generate`: each step makes one call on every request added since the last,
+    so a request never joins a running call."""
+
+    def __init__(self, call: Callable[[list, SamplingParams], list[Completion]]):
+        self.call, self.queued = call, []
+
+    def add(self, key: Any, prompts: list, sampling: SamplingParams) -> None:
+        self.queued.append((key, prompts, sampling))
+
+    @property
+    def rows_in_flight(self) -> int:
+        return sum(len(prompts) for _, prompts, _ in self.queued)
+
+    def step(self) -> list[tuple[Any, list[Completion]]]:
+        queued, self.queued = self.queued, []
+        outs, done = self.call([p for _, prompts, _ in queued for p in prompts], queued[0][2]), []
+        for key, prompts, _ in queued:
+            done.append((key, outs[:len(prompts)]))
+            outs = outs[len(prompts):]
+        return done

@@ -7,6 +7,7 @@ Runs on CPU (and CUDA when the model is there). New weights can arrive from anot
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import threading
 import time
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from flux.engine.base import Completion, SamplingParams, WeightSource
 
@@ -104,23 +106,21 @@ class TorchEngine:
             raise ValueError(f"update_mode must be one of {UPDATE_MODES}, got {update_mode!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model: torch.nn.Module | None = model.to(self.device).eval()
-        self.version = version
-        self.update_mode = update_mode
+        self.version, self.update_mode = version, update_mode
         self.generator = torch.Generator(device=self.device)
-        if seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(seed)
-        self.tokens_generated = 0
-        self.busy_seconds = 0.0
+        self.generator.seed() if seed is None else self.generator.manual_seed(seed)
+        self.tokens_generated, self.busy_seconds = 0, 0.0
         self.load_seconds, self.loads = 0.0, 0  # applying new weights: fetch (shared memory) + copy in
         self._cache_kw, self._keep_kw = _forward_kwarg_names(model)
         self._pending: tuple[int, WeightSource] | None = None
         self._pending_lock = threading.Lock()
         self._model_lock = threading.Lock()  # held around each forward pass and each weight swap
-        self._running = threading.Event()
+        self._running, self._closed = threading.Event(), False
         self._running.set()
-        self._closed = False
+        self._queued: list[tuple[Any, list[list[int]], SamplingParams]] = []  # requests waiting to join
+        self._rows: list = []  # running sequences: [request, index in it, tokens, log-probs, versions]
+        self._ver: list[int] = []  # per running row: the weights' version its next logits came from
+        self._sampling = self._stop = self._cache = self._logits = self._mask = self._pos = None
 
     @classmethod
     def from_pretrained(
@@ -220,67 +220,126 @@ class TorchEngine:
             cache = DynamicCache.from_legacy_cache(cache)
         return out.logits[:, -1, :], cache, version
 
-    @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
-        """Sample one completion per prompt (batched, KV-cached); returns them in prompt order."""
+    # ---- continuous batching: requests join and leave the running batch between decode steps -------
+
+    def add(self, key: Any, prompts: list[list[int]], sampling: SamplingParams) -> None:
+        """Queue one request (e.g. a prompt group): its prompts join the running batch at the next `step`.
+
+        Every request in the batch shares one sampling setup (all but the seed; a batch that starts empty
+        is re-seeded from its first request's seed). Call `add` and `step` from one thread.
+        """
         sampling.validate()
-        if sampling.seed is not None:
-            self.generator.manual_seed(sampling.seed)
         if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs at least one prompt, and no empty prompt")
+            raise ValueError("a request needs at least one prompt, and no empty prompt")
+        same = self._sampling if self._rows else self._queued[0][2] if self._queued else None
+        if same is not None and dataclasses.replace(same, seed=None) != dataclasses.replace(sampling, seed=None):
+            raise ValueError("requests in one batch must share their sampling parameters (all but the seed)")
+        self._queued.append((key, prompts, sampling))
+
+    @property
+    def rows_in_flight(self) -> int:
+        """Sequences being sampled or queued to join."""
+        return len(self._rows) + sum(len(p) for _, p, _ in self._queued)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Any, list[Completion]]]:
+        """Let queued requests join (one prefill), then sample one token for every running sequence.
+        Returns the requests whose every sequence has finished, as (key, completions in prompt order)."""
         if self._closed:
             raise RuntimeError("TorchEngine is closed")
         start = time.perf_counter()
         paused = self._wait_if_paused()
-        self.apply_pending()  # both modes take new weights before a call starts
+        if not self._rows or self.update_mode == "inflight":
+            # Step boundary: the only place weights change while sequences run (an empty batch always
+            # starts on the newest weights). The KV cache of earlier tokens (computed by the old weights) is
+            # kept, as in PipelineRL / AReaL: the learner corrects the drift through the per-token versions
+            # and behaviour log-probs.
+            self.apply_pending()
+        if self._queued and not (self._rows and self.update_mode != "inflight" and self._pending is not None):
+            self._join()  # (between_sequences: while an update waits, the batch drains before anyone joins)
+        done = self._decode() if self._rows else []
+        self.busy_seconds += time.perf_counter() - start - paused
+        return done
 
-        ids, mask = _left_pad(prompts, self.device)
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        """Sample one completion per prompt (batched, KV-cached); returns them in prompt order."""
+        if self.rows_in_flight:
+            raise RuntimeError("generate while a continuous batch is running: use add/step")
+        self.add(None, prompts, sampling)
+        while not (done := self.step()):
+            pass
+        return done[0][1]
+
+    def _join(self) -> None:
+        """Prefill the queued requests and merge them into the running batch (left-padded to one width)."""
+        queued, self._queued = self._queued, []
+        if not self._rows:
+            self._sampling = queued[0][2]
+            self._stop = torch.tensor(sorted(set(self._sampling.stop_token_ids)), dtype=torch.long,
+                                      device=self.device)
+            if self._sampling.seed is not None:
+                self.generator.manual_seed(self._sampling.seed)
+        ids, mask = _left_pad([p for _, ps, _ in queued for p in ps], self.device)
         # Left padding: HF derives positions from a plain arange, which would count the pads; the
         # positions must restart at 0 on each row's first real token, as in an unpadded forward.
-        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        logits, cache, logits_version = self._forward(ids, mask, positions, cache=None)
-        next_pos = mask.sum(dim=-1)  # (b,) position of the first generated token
+        logits, cache, version = self._forward(ids, mask, (mask.cumsum(dim=-1) - 1).clamp(min=0), None)
+        # A request is [key, its completions, rows still running]; a row [request, index in it, tokens, ...].
+        rows = [(q, j, [], [], []) for q in ([k, [None] * len(ps), len(ps)] for k, ps, _ in queued) for j in range(q[2])]
+        if self._rows:
+            width = max(mask.shape[1], self._mask.shape[1])
+            kv = [(torch.cat([_pad_left(k0, width), _pad_left(k1, width)]),
+                   torch.cat([_pad_left(v0, width), _pad_left(v1, width)]))
+                  for (k0, v0), (k1, v1) in zip(_kv(self._cache), _kv(cache))]
+            _set_kv(self._cache, kv)
+            mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)),
+                              F.pad(mask, (width - mask.shape[1], 0))])
+            logits, positions = torch.cat([self._logits, logits]), torch.cat([self._pos, mask[-len(rows):].sum(-1)])
+        else:
+            self._cache, positions = cache, mask.sum(dim=-1)
+        self._rows += rows
+        self._ver += [version] * len(rows)
+        self._logits, self._mask, self._pos = logits, mask, positions
 
-        b, n = len(prompts), sampling.max_new_tokens
-        out_tokens = torch.zeros(b, n, dtype=torch.long, device=self.device)
-        out_logp = torch.zeros(b, n, dtype=torch.float32, device=self.device)
-        out_ver = torch.zeros(b, n, dtype=torch.int32, device=self.device)
-        lengths = torch.zeros(b, dtype=torch.long, device=self.device)
-        finished = torch.zeros(b, dtype=torch.bool, device=self.device)
-        stop = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.long, device=self.device)
+    def _decode(self) -> list[tuple[Any, list[Completion]]]:
+        """Sample a token for every running row; finished rows leave; the rest take one forward pass."""
+        if not bool(torch.isfinite(self._logits).all()):
+            from flux.run.runtime import FluxRunError
 
-        for step in range(n):
-            if not bool(torch.isfinite(logits).all()):
-                from flux.run.runtime import FluxRunError
-
-                raise FluxRunError(f"the policy's weights became non-finite at step {logits_version - 1}: "
-                                   f"version {logits_version} gives NaN/inf logits")
-            tokens, logp = sample_tokens(logits, sampling, self.generator)
-            live = ~finished
-            out_tokens[:, step] = torch.where(live, tokens, 0)
-            out_logp[:, step] = logp
-            out_ver[:, step] = logits_version
-            lengths += live.long()
-            self.tokens_generated += int(live.sum())
-            finished |= live & torch.isin(tokens, stop)
-            if step == n - 1 or bool(finished.all()):
-                break
-            # Step boundary: the only place weights may change inside a call.
-            paused += self._wait_if_paused()
-            if self.update_mode == "inflight":
-                # The KV cache of earlier tokens (computed by the old weights) is kept, as in
-                # PipelineRL / AReaL: recomputing it would cost a prefill per update, and the learner
-                # corrects the drift through the per-token versions and behaviour log-probs.
-                self.apply_pending()
-            # Finished rows still ride along (one batch, one cache), but their new key is masked
-            # out and their samples are discarded above.
-            mask = torch.cat([mask, live.long()[:, None]], dim=-1)
-            step_ids = torch.where(live, tokens, 0)[:, None]
-            logits, cache, logits_version = self._forward(step_ids, mask, next_pos[:, None], cache)
-            next_pos = next_pos + 1
-
-        self.busy_seconds += time.perf_counter() - start - paused
-        return _to_completions(out_tokens, out_logp, out_ver, lengths, finished)
+            version = max(self._ver)
+            raise FluxRunError(f"the policy's weights became non-finite at step {version - 1}: "
+                               f"version {version} gives NaN/inf logits")
+        tokens, logp = sample_tokens(self._logits, self._sampling, self.generator)
+        ended = torch.isin(tokens, self._stop).tolist()
+        keep, done = [], []
+        for i, (row, token, lp) in enumerate(zip(self._rows, tokens.tolist(), logp.tolist())):
+            request, j, toks, lps, vers = row
+            toks.append(token), lps.append(lp), vers.append(self._ver[i])
+            if not ended[i] and len(toks) < self._sampling.max_new_tokens:
+                keep.append(i)
+                continue
+            request[1][j] = Completion(np.asarray(toks, np.int32), np.asarray(lps, np.float32),
+                                       np.asarray(vers, np.int32), bool(ended[i]))
+            request[2] -= 1
+            if request[2] == 0:
+                done.append((request[0], request[1]))
+        self.tokens_generated += len(self._rows)
+        if len(keep) < len(self._rows):  # finished rows leave the batch, and its cache
+            idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self._rows, self._ver = [self._rows[i] for i in keep], [self._ver[i] for i in keep]
+            if not keep:
+                self._cache = self._logits = self._mask = self._pos = None
+                return done
+            self._mask, self._pos, tokens = self._mask[idx], self._pos[idx], tokens[idx]
+            first = int(self._mask.any(dim=0).nonzero()[0])  # columns that are padding in every row go
+            _set_kv(self._cache, [(k[idx, :, first:], v[idx, :, first:]) for k, v in _kv(self._cache)])
+            self._mask = self._mask[:, first:]
+        self._mask = F.pad(self._mask, (0, 1), value=1)
+        self._logits, self._cache, version = self._forward(tokens[:, None], self._mask, self._pos[:, None],
+                                                           self._cache)
+        self._ver = [version] * len(self._rows)
+        self._pos = self._pos + 1
+        return done
 
     @torch.inference_mode()
     def score(self, prompts: list[list[int]], responses: list[list[int]], temperature: float = 1.0
@@ -322,24 +381,21 @@ def _tied_names(model: torch.nn.Module) -> set[str]:
     return tied
 
 
-def _to_completions(
-    tokens: torch.Tensor,
-    logp: torch.Tensor,
-    versions: torch.Tensor,
-    lengths: torch.Tensor,
-    finished: torch.Tensor,
-) -> list[Completion]:
-    """Cut the padded (b, n) outputs into per-row Completions (one device-to-host copy)."""
-    tokens_np = tokens.cpu().numpy().astype(np.int32)
-    logp_np = logp.cpu().numpy()
-    versions_np = versions.cpu().numpy()
-    lengths_np, finished_np = lengths.cpu().numpy(), finished.cpu().numpy()
-    return [
-        Completion(
-            token_ids=tokens_np[row, :length].copy(),
-            logprobs=logp_np[row, :length].copy(),
-            versions=versions_np[row, :length].copy(),
-            finished=bool(finished_np[row]),
-        )
-        for row, length in enumerate(lengths_np)
-    ]
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad a (b, heads, t, d) key/value tensor on the left of its sequence axis to `width`."""
+    return F.pad(t, (0, 0, width - t.shape[-2], 0))
+
+
+def _kv(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of each layer of a HF DynamicCache (transformers 5: `layers`; 4.x: two lists)."""
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
+def _set_kv(cache: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    if hasattr(cache, "layers"):
+        for layer, (k, v) in zip(cache.layers, kv):
+            layer.keys, layer.values = k, v
+    else:
+        cache.key_cache, cache.value_cache = [k for k, _ in kv], [v for _, v in kv]

@@ -330,7 +330,8 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
                                  f"{last_words(a) or 'no message'}; its groups are re-queued")
             failed = [a for a in exited if a.proc.returncode != 0
                       and (a.role != "generator" or " stops the run: " in last_words(a))]
-            if not failed and lost and all(a.proc.poll() is not None for a in actors if a.role == "generator"):
+            # Every generator dead (a clean exit means the run is ending: its learner's exit may just not be seen yet).
+            if not failed and lost and all(a.proc.poll() not in (None, 0) for a in actors if a.role == "generator"):
                 failed = [a for a in actors if a.name in lost][:1]
             if failed:
                 # The actors hear Stop and exit; the one that caused it may still be on its way out.

@@ -38,6 +38,8 @@ import msgspec
 import numpy as np
 import torch
 
+from flux.plugins import hook
+
 SHM_DIR = "/dev/shm"
 MAGIC = b"FLUXWTS1"
 HEADER = struct.Struct("<8sQqQQQI")  # magic, seq, version, manifest_len, data_len, checksum, flags
@@ -187,21 +189,10 @@ class WeightPublisher:
 
     def _bucket(self, slot: int, nbytes: int, device: torch.device) -> tuple[torch.Tensor, dict]:
         """The slot's CUDA bucket and its msgpack-able IPC handle, (re)allocated when the size changed."""
-        from torch.multiprocessing.reductions import reduce_tensor
-
         if slot in self._buckets and self._buckets[slot][0].numel() == nbytes \
                 and self._buckets[slot][0].device == device:
             return self._buckets[slot]
-        bucket = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        _, args = reduce_tensor(bucket)  # the positional arguments of rebuild_cuda_tensor, named below
-        keys = ("cls", "size", "stride", "offset", "storage_cls", "dtype", "device", "handle", "storage_size",
-                "storage_offset", "requires_grad", "ref_counter_handle", "ref_counter_offset", "event_handle",
-                "event_sync")
-        ipc = dict(zip(keys, args))
-        ipc.update(size=list(ipc["size"]), stride=list(ipc["stride"]),
-                   storage_cls=ipc["storage_cls"].__name__)
-        del ipc["cls"], ipc["dtype"], ipc["requires_grad"]  # always torch.Tensor, uint8, False
-        self._buckets[slot] = (bucket, ipc)
+        self._buckets[slot] = hook("cuda.share_bucket")(nbytes, device)
         return self._buckets[slot]
 
     def close(self) -> None:
@@ -310,7 +301,7 @@ def _read(fd: int, handle: dict, device: int | None,
     meta = os.pread(fd, meta_len, HEADER_BYTES)
     if on_gpu:
         try:
-            blob = _open_bucket(handle["ipc"], device).clone()
+            blob = hook("cuda.open_bucket")(handle["ipc"], device).clone()
             torch.cuda.synchronize(blob.device)  # the copy must be over before the counter is re-read
         except RuntimeError as e:  # a resized slot frees its old bucket
             if _header(fd)[1] != seq:
@@ -345,17 +336,6 @@ def _pread_into(fd: int, out: np.ndarray, offset: int, block: int = 0) -> list[i
         if block:
             sums.append(_sum64(out[start:end]))
     return sums
-
-
-def _open_bucket(ipc: dict, device: int | None) -> torch.Tensor:
-    from torch.multiprocessing.reductions import rebuild_cuda_tensor
-
-    storage_cls = {"TypedStorage": torch.storage.TypedStorage, "UntypedStorage": torch.UntypedStorage}
-    return rebuild_cuda_tensor(
-        torch.Tensor, torch.Size(ipc["size"]), tuple(ipc["stride"]), ipc["offset"],
-        storage_cls[ipc["storage_cls"]], torch.uint8, ipc["device"] if device is None else device,
-        ipc["handle"], ipc["storage_size"], ipc["storage_offset"], False, ipc["ref_counter_handle"],
-        ipc["ref_counter_offset"], ipc["event_handle"], ipc["event_sync"])
 
 
 def cleanup_prefix(prefix: str) -> list[str]:

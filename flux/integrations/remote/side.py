@@ -277,19 +277,45 @@ def may_send(ctl, msg, key: str = "") -> bool:
 def run_info(ctl, req: M.RunInfoRequest) -> M.RunInfo:
     """What a remote generator needs to join: the config, model path, prompts digest, the other ports."""
     name, k = req.name, 1
-    while name in ctl.members or name in ctl.handed_out:
+    peers = ctl.peers
+    while name in ctl.members or name in peers.handed_out:
         k += 1
         name = f"{req.name}-{k}"
-    ctl.handed_out.add(name)
+    peers.handed_out.add(name)
     token = ""
     if ctl.cfg.net.weight_stream == "plain":
-        token = ctl.token_of[name] = secrets.token_hex(16)
-        ctl.weight_tokens.add(token)
+        token = peers.token_of[name] = secrets.token_hex(16)
+        peers.weight_tokens.add(token)
     r = ctl.spec.remote
     ctl.log.info("remote generator %s on %s asks to join", name, req.host)
     return M.RunInfo(ctl.spec.run_id, name, ctl.admission.version, ctl.spec.model_path, ctl.spec.num_prompts,
-                     ctl.prompts_digest, ctl.cfg.to_dict(),
+                     peers.prompts_digest, ctl.cfg.to_dict(),
                      {k: port_of(r[k]) for k in ("pub", "pull", "weights")}, token)
+
+
+class Peers:
+    """The controller's book of remote generators: names handed out, weight-stream tokens, the prompts digest."""
+
+    def __init__(self, cfg):
+        from flux.data import split_records  # before data.max_prompt_length, as a remote generator reads them
+
+        self.handed_out: set[str] = set()  # names given to remote generators in a RunInfo
+        # net.weight_stream=plain: the weight server serves these tokens only (one per remote generator)
+        self.weight_tokens: set[str] = set()
+        self.token_of: dict[str, str] = {}
+        self.prompts_digest = prompts_digest(split_records(cfg)[0])
+
+    def forget(self, name: str) -> None:
+        self.weight_tokens.discard(self.token_of.pop(name, ""))
+
+    def cut_off(self, ctl) -> None:
+        """Remote generators whose key was removed from the authorized directory are dead to the run."""
+        for name, m in list(ctl.members.items()):
+            if m.remote and m.key and not ctl.key_allowed(m.key):
+                ctl.log.warning("generator %s cut off: its key was removed from %s", name, ctl.gate.authorized)
+                del ctl.members[name]
+                ctl.forget(m, "dead", "key removed")
+                ctl.reclaim(m)
 
 
 def handlers(ctl) -> dict:

@@ -400,3 +400,14 @@ class WeightFetcher(threading.Thread):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def start_fetcher(ctx: zmq.Context, spec, deliver, log) -> WeightFetcher:
+    """A remote generator's fetcher for its run (spec.remote), started; `deliver(version, state)` gets each
+    whole, verified version."""
+    net = spec.config.net
+    curve = spec.curve if net.weight_stream == "curve" else None  # plain: a token instead
+    fetcher = WeightFetcher(ctx, spec.remote["weights"], curve, deliver, log, window=net.weight_window,
+                            stall_s=net.heartbeat_timeout_s, token=spec.remote.get("token", ""))
+    fetcher.start()
+    return fetcher

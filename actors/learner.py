@@ -59,8 +59,11 @@ class BatchClient:
         P.send(self.sock, P.BatchRequest(step, version, groups))
 
 
-def to_train_batch(batch: P.Batch, pad_id: int):
-    """Flat Batch → (TrainBatch with zero advantages, per-group rewards, per-group response lengths)."""
+def to_train_batch(batch: P.Batch, pad_id: int, version: int | None = None, eta_max: int | None = None):
+    """Flat Batch → (TrainBatch with zero advantages, per-group rewards, per-group response lengths).
+
+    Tokens sampled more than `eta_max` versions before `version` are masked out of the loss (and of the
+    staleness signals): the hard lag bound, per token."""
     from flux.learner.torch_learner import TrainBatch
 
     groups = batch.to_groups()
@@ -72,7 +75,10 @@ def to_train_batch(batch: P.Batch, pad_id: int):
             samples.append((g.prompt_ids, g.response_ids[a:b], g.logprobs[a:b], g.versions[a:b], 0.0))
     rewards = [torch.from_numpy(g.rewards.astype(np.float32)) for g in groups]
     lengths = [torch.from_numpy(g.response_lens.astype(np.int64)) for g in groups]
-    return TrainBatch.from_samples(samples, pad_id), rewards, lengths
+    tb = TrainBatch.from_samples(samples, pad_id)
+    if eta_max is not None:
+        tb.response_mask = tb.response_mask * ((version - tb.versions) <= eta_max).to(tb.response_mask.dtype)
+    return tb, rewards, lengths
 
 
 def preference_rows(advantages) -> torch.Tensor:
@@ -314,7 +320,8 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
         t_wait = time.monotonic()
         batch = buffer.get(step, version, lc.groups_per_step, asked=step == start)
         # The other ranks get the same batch (None: stop) and train on their share of it in lockstep.
-        work = ranks.broadcast(None if batch is None else to_train_batch(batch, pad_id))
+        work = ranks.broadcast(None if batch is None else
+                               to_train_batch(batch, pad_id, version, cfg.adaptive_async.eta_max))
         if work is None:
             break
         TIMELINE.mark("first_batch")
@@ -363,6 +370,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
             **{k: float(v) for k, v in stats.items()},
             "learner_busy_frac": busy / max(1e-6, time.monotonic() - t_start),
             "samples": len(batch.response_lens), "tokens": int(batch.response_lens.sum()),
+            "masked_stale_tokens": int(batch.response_lens.sum()) - tb.num_tokens,  # older than eta_max
             "response_len_mean": float(batch.response_lens.mean()),
             "response_len_p50": float(np.percentile(batch.response_lens, 50)),
             "response_len_p99": float(np.percentile(batch.response_lens, 99)),

@@ -186,8 +186,11 @@ class AdaptiveAsyncConfig:
     min_async_ratio: float = _doc("Lower clamp of the async ratio a.", 0.0)
     max_async_ratio: float = _doc("Upper clamp of the async ratio a.", 1.0)
     initial_async_ratio: float = _doc("a at the start of an adaptive run.", 0.5)
-    eta_max: int = _doc("Largest allowed lead in optimizer steps; older samples are dropped.", 4, low=0)
-    kp: float = _doc("PID proportional gain (per unit of staleness error).", 1.0)
+    eta_max: int = _doc("Largest allowed lead in optimizer steps: tokens sampled more than eta_max versions "
+                        "before the step that trains them are masked out of the loss, a group with none left "
+                        "is dropped.", 4, low=0)
+    kp: float = _doc("PID proportional gain (per unit of staleness error). Small: S is noisy and spiky, and a "
+                     "steady lead trains faster than one that swings at the same mean staleness.", 0.3)
     ki: float = _doc("PID integral gain (per step).", 0.2)
     kd: float = _doc("PID derivative gain (on the measurement).", 0.0)
     ema_horizon: float = _doc("EMA horizon in steps for the measured staleness.", 5.0, low=1)

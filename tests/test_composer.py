@@ -62,13 +62,15 @@ def test_stale_groups_dropped_counted_and_reported_once():
     c = Composer(eta_max=2)
     c.add(group(1, [0]))       # lag 3 at version 3: dropped
     c.add(group(2, [1]))       # lag exactly eta_max: kept
-    c.add(group(3, [1, 3]))    # its oldest token decides: lag 2, kept
-    c.add(group(4, [0, 3]))    # oldest token lag 3: dropped, however fresh the rest
-    assert c.take(3, version=3) is None   # only 2 usable groups, but the stale ones are gone already
+    c.add(group(3, [1, 3]))    # kept
+    c.add(group(4, [0, 3]))    # its newest token decides: kept, the learner masks the lag-3 tokens
+    c.add(group(5, [0, 0]))    # no token within the bound: dropped
+    assert c.take(4, version=3) is None   # only 3 usable groups, but the stale ones are gone already
     assert c.dropped_stale == 2
-    assert c.pop_dropped() == {"stale": [1, 4]}
+    assert c.pop_dropped() == {"stale": [1, 5]}
     assert c.pop_dropped() == {}           # each drop reported exactly once
-    assert ids(c.take(2, version=3)) == [3, 2]
+    # all three hold tokens that pass the bound at the next version (expiring): freshest first
+    assert ids(c.take(3, version=3)) == [3, 4, 2]
     # the dropped samples' completion lengths are counted (two groups of two 2-token samples)
     assert c.stats() == {"depth": 0, "dropped_stale": 2, "dropped_zero_variance": 0, "dropped_lengths": {"2-3": 4}}
 
@@ -176,3 +178,13 @@ def test_balance_partitions_with_near_equal_loads(lengths, parts):
         loads = [sum(lengths[i] for i in b) for b in bins]
         # Greedy least-loaded assignment: the heaviest part was the lightest when it got its last item.
         assert max(loads) - min(loads) <= max(lengths)
+
+
+def test_a_group_is_kept_while_its_newest_token_is_within_the_bound():
+    """A long completion spans versions (continuous batching, in-flight updates): it is dropped only once
+    no token is left within eta_max; the learner masks the older ones (tests/test_learner_actor.py)."""
+    c = Composer(eta_max=1)
+    c.add(group(1, [0, 0, 2, 3]))   # oldest token 3 versions behind at version 3, newest 0
+    c.add(group(2, [0, 1]))         # newest token 2 behind: nothing usable
+    assert [g.group_id for g in c.take(1, version=3)] == [1]
+    assert c.pop_dropped() == {"stale": [2]}

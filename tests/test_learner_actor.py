@@ -84,3 +84,23 @@ def test_token_budget_micro_batches_pack_similar_lengths_and_keep_pairs():
     assert all((r ^ 1) in p.tolist() for p in pairs for r in p.tolist())   # 2i and 2i+1 together
     # one row longer than the budget still gets a micro-batch of its own
     assert [len(p) for p in micro_batches(tb, tokens=10)].count(1) >= 2
+
+
+def test_tokens_older_than_eta_max_are_masked_out_of_the_batch():
+    """The lag bound per token: a completion that spans versions keeps its fresh tokens; its group, rewards
+    and lengths stay whole (advantages are per group)."""
+    from actors.learner import to_train_batch
+    from flux.run import protocol as P
+
+    g = P.TrajectoryGroup(
+        group_id=1, prompt_index=0, generator="gen0", sample_count=2, prompt_ids=np.array([5, 6], np.int32),
+        response_ids=np.array([7, 8, 9, 7, 8], np.int32), response_lens=np.array([3, 2], np.int32),
+        logprobs=np.full(5, -1.0, np.float32), versions=np.array([2, 4, 5, 5, 5], np.int32),
+        rewards=np.array([0.0, 1.0], np.float32), finish=np.ones(2, np.uint8), gen_seconds=0.1, meta={})
+    batch = P.Batch.from_groups(0, [g])
+    tb, rewards, lengths = to_train_batch(batch, 0, version=6, eta_max=2)
+    assert tb.response_mask.sum(-1).tolist() == [2.0, 2.0]            # the version-2 token (lag 4) is out
+    assert ((6 - tb.versions)[tb.response_mask > 0] <= 2).all()
+    assert lengths[0].tolist() == [3, 2] and rewards[0].tolist() == [0.0, 1.0]
+    whole, _, _ = to_train_batch(batch, 0)
+    assert whole.response_mask.sum().item() == 5

@@ -14,9 +14,12 @@ import numpy as np
 class Composer:
     """Holds whole prompt groups and composes batches of them.
 
-    - A group whose oldest token is more than `eta_max` versions behind the version it would be
-      trained at is dropped and counted (`dropped_stale`): the off-policy correction is only trusted
-      up to that lag.
+    - A group whose newest token is more than `eta_max` versions behind the version it would be
+      trained at has nothing left to train on: it is dropped and counted (`dropped_stale`). The
+      off-policy correction is only trusted up to that lag, so the learner masks out every older token
+      of the groups it trains (`to_train_batch`): a long completion that spans several versions keeps
+      its fresh tokens instead of being dropped whole (with continuous batching, short groups finish
+      first, and dropping by the oldest token would bias training against long completions).
     - With `skip_zero_variance` (DAPO dynamic sampling), a group whose rewards are all equal carries no
       GRPO/RLOO signal: it is dropped on arrival and counted (`dropped_zero_variance`); giving its
       credit back makes the controller admit a replacement.
@@ -61,7 +64,7 @@ class Composer:
         fresh = []
         for item in self.groups:
             versions = item[2].versions
-            if version - int(versions.min()) > self.eta_max:
+            if version - int(versions.max()) > self.eta_max:
                 self.dropped_stale += 1
                 self.drop(item[2].group_id, "stale", item[2])
             elif len(versions) and int(versions.max()) > version:

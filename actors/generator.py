@@ -266,33 +266,34 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     flying: dict[int, tuple] = {}  # group id -> (prompt index, admission token, prompt ids, time admitted)
     refused = (-1, 0.0)  # (newest version, time) of the last refused admission
     while not stop.is_set():
-        # Ask for credits while there is room for a group, but after a refusal only once a new version is
-        # out or 20 ms have passed (credits come with versions, and back with dropped groups).
-        while (room := capacity - batch.rows_in_flight) >= per_group and not stop.is_set() and not (
-                flying and refused[0] == link.newest and time.monotonic() - refused[1] < 0.02):
-            admit = link.request(P.AdmitRequest(name, room // per_group))
-            if admit is None or not admit.groups:
-                refused = (link.newest, time.monotonic())
-                break
-            if admit.version > link.newest and admit.weights:  # its NewVersion broadcast never reached us
-                link.queue_weights(admit.version, admit.weights)
-            if not batch.rows_in_flight and not link.wait_for_version(admit.version):
-                break  # (a batch that starts takes the admitted weights; sequences running pick them up as they go)
-            # Seeded by what is sampled (prompts, policy version, generator): a resumed run, or a sync run
-            # repeated, draws the same completions (a batch that starts empty takes its first request's seed).
-            seed = zlib.crc32(repr((cfg.seed, name, admit.version, [g["prompt_index"] for g in admit.groups])).encode())
-            for g in admit.groups:
-                idx = g["prompt_index"]
-                ids = render_prompt(records[idx], tokenizer)
-                flying[g["group_id"]] = (idx, g["token"], ids, time.monotonic())
-                batch.add(g["group_id"], [(ids, q) for q in pair(records[idx])] if offline else [ids] * per_group,
-                          dataclasses.replace(sampling, seed=seed))
-        if not flying:
-            link.version_arrived.wait(0.02)  # no credit: wait for a new version (or retry shortly)
-            link.version_arrived.clear()
-            continue
-        tokens = engine.tokens_generated
-        try:
+        try:  # a backend lost while admitting (its weight update) or stepping: its groups are re-queued
+            # Ask for credits while there is room for a group, but after a refusal only once a new version
+            # is out or 20 ms have passed (credits come with versions, and back with dropped groups).
+            while (room := capacity - batch.rows_in_flight) >= per_group and not stop.is_set() and not (
+                    flying and refused[0] == link.newest and time.monotonic() - refused[1] < 0.02):
+                admit = link.request(P.AdmitRequest(name, room // per_group))
+                if admit is None or not admit.groups:
+                    refused = (link.newest, time.monotonic())
+                    break
+                if admit.version > link.newest and admit.weights:  # its NewVersion broadcast never reached us
+                    link.queue_weights(admit.version, admit.weights)
+                for g in admit.groups:
+                    idx = g["prompt_index"]
+                    flying[g["group_id"]] = (idx, g["token"], render_prompt(records[idx], tokenizer), time.monotonic())
+                if not batch.rows_in_flight and not link.wait_for_version(admit.version):
+                    break  # (a batch that starts takes the admitted weights; running sequences pick them up)
+                # Seeded by what is sampled (prompts, policy version, generator): a resumed run, or a sync run
+                # repeated, draws the same completions (a batch that starts empty takes its first request's).
+                seed = zlib.crc32(repr((cfg.seed, name, admit.version, [g["prompt_index"] for g in admit.groups])).encode())
+                for g in admit.groups:
+                    idx, _, ids, _ = flying[g["group_id"]]
+                    batch.add(g["group_id"], [(ids, q) for q in pair(records[idx])] if offline else [ids] * per_group,
+                              dataclasses.replace(sampling, seed=seed))
+            if not batch.rows_in_flight:  # (groups admitted as the run stops are its unfinished ones)
+                link.version_arrived.wait(0.02)  # no credit: wait for a new version (or retry shortly)
+                link.version_arrived.clear()
+                continue
+            tokens = engine.tokens_generated
             done = batch.step()
         except EngineLost as e:
             recover_engine(engine, link, [(gid, per_group) for gid in flying], e, log)

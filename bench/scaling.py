@@ -13,7 +13,8 @@ generators whose work is elsewhere, e.g. a GPU each), which shows what the machi
 Simulation (SIMULATED, not measured): a discrete-event simulation of the controller with many
 generators and long-tailed completion lengths. It drives the real control code with a simulated clock:
 `flux.control.admission.Admission` and `PromptCursor` hand out the credits, `flux.control.composer.Composer` composes
-the batches (whole groups, freshest first, too-stale groups dropped and their credit given back),
+the batches (whole groups, freshest first; a group with no token within eta_max dropped and its credit
+given back, older tokens of the others masked out of the loss as the learner does),
 `flux.control.pid.PID` sets the async ratio from `flux.control.staleness.combined_staleness`, whose divergence term is
 modelled (D grows with the batch's mean lag: `--sim-div-per-lag`). It reports simulated learner
 utilisation, staleness, lag and drops per mode.
@@ -117,6 +118,7 @@ class Simulation:
         self.next_gid = 0
         self.rows: list[dict] = []
         self.dropped = 0
+        self.masked_tokens = 0  # tokens older than eta_max, masked out of the loss (their group trained)
 
     def at(self, t: float, kind: str, data=None) -> None:
         self.seq += 1
@@ -175,7 +177,9 @@ class Simulation:
         if groups is None:
             return  # woken by the next group_done
         versions = np.concatenate([g.versions for g in groups])
-        lag = lag_stats(versions, version)
+        kept = versions[version - versions <= self.c.eta_max]  # as the learner: older tokens leave the loss
+        self.masked_tokens += len(versions) - len(kept)
+        lag = lag_stats(kept, version)
         div = self.c.div_per_lag * lag["mean"]
         s = combined_staleness(lag["mean"], div, eta_max=max(1, self.c.eta_max), d_ref=self.d_ref, w_lag=self.w_lag)
         tokens = int(sum(g.tokens for g in groups))
@@ -208,7 +212,8 @@ class Simulation:
                 "staleness_mean": float(np.mean([r["staleness"] for r in rows])),
                 "lag_mean": float(np.mean([r["lag_mean"] for r in rows])),
                 "lag_max": float(max(r["lag_max"] for r in rows)),
-                "async_ratio_final": self.admission.async_ratio, "dropped_groups": self.dropped}
+                "async_ratio_final": self.admission.async_ratio, "dropped_groups": self.dropped,
+                "masked_stale_tokens": self.masked_tokens}
 
 
 def simulate(generators: list[int], steps: int, seed: int, div_per_lag: float, targets: list[float]) -> list[dict]:

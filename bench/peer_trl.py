@@ -1,8 +1,12 @@
 """Flux against a synchronous peer: TRL's `GRPOTrainer` on the same model, task and batch, on CPU.
 
-    python bench/peer_trl.py [--steps 100] [--repeats 1] [--seed 0] [--trl-threads 1 2] [--set KEY=VALUE ...]
-                             [--only trl flux-sync flux-adaptive flux-async]
-                             [--json bench/results/peer_trl.json] [--plot bench/results/peer_trl.png]
+    python bench/peer_trl.py [--workload sort|longtail] [--steps 100] [--repeats 1] [--seed 0]
+                             [--trl-threads 1 2] [--set KEY=VALUE ...] [--only trl flux-sync flux-adaptive flux-async]
+                             [--json bench/results/peer_trl[_<workload>].json] [--plot ...png]
+
+`--workload` is one of bench/async_modes.py's: `sort` (the built-in task at its defaults) or `longtail`
+(the built-in repeat task, completions of 2 to 49 tokens: a sync step mostly generates, and HF
+`generate` decodes every batch until its longest completion ends). Its overrides come before `--set`.
 
 Runs back to back and never in parallel (they would compete for the cores), each for the same number
 of optimizer steps of the same number of samples:
@@ -53,6 +57,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's flux, installed or not
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from async_modes import WORKLOADS
 from common import have_matplotlib, machine, mean, run_train, write_json
 
 TRL = "trl"
@@ -402,6 +407,8 @@ def _children_cpu_s() -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", choices=["sort", "longtail"], default="sort",
+                    help="bench/async_modes.py's workload: its config overrides come before --set")
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per run (same for all three)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--trl-threads", type=int, nargs="+", default=[1, 2],
@@ -412,12 +419,18 @@ def main() -> int:
                     help="run the whole sequence this many times, interleaved; the table shows medians")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="Flux config override, applied to every run, TRL's mapping included (repeatable)")
-    ap.add_argument("--json", default="bench/results/peer_trl.json")
-    ap.add_argument("--plot", default="bench/results/peer_trl.png")
+    ap.add_argument("--json", default=None, help="default: bench/results/peer_trl.json (sort), "
+                                                      "bench/results/peer_trl_<workload>.json otherwise")
+    ap.add_argument("--plot", default=None, help="default: the JSON's path with .png")
     ap.add_argument("--runs-dir", default=None, help="keep the run directories here (default: a temp dir)")
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    suffix = "" if args.workload == "sort" else f"_{args.workload}"
+    args.json = args.json or f"bench/results/peer_trl{suffix}.json"
+    args.plot = args.plot or str(Path(args.json).with_suffix(".png"))
+    if not args.trl_worker:  # (the worker gets the workload's overrides already in --set)
+        args.overrides = [*WORKLOADS[args.workload][0], *args.overrides]
     if args.trl_worker:
         trl_worker(args.steps, args.seed, args.trl_threads[0], args.overrides, Path(args.out))
         return 0

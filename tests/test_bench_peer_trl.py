@@ -128,3 +128,11 @@ def test_trl_accepts_the_config():
     assert args.generation_batch_size == 128 and args.num_generations == 16
     assert args.steps_per_generation == 1 and args.beta == 0.0 and args.loss_type == "dapo"
     assert not args.gradient_checkpointing and args.report_to in ([], "none", ["none"])
+
+
+def test_the_long_tail_workload_is_async_modes_own_and_maps_to_trl():
+    sets, _ = bench.WORKLOADS["longtail"]
+    cfg = load_config(None, sets)
+    assert cfg.prompts == "builtin:repeat"
+    kw = bench.trl_config_kwargs(cfg, steps=10, seed=0, out_dir="x")
+    assert kw["max_completion_length"] == 64 and kw["per_device_train_batch_size"] == cfg.batch_samples

@@ -30,6 +30,7 @@ import numpy as np
 import zmq
 
 from flux.engine.base import CallBatch, EngineLost
+from flux.plugins import hook
 from flux.run import protocol as P
 from flux.run.runtime import TIMELINE, RunSpec, StopFlag, actor_main, actor_threads, connect, set_threads
 
@@ -49,11 +50,8 @@ class ControllerLink:
         self.version_arrived = threading.Event()
         self._ctx = ctx
         self._io = threading.Thread(target=self._io_loop, name="gen-io", daemon=True)
-        self.fetcher = None
-        if spec.remote.get("weights"):  # remote: versions arrive over the weight stream (integrations/remote)
-            from flux.plugins import hook
-
-            self.fetcher = hook("remote.start_fetcher")(ctx, spec, self._deliver, log)
+        # remote: versions arrive over the weight stream (integrations/remote)
+        self.fetcher = hook("remote.start_fetcher")(ctx, spec, self._deliver, log) if spec.remote.get("weights") else None
 
     def _deliver(self, version: int, state: dict) -> None:
         self.engine.load_weights(version, state)
@@ -262,7 +260,10 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         batch = CallBatch(lambda pairs, _: engine.score([p for p, _ in pairs], [q for _, q in pairs], r.temperature))
     else:  # continuous batching where the engine has it (the built-in one), else one generate call per step
         batch = engine if hasattr(engine, "step") else CallBatch(engine.generate)
-    capacity = r.groups_per_call * per_group  # sequences in flight
+    # Sequences in flight: in sync mode at least this generator's share of a step, generated in one wave
+    # (as a synchronous trainer generates its batch); in the overlapped modes groups_per_call.
+    share = -(-cfg.learner.groups_per_step // r.num_generators) if cfg.adaptive_async.mode == "sync" else 0
+    capacity = max(r.groups_per_call, share) * per_group
     flying: dict[int, tuple] = {}  # group id -> (prompt index, admission token, prompt ids, time admitted)
     refused = (-1, 0.0)  # (newest version, time) of the last refused admission
     while not stop.is_set():

@@ -62,7 +62,8 @@ class RolloutConfig:
     groups_per_call: int = _doc("Prompt groups a generator keeps in flight: the built-in engine samples up to "
                                 "groups_per_call * group_size sequences at once, a new group joining as soon as "
                                 "rows for it are free (continuous batching); other engines get this many groups "
-                                "per `generate` call.", 4, low=1)
+                                "per `generate` call. In sync mode at least the generator's share of "
+                                "learner.groups_per_step, so that a step is generated in one wave.", 4, low=1)
     max_new_tokens: int = _doc("Completion length cap in tokens.", 8, low=1)
     temperature: float = _doc("Sampling temperature (the learner scores log-probs at the same one).", 1.0)
     top_p: float = _doc("Nucleus sampling threshold (1.0 = off).", 1.0)

@@ -426,14 +426,13 @@ def main() -> int:
     ap.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.trl_worker:  # (its --set already holds the workload's overrides)
+        trl_worker(args.steps, args.seed, args.trl_threads[0], args.overrides, Path(args.out))
+        return 0
+    args.overrides = [*WORKLOADS[args.workload][0], *args.overrides]
     suffix = "" if args.workload == "sort" else f"_{args.workload}"
     args.json = args.json or f"bench/results/peer_trl{suffix}.json"
     args.plot = args.plot or str(Path(args.json).with_suffix(".png"))
-    if not args.trl_worker:  # (the worker gets the workload's overrides already in --set)
-        args.overrides = [*WORKLOADS[args.workload][0], *args.overrides]
-    if args.trl_worker:
-        trl_worker(args.steps, args.seed, args.trl_threads[0], args.overrides, Path(args.out))
-        return 0
 
     tmp = None if args.runs_dir else tempfile.TemporaryDirectory()
     root = Path(args.runs_dir or tmp.name)

@@ -43,7 +43,7 @@ def test_the_pid_holds_the_target_with_many_long_tailed_generators():
     assert free["staleness_mean"] > 0.3 and free["learner_utilisation"] > r["learner_utilisation"]
 
 
-def test_too_stale_tokens_are_masked_and_dropped_groups_give_their_credit_back():
+def test_too_stale_tokens_are_masked_and_every_admitted_sample_is_accounted_for():
     s = scaling.Simulation(scaling.SimConfig(generators=32, steps=120, mode="async"))
     r = s.run()
     # eta_max = 2: nothing older is trained (older tokens of a trained group are masked out of the loss)

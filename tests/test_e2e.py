@@ -295,6 +295,29 @@ def test_ctrl_c_stops_the_run_with_130(default_model, tmp_path):
     assert_nothing_left(run_dir)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one
+def test_a_ctrl_c_that_a_finalizer_swallows_still_stops_the_run():
+    # Python runs a signal's handler at the next bytecode, which may be inside a __del__ the GC calls; the
+    # KeyboardInterrupt raised there is printed and dropped ("Exception ignored in"). The launcher's loop
+    # checks the event the handler sets as well (a full-suite run once trained on through a Ctrl-C).
+    from flux.run.launcher import _signals_as_interrupt
+
+    class Finalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # the handler runs in here
+
+    interrupted, previous = _signals_as_interrupt()
+    try:
+        Finalizer()  # dropped at once: __del__ runs, the interrupt it raises goes nowhere
+        time.sleep(0.05)
+        assert interrupted.is_set()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    assert signal.getsignal(signal.SIGINT) is previous[signal.SIGINT]
+
+
 def test_cli_ctrl_c_before_the_actors_start_exits_130(monkeypatch):
     from click.testing import CliRunner
 

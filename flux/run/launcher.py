@@ -15,8 +15,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +72,15 @@ def keep_metrics_before(run_dir: Path, step: int) -> None:
     path.write_text("".join(x + "\n" for x in kept))
 
 
+@contextmanager
+def naming(field: str, *errors: type[Exception]):
+    """`errors` raised inside become a SetupError "FIELD: reason" (the reason alone with no field)."""
+    try:
+        yield
+    except errors as e:
+        raise SetupError(f"{field}: {e}" if field else str(e)) from None
+
+
 def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     """Check everything an actor would trip over, make the run directory, write config + spec.
 
@@ -81,23 +92,15 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
     from flux.rewards import build_parts
     from flux.sinks import load_factory
 
-    try:
+    with naming("prompts", DataError, ValueError):
         records = split_records(cfg)[0]
-    except (DataError, ValueError) as e:
-        raise SetupError(f"prompts: {e}") from None
-    try:
+    with naming("eval.prompts", DataError, ValueError):
         all_eval_records(cfg)  # the records it names load
-    except (DataError, ValueError) as e:
-        raise SetupError(f"eval.prompts: {e}") from None
-    try:
+    with naming("rewards" if cfg.rewards else "reward", ValueError):
         build_parts(cfg)
-    except ValueError as e:
-        raise SetupError(f"{'rewards' if cfg.rewards else 'reward'}: {e}") from None
-    for dotted in cfg.logging.sinks:
-        try:
+    with naming("logging.sinks", ValueError):
+        for dotted in cfg.logging.sinks:
             load_factory(dotted)
-        except ValueError as e:
-            raise SetupError(f"logging.sinks: {e}") from None
     try:
         algorithm = get_algorithm(cfg.algorithm)
         algorithm.params(cfg.algo)
@@ -111,20 +114,14 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
                              f"preference algorithm such as dpo trains on, not {algorithm.name}")
         cfg.rollout.group_size = 2  # offline pairs: a group is the pair (B = 2 · groups_per_step)
     if cfg.rollout.engine == "sglang":
-        try:
+        with naming("rollout.engine=sglang", hook("sglang.SGLangError")):
             hook("sglang.check_setup")(cfg.rollout)
-        except hook("sglang.SGLangError") as e:
-            raise SetupError(f"rollout.engine=sglang: {e}") from None
     remote = {}
     if cfg.net.remote:  # CURVE endpoints for `flux generator --connect` (flux/integrations/remote/side.py)
-        try:
+        with naming("", ValueError):
             remote = hook("remote.endpoints")(cfg)
-        except ValueError as e:
-            raise SetupError(str(e)) from None
-    try:
+    with naming("", ValueError):
         model_path = resolve_model_path(cfg.model_path, cfg.prompts)
-    except ValueError as e:
-        raise SetupError(str(e)) from None
     if not (Path(model_path) / "config.json").is_file():
         raise SetupError(f"model_path: {model_path} is not an HF model directory (no config.json)")
     counts = {"train": len(records)}
@@ -145,10 +142,8 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
         if not torch.cuda.is_available():
             raise SetupError(f"{cuda[0]}: no CUDA device is visible here (torch.cuda.is_available() is False)")
     if cfg.learner.backend == "megatron":
-        try:
+        with naming("learner.backend=megatron", ValueError):
             hook("megatron.check_setup")(model_path)
-        except ValueError as e:
-            raise SetupError(f"learner.backend=megatron: {e}") from None
 
     run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -310,12 +305,14 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
     code = 0
     lost: set[str] = set()  # generators that died
     seen: dict[str, int] = {}  # bytes of each generator's stderr already scanned for restarts
-    previous = _sigterm_as_interrupt()
+    interrupted, previous = _signals_as_interrupt()
     try:
         start(spec, actors)  # inside the try: a Ctrl-C while spawning still stops what started
         timeline.mark("spawned")
         while True:
             time.sleep(0.2)
+            if interrupted.is_set():  # a signal whose KeyboardInterrupt a finalizer swallowed
+                raise KeyboardInterrupt
             progress.poll()
             for a in actors:
                 for line in news(a, seen, "engine restarted") if a.role == "generator" else ():
@@ -367,25 +364,27 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
     finally:
         stop_all(actors, spec)
         timeline.mark("stopped", save=True)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if code == 0:
         progress.summarize()
     return code, spec
 
 
-def _sigterm_as_interrupt():
-    """SIGTERM to the launcher (a scheduler, `kill`, a test) stops the run as Ctrl-C does: drain, stop
-    every actor, clean up. Returns the previous handler (None off the main thread, where none is set)."""
-    import threading
-
+def _signals_as_interrupt() -> tuple[threading.Event, dict]:
+    """Ctrl-C and SIGTERM (a scheduler, `kill`, a test) stop the run: drain, stop every actor, clean up.
+    The handler raises KeyboardInterrupt and also sets the returned event, which the run loop checks: a
+    signal that lands while a finalizer (`__del__`, a GC callback) runs has its exception swallowed by
+    Python ("Exception ignored in ..."). Returns (event, previous handlers: none off the main thread)."""
+    interrupted = threading.Event()
     if threading.current_thread() is not threading.main_thread():
-        return None
+        return interrupted, {}
 
     def interrupt(_signum, _frame):
+        interrupted.set()
         raise KeyboardInterrupt
 
-    return signal.signal(signal.SIGTERM, interrupt)
+    return interrupted, {s: signal.signal(s, interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
 
 
 __all__ = ["run", "prepare", "start", "stop_all", "SetupError", "ConfigError"]

@@ -3,6 +3,7 @@
 import json
 import logging
 import sys
+import time
 import uuid
 
 import pytest
@@ -166,7 +167,7 @@ def test_wandb_sink_logs_grouped_metrics_offline(tmp_path, monkeypatch):
     [run_dir] = (tmp_path / "wandb").glob("offline-run-*")
     [data] = run_dir.glob("run-*.wandb")
     logged, config = [], {}
-    for rec in wandb_records(data.read_bytes()):
+    for rec in finished_wandb_log(data):
         if rec.WhichOneof("record_type") == "history":
             logged.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
         elif rec.WhichOneof("record_type") == "run":
@@ -177,6 +178,18 @@ def test_wandb_sink_logs_grouped_metrics_offline(tmp_path, monkeypatch):
     rollout = config["rollout"].get("value", config["rollout"])  # wandb wraps config values in {"value": ...}
     assert rollout["group_size"] == cfg.rollout.group_size and config["model_path"] in (cfg.model_path,
                                                                                        {"value": cfg.model_path})
+
+
+def finished_wandb_log(path, timeout_s: float = 30.0) -> list:
+    """The records of a .wandb file once its `exit` record is on disk: wandb-core, a separate process,
+    writes the file, and under load its last records can land after `run.finish()` has returned (the
+    full suite once read the log with its config but none of its history)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(wandb_records(path.read_bytes()))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 def wandb_records(blob: bytes):
@@ -193,6 +206,8 @@ def wandb_records(blob: bytes):
             pos += left
             continue
         length, kind = int.from_bytes(blob[pos + 4:pos + 6], "little"), blob[pos + 6]
+        if pos + 7 + length > len(blob):  # a chunk still being written
+            return
         chunk, pos = blob[pos + 7:pos + 7 + length], pos + 7 + length
         if kind == 0 and length == 0:
             continue

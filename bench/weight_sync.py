@@ -10,14 +10,14 @@ server's snapshot and the reader's buffer):
 - memcpy: `np.copyto` of the same number of bytes into a buffer whose pages are already mapped (`warm`),
   and into a fresh one (`fresh`, page faults included: what any loader allocating its result pays).
 - shm: `WeightPublisher.publish` in this process -> `load_weights` in a reader process (flux/run/weights.py:
-  seqlock slot, checksum written and verified). Time from calling publish to the reader holding the
-  verified state dict.
+  the writer copies the state dict into a locked slot; the reader maps each slot once and returns views
+  of it). Time from calling publish to the reader holding the state dict. shm-checksum: the same with
+  the optional checksum, summed by the writer as it copies and verified by the reader.
 - tcp-curve / tcp-plain: publish to shm -> the weight server (a thread here, as in the controller process)
   snapshots the slot -> `WeightFetcher.fetch` in the reader process over TCP loopback, CURVE-encrypted or
   plain (net.weight_stream) -> chunks assembled and checked -> state dict. Same clock.
 
-"loaded" = the reader process holds the whole, checksum-verified state dict (what `engine.load_weights`
-is handed; copying it into a model is the engine's business and the same for every path). Times are
+"loaded" = the reader process holds the whole state dict (what `engine.load_weights` is handed; copying it into a model is the engine's business and the same for every path). Times are
 medians over --repeats versions after two warm-up versions (one per shm slot), with the fastest version
 in brackets (on a shared machine, the least disturbed one). Prints a table, writes JSON.
 """
@@ -66,6 +66,9 @@ def qwen2_shapes(hidden: int, layers: int, vocab: int, inter: int, heads: int, k
     return shapes
 
 
+PATHS = ["shm", "shm-checksum", "tcp-plain", "tcp-curve"]
+
+
 def state_dict(size: str, seed: int = 0) -> dict:
     import torch
 
@@ -92,7 +95,7 @@ def reader(conn, keys: str, window: int) -> None:
             break
         kind, version, arg = msg
         t0 = time.perf_counter()
-        if kind == "shm":
+        if kind.startswith("shm"):
             sd = load_weights(arg)
         else:
             if arg not in fetchers:
@@ -139,9 +142,9 @@ def time_path(kind: str, sd: dict, conn, repeats: int, keys: str, chunk_bytes: i
     from flux.integrations.remote.weight_stream import WeightServer
     from flux.run.weights import WeightPublisher
 
-    pub = WeightPublisher(f"flux-bench-{os.getpid()}-{tag}", slots=2)
+    pub = WeightPublisher(f"flux-bench-{os.getpid()}-{tag}", slots=2, checksum=kind == "shm-checksum")
     ctx = server = gate = None
-    if kind != "shm":
+    if not kind.startswith("shm"):
         from flux.integrations.remote.auth import Gatekeeper
 
         ctx = zmq.Context()
@@ -159,7 +162,7 @@ def time_path(kind: str, sd: dict, conn, repeats: int, keys: str, chunk_bytes: i
             t1 = time.perf_counter()
             if server is not None:
                 server.announce(handle)
-            conn.send((kind, version, handle if kind == "shm" else server.endpoint))
+            conn.send((kind, version, server.endpoint if server else handle))
             r0, r1, nbytes = conn.recv()
             if nbytes != handle["nbytes"] and nbytes < 0:
                 raise RuntimeError(f"{kind}: version {version} was not loaded")
@@ -180,8 +183,7 @@ def time_path(kind: str, sd: dict, conn, repeats: int, keys: str, chunk_bytes: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--paths", nargs="+", default=["shm", "tcp-plain", "tcp-curve"],
-                    choices=["shm", "tcp-plain", "tcp-curve"])
+    ap.add_argument("--paths", nargs="+", default=PATHS, choices=PATHS)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk-kb", type=int, default=4096, help="net.weight_chunk_kb")
     ap.add_argument("--window", type=int, default=4, help="net.weight_window")
@@ -233,7 +235,7 @@ def print_table(results: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         warm, fresh = r["memcpy"]["warm_s"], r["memcpy"]["fresh_s"]
-        for kind in ("shm", "tcp-plain", "tcp-curve"):
+        for kind in PATHS:
             if kind not in r:
                 continue
             t, load = r[kind]["total_s"], r[kind]["load_s"]

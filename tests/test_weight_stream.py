@@ -18,7 +18,8 @@ from flux.integrations.remote import messages as M
 from flux.run import protocol as P
 from flux.integrations.remote.auth import Gatekeeper, client_keys, make_keys, secure_client
 from flux.integrations.remote.weight_stream import WeightFetcher, WeightServer, chunk_sums
-from flux.run.weights import WeightPublisher, checksum
+from flux.run.weights import WeightPublisher
+from flux.run.weights import _sum64 as checksum
 
 CHUNK = 16 * 1024
 

@@ -98,26 +98,50 @@ def test_odd_counter_means_being_written(prefix):
     pub.close()
 
 
-def test_rewrite_during_copy_is_detected_and_retried(prefix, monkeypatch):
+def test_a_writer_holding_the_slot_makes_readers_retry(prefix):
+    import fcntl
+
     pub = WeightPublisher(prefix)
     h = pub.publish(1, state(1))
-    real, calls = W._pread_into, []
-
-    def racing_pread(fd, out, offset, *rest):  # a whole rewrite (same version) lands during the copy
-        summed = real(fd, out, offset, *rest)
-        calls.append(1)
-        if len(calls) <= racing:
-            poke(h, W.SEQ_OFFSET, struct.pack("<Q", seq_of(h) + 2))
-        return summed
-
-    monkeypatch.setattr(W, "_pread_into", racing_pread)
-    racing = 10
-    with pytest.raises(TornRead):
+    fd = os.open(os.path.join(W.SHM_DIR, h["name"]), os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what publish holds while it writes the slot
+    t0 = time.perf_counter()
+    with pytest.raises(TornRead, match="being written"):
         load_weights(h, retries=2)
-    assert len(calls) == 3
-    calls.clear()
-    racing = 1
-    assert load_weights(h, retries=2)["step"].item() == 1 and len(calls) == 2
+    assert time.perf_counter() - t0 >= 0.003  # backed off 1 + 2 ms between the three attempts
+    os.close(fd)
+    assert load_weights(h)["step"].item() == 1
+    pub.close()
+
+
+def test_views_hold_their_slot_and_the_writer_moves_to_a_fresh_segment(prefix):
+    pub = WeightPublisher(prefix, slots=2)
+    h1 = pub.publish(1, state(1))
+    held = load_weights(h1)
+    pub.publish(2, state(2))
+    h3 = pub.publish(3, state(3))  # slot 0 is held by `held`: version 3 goes to a new segment
+    assert h3["name"] != h1["name"] and h1["name"] not in shm_names(prefix) and len(shm_names(prefix)) == 2
+    assert bool((held["embed.weight"] == 1).all()) and held["step"].item() == 1  # still version 1
+    held["embed.weight"][0, 0] = -5.0  # a reader's writes stay in its own process
+    with pytest.raises(StaleWeights):
+        load_weights(h1)
+    del held
+    h4, h5 = pub.publish(4, state(4)), pub.publish(5, state(5))
+    assert h5["name"] == h3["name"]  # nothing holds slot 0 any more: rewritten in place
+    assert load_weights(h5)["embed.weight"][0, 0].item() == 5.0 and load_weights(h4)["step"].item() == 4
+    pub.close()
+
+
+def test_a_load_maps_each_segment_once(prefix):
+    pub = WeightPublisher(prefix, slots=2)
+    for v in range(1, 7):
+        assert load_weights(pub.publish(v, state(v)))["step"].item() == v
+    mine = [k for k in W._maps if k[0].startswith(prefix)]
+    assert len(mine) == 2  # one mapping per slot, reused by every version
+    pub.publish(7, state(7, scale=2))  # resized slots: the mappings of their old segments are dropped
+    h8 = pub.publish(8, state(8, scale=2))
+    load_weights(h8)
+    assert [k[0] for k in W._maps if k[0].startswith(prefix)] == [h8["name"]]
     pub.close()
 
 
@@ -242,9 +266,24 @@ def test_publish_and_load_speed(prefix):
         pub.close()
 
 
+def test_a_cuda_bucket_is_opened_once_and_a_few_stay_open(monkeypatch):
+    from flux.integrations.cuda import ipc
+
+    opened = []
+    monkeypatch.setattr(ipc, "_rebuild", lambda handle, device: opened.append(handle["handle"]) or object())
+    monkeypatch.setattr(ipc, "_opened", {})
+    slot0 = {"handle": b"h0", "storage_offset": 0, "offset": 0, "size": [64]}
+    assert ipc.open_bucket(slot0, None) is ipc.open_bucket(dict(slot0), None)  # every version of the slot
+    assert opened == [b"h0"]
+    assert ipc.open_bucket({**slot0, "size": [128]}, None) is not ipc.open_bucket(slot0, None)  # resized
+    for i in range(1, 6):
+        ipc.open_bucket({**slot0, "handle": b"h%d" % i}, 0)
+    assert len(ipc._opened) == ipc.KEEP_OPEN and opened[-1] == b"h5"
+
+
 def _load_in_child(handles, queue):
     sums = []
-    for handle in handles:  # the second load of a slot re-opens its IPC handle
+    for handle in handles:  # the second load of a slot finds its bucket still open
         sd = load_weights(handle)
         assert all(t.is_cuda for t in sd.values())
         sums.append({k: v.float().sum().item() for k, v in sd.items()})

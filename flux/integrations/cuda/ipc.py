@@ -23,8 +23,23 @@ def share_bucket(nbytes: int, device: torch.device) -> tuple[torch.Tensor, dict]
     return bucket, ipc
 
 
+_opened: dict[tuple, torch.Tensor] = {}  # (IPC handle, where in its block, device) -> the open bucket
+KEEP_OPEN = 4  # a learner has `slots` buckets (2); a resized slot's old bucket ages out
+
+
 def open_bucket(ipc: dict, device: int | None) -> torch.Tensor:
-    """The bucket a `share_bucket` handle names, mapped into this process (on `device` if given)."""
+    """The bucket a `share_bucket` handle names, mapped into this process (on `device` if given). A
+    bucket stays open across the versions written into it: opening one (cudaIpcOpenMemHandle) costs
+    milliseconds, and the learner rewrites the same two buckets in place."""
+    key = (bytes(ipc["handle"]), ipc["storage_offset"], ipc["offset"], tuple(ipc["size"]), device)
+    if (bucket := _opened.get(key)) is None:
+        while len(_opened) >= KEEP_OPEN:
+            _opened.pop(next(iter(_opened)))
+        bucket = _opened[key] = _rebuild(ipc, device)
+    return bucket
+
+
+def _rebuild(ipc: dict, device: int | None) -> torch.Tensor:
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
     storage_cls = {"TypedStorage": torch.storage.TypedStorage, "UntypedStorage": torch.UntypedStorage}

@@ -188,6 +188,7 @@ def main() -> None:
     ap.add_argument("--chunk-kb", type=int, default=4096, help="net.weight_chunk_kb")
     ap.add_argument("--window", type=int, default=4, help="net.weight_window")
     ap.add_argument("--json", default=str(ROOT / "bench/results/weight_sync.json"))
+    ap.add_argument("--note", default="", help="what else ran on the machine, kept in the JSON")
     args = ap.parse_args()
 
     import torch
@@ -222,7 +223,7 @@ def main() -> None:
         parent.send(None)
         proc.join(30)
     print_table(results)
-    out = {"machine": {**machine(), "note": "2-core shared CPU VM; other jobs were running"},
+    out = {"machine": {**machine(), "note": args.note},
            "chunk_kb": args.chunk_kb, "window": args.window, "repeats": args.repeats, "results": results}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))

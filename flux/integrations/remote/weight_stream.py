@@ -3,16 +3,17 @@
     weight server (thread of the controller process)       WeightFetcher (thread of a remote generator)
       announce(handle) for every published version            want(v) when NewVersion(v) arrives
       snapshot: copy the learner's shm slot once,             WeightFetch(v, 0, 0)  -> WeightManifest
-        sum each chunk; check the learner's checksum          WeightFetch(v, i, k)  -> WeightChunk i .. i+k-1
+        sum each chunk; check the version's checksum         WeightFetch(v, i, k)  -> WeightChunk i .. i+k-1
       WeightFetch(v, first, count) -> those chunks            keep `window` chunks requested; a chunk whose
       a version it no longer holds -> WeightUnavailable         sum is wrong is dropped and asked for again
                                                               silent for `stall_s`: reconnect and ask again
                                                                 from the first missing chunk (resume)
-                                                              complete: the learner's checksum must hold,
+                                                              complete: the version's checksum must hold,
                                                                 then deliver(v, state_dict) to the engine
 
 The engine never sees a half-loaded or corrupted version: it gets a state dict only once every chunk is
-in place and the whole version's checksum (the learner's own, from its shared-memory slot) matches. A
+in place and the whole version's checksum (the learner's, or taken as the server copied the locked
+slot) matches. A
 newer announced version supersedes a download in progress. Checksums are wrapping uint64 sums of 64-bit
 words (weights.py): about twice memcpy speed, and additive, so the version's sum is the sum of its
 chunks' sums. The server keeps one snapshot (the newest version asked for), serves from it without
@@ -60,13 +61,13 @@ def _load_raw(handle: dict, chunk_bytes: int) -> tuple[list, np.ndarray, int, np
     # Imports torch: only a run with remote generators pays for it, in the weight server's thread.
     from flux.run.weights import load_raw
 
-    return load_raw(handle, chunk_bytes=chunk_bytes)  # chunk sums taken during the copy, in cache
+    return load_raw(handle, chunk_bytes=chunk_bytes)
 
 
 class WeightServer(threading.Thread):
     """Serves the newest announced weights version in chunks on a ROUTER (CURVE when `key_dir` is set).
 
-    The learner rewrites a shared-memory slot two versions later, so the bytes of a download are copied
+    The learner rewrites a shared-memory slot once it is unlocked, so the bytes of a download are copied
     out once into a snapshot: on the first request for a version, and at every announcement once a
     remote generator has asked (so a slow client finds its version still there).
 
@@ -185,7 +186,7 @@ class WeightServer(threading.Thread):
             self.log.warning("weight server: version %d could not be read (%s: %s)", version, type(e).__name__, e)
             return None
         if int(sums.sum(dtype=np.uint64)) != checksum:
-            self.log.error("weight server: version %d does not match the learner's checksum; not served", version)
+            self.log.error("weight server: version %d does not match its checksum; not served", version)
             return None
         self.snapshot = Snapshot(version, manifest, data, checksum, sums)
         self.stats["snapshots"] += 1
@@ -343,7 +344,7 @@ class WeightFetcher(threading.Thread):
         total = int(sums.sum(dtype=np.uint64))
         if total != man.checksum:
             self.stats["rejected"] += 1
-            self.log.error("weights v%d rejected: the assembled data does not match the learner's checksum "
+            self.log.error("weights v%d rejected: the assembled data does not match the version's checksum "
                            "(%d != %d)", version, total, man.checksum)
             return None
         from flux.run.weights import WeightsError, unpack

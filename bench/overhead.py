@@ -7,8 +7,10 @@ wall time with the timelines every process of the run saves (RUN_DIR/logs/<name>
 flux.run.runtime.Timeline) and the per-step timings of metrics.jsonl:
 
 - launch to first trained step: the command's imports and config, the run's preparation (prompts,
-  model, spec), spawning the actors, each actor's imports and model/engine load, the learner's initial
-  held-out eval, the wait for the first batch and the first step itself;
+  model, spec), the launcher's import of the actors' code (torch, transformers, modelling code: once,
+  then it forks them; nothing where it spawns fresh interpreters, see flux/run/launcher.py), starting
+  the actors, each actor's imports and model/engine load (near zero for a forked actor), the learner's
+  initial held-out eval, the wait for the first batch and the first step itself;
 - per step (mean over the steps after the first two): generation (the generators' busy time per step),
   the learner's wait for a batch, its separate log-prob passes, the optimizer step (forward with grad,
   backward, update), the weight publish, the generator's weight load, and the rest of the learner's
@@ -62,7 +64,8 @@ def analyse(t_launch: float, t_exit: float, run_dir: Path) -> dict:
     startup = {
         "command imports and config": launcher["run"] - t_launch,
         "prepare (prompts, model, spec)": launcher["prepared"] - launcher["run"],
-        "spawn actors": launcher["spawned"] - launcher["prepared"],
+        "launcher imports the actors' code, to fork them": launcher["preloaded"] - launcher["prepared"],
+        "start actors (fork, or spawn)": launcher["spawned"] - launcher["preloaded"],
         "learner imports (torch)": L["imported"] - L["process"],
         "learner model (transformers, from_pretrained)": L["model"] - L["imported"],
         "learner initial eval and setup": L["ready"] - L["model"],

@@ -9,6 +9,7 @@ key or value raises `ConfigError` naming the field.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import re
 import types
@@ -43,12 +44,15 @@ def _resolves(dotted: str) -> bool:
     return True
 
 
-def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, low: int | None = None):
-    """A dataclass field whose docstring lives in its metadata (the docs page is generated from it); `low`:
-    the smallest value it takes (checked with the types)."""
+def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING, **limits):
+    """A dataclass field whose docstring lives in its metadata (the docs page is generated from it), with
+    the `limits` checked with the types: `low` (>=), `gt` (>), `high` (<=), `lt` (<), `choices`."""
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"doc": text, "low": low})
-    return field(default=default, metadata={"doc": text, "low": low})
+        return field(default_factory=factory, metadata={"doc": text, **limits})
+    return field(default=default, metadata={"doc": text, **limits})
+
+
+LIMITS = {"low": (operator.ge, ">="), "gt": (operator.gt, ">"), "high": (operator.le, "<="), "lt": (operator.lt, "<")}
 
 
 @dataclass
@@ -64,18 +68,20 @@ class RolloutConfig:
                                 "(continuous batching); other engines get this many groups per `generate` call. In sync "
                                 "mode at least the generator's share of learner.groups_per_step (a step in one wave).", 4, low=1)
     max_new_tokens: int = _doc("Completion length cap in tokens.", 8, low=1)
-    temperature: float = _doc("Sampling temperature (the learner scores log-probs at the same one).", 1.0)
-    top_p: float = _doc("Nucleus sampling threshold (1.0 = off).", 1.0)
+    temperature: float = _doc("Sampling temperature (the learner scores log-probs at the same one).", 1.0, gt=0)
+    top_p: float = _doc("Nucleus sampling threshold (1.0 = off).", 1.0, gt=0, high=1)
     top_k: int = _doc("Top-k sampling (0 = off).", 0, low=0)
     update_mode: str = _doc("When new weights reach a busy engine: `inflight` (between decode steps, a "
-                            "sequence may span versions) or `between_sequences`.", "inflight")
+                            "sequence may span versions) or `between_sequences`.", "inflight",
+                            choices=("inflight", "between_sequences"))
     device: str = _doc("Where the built-in engine runs: `auto` (CUDA when present, else CPU), `cpu`, `cuda`, "
                        "`cuda:N`.", "auto")
     dtype: str = _doc("Built-in engine weights: `auto` (bf16 on CUDA, fp32 on CPU), `bf16`, `fp16`, `fp32`. "
-                      "Sampling always takes its log-softmax in fp32.", "auto")
+                      "Sampling always takes its log-softmax in fp32.", "auto",
+                      choices=("auto", "bf16", "fp16", "fp32"))
     threads: int = _doc("torch intra-op threads per generator process; 0 = by mode and cores: in sync mode the "
                         "generators share every core (they and the learner take turns), else every process of "
-                        "the run gets an equal share.", 0)
+                        "the run gets an equal share.", 0, low=0)
     slowdown: float = _doc("Extra seconds of sleep per generated token (a simulated slower generator, "
                            "used by benchmarks to change the generation/training balance).", 0.0, low=0)
     slowdown_schedule: list = _doc("Simulated slower/faster generation from a policy version on, used by "
@@ -127,21 +133,21 @@ class LearnerConfig:
                         "docs/megatron.md), or `pkg.module:LearnerClass` (your own `flux.learner.base.Learner`).",
                         "torch")
     groups_per_step: int = _doc("Prompt groups per optimizer step; B = groups_per_step * group_size.", 8, low=1)
-    lr: float = _doc("AdamW learning rate.", 1e-3)
+    lr: float = _doc("AdamW learning rate.", 1e-3, gt=0)
     critic_lr: float = _doc("Learning rate of the critic (PPO's value model; 0 = same as lr).", 0.0, low=0)
     lr_schedule: str = _doc("Learning-rate schedule over max_steps, by `transformers.get_scheduler`: `cosine` "
                             "(to min_lr_ratio * lr at the last step), `linear` (towards 0), `constant`, or "
                             "`polynomial`, `cosine_with_restarts`, `inverse_sqrt`, `warmup_stable_decay` (decay over "
                             "the last 10%); each after warmup_steps of linear warmup from 0 (transformers' "
-                            "curves exactly: the first warmup step has lr 0).", "cosine")
+                            "curves exactly: the first warmup step has lr 0).", "cosine", choices=LR_SCHEDULES)
     warmup_steps: int = _doc("Optimizer steps of linear warmup from 0 to lr before the schedule.", 0, low=0)
-    min_lr_ratio: float = _doc("Final learning rate as a fraction of lr (cosine schedule).", 0.1)
+    min_lr_ratio: float = _doc("Final learning rate as a fraction of lr (cosine schedule).", 0.1, low=0, high=1)
     weight_decay: float = _doc("AdamW weight decay (decoupled), on weight matrices only: never on 1-D parameters "
                                "(biases, norm weights) nor on the no_decay ones.", 0.0)
     no_decay: list = _doc("Parameters whose name contains one of these (case-insensitive) get no weight decay "
                           "either (e.g. embed_tokens).", factory=lambda: ["bias", "norm"])
     adam_betas: list = _doc("AdamW (beta1, beta2).", factory=lambda: [0.9, 0.99])
-    adam_eps: float = _doc("AdamW epsilon.", 1e-8)
+    adam_eps: float = _doc("AdamW epsilon.", 1e-8, gt=0)
     max_grad_norm: float = _doc("Gradient clipping norm.", 1.0)
     micro_batch_size: int = _doc("About this many samples per forward/backward, the batch split into "
                                  "ceil(rows / N) micro-batches of near-equal token counts (0 = whole batch).", 0, low=0)
@@ -150,11 +156,12 @@ class LearnerConfig:
     device: str = _doc("Where the learner trains (`backend: torch`, `megatron`): `auto` (CUDA when present, "
                        "else CPU), `cpu`, `cuda`, `cuda:N`.", "auto")
     dtype: str = _doc("Compute precision: `fp32`, or `bf16` (autocast: bf16 matmuls; master weights, gradients, "
-                      "AdamW state and the log-softmax stay fp32); `auto` = bf16 on CUDA, fp32 on CPU.", "auto")
+                      "AdamW state and the log-softmax stay fp32); `auto` = bf16 on CUDA, fp32 on CPU.", "auto",
+                      choices=("auto", "bf16", "fp32"))
     gradient_checkpointing: bool = _doc("Recompute activations in backward instead of keeping them "
                                         "(`backend: torch`): less memory, about a third more compute.", False)
     threads: int = _doc("torch intra-op threads per learner process; 0 = by mode and cores (see "
-                        "rollout.threads).", 0)
+                        "rollout.threads).", 0, low=0)
     max_skipped_steps: int = _doc("Stop the run with an error after this many consecutive optimizer steps "
                                   "skipped for a non-finite gradient (a skipped step's groups are dropped and "
                                   "counted as `step_skipped`).", 3, low=1)
@@ -164,7 +171,7 @@ class LearnerConfig:
                       "batch. Rank 0 talks to the buffer and controller, publishes weights, evaluates and "
                       "saves. micro_batch_size applies per rank.", 1, low=1)
     dist_timeout_s: float = _doc("`ranks > 1`: seconds a learner rank waits in a torch.distributed collective "
-                                 "(or to join the group) before failing the run; bounds a hung rank.", 300.0)
+                                 "(or to join the group) before failing the run; bounds a hung rank.", 300.0, gt=0)
 
 
 @dataclass
@@ -181,8 +188,8 @@ class AdaptiveAsyncConfig:
     """How far generation may run ahead of training (docs/concepts.md, "Admission")."""
 
     mode: str = _doc("`sync` (a = 0), `async` (a = max_async_ratio) or `adaptive` (PID on staleness).",
-                     "adaptive")
-    target_staleness: float = _doc("Staleness S the adaptive controller holds (0..1).", 0.1)
+                     "adaptive", choices=("sync", "async", "adaptive"))
+    target_staleness: float = _doc("Staleness S the adaptive controller holds (0..1).", 0.1, low=0, high=1)
     min_async_ratio: float = _doc("Lower clamp of the async ratio a.", 0.0)
     max_async_ratio: float = _doc("Upper clamp of the async ratio a.", 1.0)
     initial_async_ratio: float = _doc("a at the start of an adaptive run.", 0.5)
@@ -201,10 +208,12 @@ class StalenessConfig:
     """S = w_lag*min(1, lag/eta_max) + (1-w_lag)*min(1, excess/d_ref), excess = signal above its lag-0 floor."""
 
     signal: str = _doc("What S measures: `k3` (KL(behaviour || current) estimate, nats/token), `ess_loss` "
-                       "(1 - ESS/N of the importance weights) or `is_cap` (tokens over the IS cap).", "k3")
+                       "(1 - ESS/N of the importance weights) or `is_cap` (tokens over the IS cap).", "k3",
+                       choices=("k3", "ess_loss", "is_cap"))
     w_lag: float = _doc("Weight of the version-lag term in S (the signal's term gets 1 - w_lag). The lag "
-                        "is set by admission, i.e. by the controller itself: 0 keeps it out of the loop.", 0.0)
-    d_ref: float = _doc("Signal excess (above the lag-0 floor) at which S saturates at 1.", 0.1)
+                        "is set by admission, i.e. by the controller itself: 0 keeps it out of the loop.", 0.0,
+                        low=0, high=1)
+    d_ref: float = _doc("Signal excess (above the lag-0 floor) at which S saturates at 1.", 0.1, gt=0)
     floor_window: int = _doc("Recent batches with lag-0 tokens that estimate the floor.", 20, low=1)
 
 
@@ -218,7 +227,7 @@ class EvalConfig:
                         "task), or empty (no evaluation). The run prints what it evaluates on.", "auto")
     split_fraction: float = _doc("With eval.prompts `auto` and a prompts file: this fraction of its records is held "
                                  "out (by a seeded hash of the record index) and evaluated on, never trained on; "
-                                 "0 = no evaluation.", 0.0)
+                                 "0 = no evaluation.", 0.0, low=0, lt=1)
     every: int = _doc("Evaluate every N steps (0 = only before the first and after the last step).", 0, low=0)
     num_prompts: int = _doc("Held-out prompts per evaluation.", 200, low=1)
     temperature: float = _doc("Sampling temperature for evaluation (0 = greedy).", 0.0)
@@ -317,7 +326,7 @@ class FluxConfig:
     reward_max_failure_rate: float = _doc("A reward call that raises, times out or returns NaN/inf/a non-number "
                                           "drops its sample's group (counted as `reward_failed`); the run stops "
                                           "with an error when more than this share of the last 200 calls "
-                                          "failed.", 0.5)
+                                          "failed.", 0.5, low=0, high=1)
     algorithm: str = _doc("Algorithm: `grpo`, `ppo`, `dpo`, `rloo`, `reinforce`, `reinforce_pp`, `dapo`, "
                           "or a dotted path `module:name` to an Algorithm registered outside Flux.", "grpo")
     algo: dict = _doc("Algorithm hyper-parameters overriding its defaults, e.g. {kl_coef: 0.01}.",
@@ -339,7 +348,7 @@ class FluxConfig:
 
     def __post_init__(self):
         # Sections given as dicts (the Python API) go through the same typed conversion as YAML.
-        for name, hint in _hints(type(self)).items():
+        for name, hint in typing.get_type_hints(type(self)).items():
             value = getattr(self, name)
             if dataclasses.is_dataclass(hint) and isinstance(value, dict):
                 setattr(self, name, _build(hint, value, name))
@@ -352,43 +361,25 @@ class FluxConfig:
     def validate(self) -> "FluxConfig":
         """Check types, ranges and names; raise ConfigError naming the first bad field."""
         _check_leaves(self)
-        r, lr, a, s = self.rollout, self.learner, self.adaptive_async, self.staleness
+        r, lr, a = self.rollout, self.learner, self.adaptive_async
         checks = [
             ("rollout.engine", r.engine in ("torch", "sglang") or _resolves(r.engine),
              "must be `torch`, `sglang` or an importable `pkg.module:factory`"),
             ("rollout.num_generators", r.num_generators >= (0 if self.net.remote else 1),
              "must be >= 1 (0 only with net.remote: generators then all attach with `flux generator`)"),
-            ("rollout.temperature", r.temperature > 0, "must be > 0"),
-            ("rollout.top_p", 0 < r.top_p <= 1, "must be in (0, 1]"),
-            ("rollout.update_mode", r.update_mode in ("inflight", "between_sequences"),
-             "must be `inflight` or `between_sequences`"),
-            ("rollout.threads", r.threads >= 0, "must be >= 0 (0 = by mode and cores)"),
             ("rollout.slowdown_schedule", _valid_schedule(r.slowdown_schedule),
              "must be [[from_version, seconds_per_token], ...] with versions >= 0 increasing, seconds >= 0"),
             ("learner.backend", lr.backend in ("torch", "megatron") or _resolves(lr.backend),
              "must be `torch`, `megatron` or an importable `pkg.module:LearnerClass`"),
-            ("learner.lr", lr.lr > 0, "must be > 0"),
-            ("learner.lr_schedule", lr.lr_schedule in LR_SCHEDULES, f"must be one of {', '.join(LR_SCHEDULES)}"),
             ("learner.adam_betas", len(lr.adam_betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
                                                                   for b in lr.adam_betas), "must be two numbers in [0, 1)"),
-            ("learner.adam_eps", lr.adam_eps > 0, "must be > 0"),
             ("learner.no_decay", all(isinstance(k, str) and k for k in lr.no_decay), "must be a list of names"),
-            ("learner.min_lr_ratio", 0 <= lr.min_lr_ratio <= 1, "must be in [0, 1]"),
-            ("learner.threads", lr.threads >= 0, "must be >= 0 (0 = by mode and cores)"),
             ("learner.ranks", lr.ranks == 1 or lr.backend == "torch",
              "several ranks need learner.backend=torch (megatron runs one learner process)"),
-            ("learner.dist_timeout_s", lr.dist_timeout_s > 0, "must be > 0"),
-            ("adaptive_async.mode", a.mode in ("sync", "async", "adaptive"),
-             "must be `sync`, `async` or `adaptive`"),
             ("adaptive_async.min_async_ratio", 0 <= a.min_async_ratio <= a.max_async_ratio <= 1,
              "need 0 <= min_async_ratio <= max_async_ratio <= 1"),
             ("adaptive_async.initial_async_ratio",
              a.min_async_ratio <= a.initial_async_ratio <= a.max_async_ratio, "must lie in [min, max]"),
-            ("adaptive_async.target_staleness", 0 <= a.target_staleness <= 1, "must be in [0, 1]"),
-            ("staleness.w_lag", 0 <= s.w_lag <= 1, "must be in [0, 1]"),
-            ("staleness.d_ref", s.d_ref > 0, "must be > 0"),
-            ("staleness.signal", s.signal in ("k3", "ess_loss", "is_cap"), "must be `k3`, `ess_loss` or `is_cap`"),
-            ("eval.split_fraction", 0 <= self.eval.split_fraction < 1, "must be in [0, 1)"),
             ("net.heartbeat_timeout_s", self.net.heartbeat_timeout_s > self.net.heartbeat_s > 0,
              "need heartbeat_timeout_s > heartbeat_s > 0"),
             ("logging.wandb", set(self.logging.wandb) <= {"project", "name", "mode", "entity", "tags", "group"}
@@ -396,11 +387,8 @@ class FluxConfig:
              "takes project, name, mode (online/offline/disabled), entity, tags, group"),
             ("logging.sinks", all(isinstance(p, str) and ":" in p for p in self.logging.sinks),
              "must be a list of dotted paths `module:factory`"),
-            ("reward_max_failure_rate", 0 <= self.reward_max_failure_rate <= 1, "must be in [0, 1]"),
             *((f"{k}.device", re.fullmatch(r"auto|cpu|cuda(:\d+)?", s.device) is not None,
                "must be auto, cpu, cuda or cuda:N") for k, s in (("rollout", self.rollout), ("learner", self.learner))),
-            ("rollout.dtype", self.rollout.dtype in ("auto", "bf16", "fp16", "fp32"), "must be auto, bf16, fp16 or fp32"),
-            ("learner.dtype", self.learner.dtype in ("auto", "bf16", "fp32"), "must be auto, bf16 or fp32"),
             ("reward_url", self.reward_url == "" or self.reward_url.startswith(("http://", "https://")),
              "must be an http:// or https:// URL"),
             ("prompts", bool(self.prompts.strip()), "must be a JSONL path or `builtin:<task>`"),
@@ -461,7 +449,7 @@ def dump_config(cfg: FluxConfig, path: str | Path) -> None:
 
 def config_fields(cls=FluxConfig, prefix: str = ""):
     """Yield (dotted key, type name, default, doc) for every leaf field: the configuration reference."""
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         if dataclasses.is_dataclass(hint):
@@ -471,14 +459,10 @@ def config_fields(cls=FluxConfig, prefix: str = ""):
             yield f"{prefix}{f.name}", getattr(hint, "__name__", str(hint)), default, f.metadata.get("doc", "")
 
 
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
 def _build(cls, data: dict, path: str):
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -499,7 +483,7 @@ def _build(cls, data: dict, path: str):
 
 def _check_leaves(node, prefix: str = "") -> None:
     """Every leaf holds its declared type, converted as YAML values are: the Python API can pass anything."""
-    hints = _hints(type(node))
+    hints = typing.get_type_hints(type(node))
     for f in dataclasses.fields(node):
         value, hint, dotted = getattr(node, f.name), hints[f.name], f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hint):
@@ -508,8 +492,12 @@ def _check_leaves(node, prefix: str = "") -> None:
             _check_leaves(value, f"{dotted}.")
         else:
             setattr(node, f.name, value := _coerce(value, hint, dotted))
-            if f.metadata.get("low") is not None and value < f.metadata["low"]:
-                raise ConfigError(f"{dotted}: must be >= {f.metadata['low']} (got {value!r})")
+            for limit, (holds, sign) in LIMITS.items():
+                if limit in f.metadata and not holds(value, f.metadata[limit]):
+                    raise ConfigError(f"{dotted}: must be {sign} {f.metadata[limit]} (got {value!r})")
+            if value not in f.metadata.get("choices", (value,)):
+                *first, last = f.metadata["choices"]
+                raise ConfigError(f"{dotted}: must be {', '.join(first)} or {last} (got {value!r})")
 
 
 def _coerce(value: Any, hint: Any, dotted: str) -> Any:
@@ -544,19 +532,9 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
 
 def _valid_schedule(schedule: list) -> bool:
     """`[[from_version, seconds_per_token], ...]`: int ≥ 0 and finite float ≥ 0 pairs, versions increasing."""
-    versions = []
-    for pair in schedule:
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            return False
-        version, seconds = pair
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            return False
-        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-            return False
-        if not 0 <= seconds < float("inf"):  # also rejects NaN
-            return False
-        versions.append(version)
-    return all(a < b for a, b in zip(versions, versions[1:]))
+    pairs = all(isinstance(p, (list, tuple)) and len(p) == 2 and type(p[0]) is int and p[0] >= 0
+                and type(p[1]) in (int, float) and 0 <= p[1] < float("inf") for p in schedule)  # (NaN fails)
+    return pairs and all(a[0] < b[0] for a, b in zip(schedule, schedule[1:]))
 
 
 def _get(cfg: FluxConfig, dotted: str):

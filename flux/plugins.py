@@ -47,6 +47,7 @@ HOOKS = {
     "rewards.adapt_foreign": "flux.integrations.rewards.styles:adapt_foreign",
     # prompts that are not JSONL (flux/integrations/data)
     "data.read_rows": "flux.integrations.data.hf_datasets:read_rows",
+    "data.model_dir": "flux.integrations.data.hub:model_dir",  # model_path: a Hub id
     # logging.tensorboard, logging.wandb (flux/integrations/sinks)
     "sinks.tensorboard": "flux.integrations.sinks.tensorboard:TensorBoardSink",
     "sinks.wandb": "flux.integrations.sinks.wandb:WandbSink",

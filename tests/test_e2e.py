@@ -121,6 +121,39 @@ def test_run_dir_has_config_and_a_checkpoint_that_moved(small_run, default_model
     assert {"pid", "cursor", "async_ratio", "started_samples"} <= state.keys()
 
 
+def test_actors_are_forked_from_the_launcher_and_show_their_own_command_line(small_run):
+    """On a CPU machine the launcher imports torch and transformers once and forks the actors: each says
+    so in its timeline (its process started after the launcher's preload, with its libraries already
+    imported) and was seen by `ps` as `python -m actors.<role> --spec ... --name ...` (setproctitle)."""
+    run_dir, _ = small_run
+    launcher = json.loads((run_dir / "logs" / "launcher.timeline.json").read_text())["marks"]
+    for name in ("controller", "buffer", "learner", "gen0"):
+        marks = json.loads((run_dir / "logs" / f"{name}.timeline.json").read_text())["marks"]
+        assert launcher["preloaded"] <= marks["process"] <= launcher["spawned"] + 1.0, name
+        assert marks["imported"] - marks["process"] < 1.0, name  # no fresh `import torch` (~1.5 s)
+
+
+@pytest.mark.slow
+def test_with_flux_actor_start_spawn_each_actor_is_a_fresh_interpreter(default_model, tmp_path, monkeypatch):
+    """The path a GPU machine takes (no fork there): `python -m actors.<role>` processes, same run."""
+    monkeypatch.setenv("FLUX_ACTOR_START", "spawn")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd("--max-steps", "4", *SMALL, "--out", str(run_dir)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        learner = wait_for(lambda: [p for p in processes_mentioning(str(run_dir / "spec.json"))
+                                    if "actors.learner" in " ".join(p.cmdline())], 60, "the learner")[0]
+        assert learner.cmdline()[:3] == [sys.executable, "-m", "actors.learner"]  # an exec'd interpreter
+        out, err = proc.communicate(timeout=150)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    assert [r["step"] for r in metrics(run_dir)] == [0, 1, 2, 3]
+    launcher = json.loads((run_dir / "logs" / "launcher.timeline.json").read_text())["marks"]
+    assert launcher["preloaded"] - launcher["prepared"] < 0.5  # nothing preloaded
+    assert_nothing_left(run_dir)
+
+
 @pytest.mark.slow
 def test_a_users_prompts_are_evaluated_on_their_own_held_out_split_or_not_at_all(default_model, tmp_path):
     """Changing `prompts` without `eval.prompts` never evaluates on the built-in task; the run says so."""

@@ -1,5 +1,11 @@
 """Starts a run's actors as OS processes, shows progress, and stops every one of them, always.
 
+On a machine without a GPU the launcher imports what the actors import (torch, transformers, the
+model's modelling code: ~5 s of one core) once, then forks each actor from itself, so that they start
+with it all loaded; elsewhere (CUDA is not safe across a fork), or with FLUX_ACTOR_START=spawn, each
+actor is a fresh `python -m actors.<role>`. A forked actor has the same command line, session, streams
+and environment as a spawned one.
+
 Shutdown is predictable: the learner finishes → the controller broadcasts Stop → actors drain and
 exit. On Ctrl-C, or when any actor dies, the launcher sends SIGTERM to the rest, joins them with a
 deadline, then kills what is left, and removes the run's shared-memory segments.
@@ -7,6 +13,8 @@ deadline, then kills what is left, and removes the run's shared-memory segments.
 
 from __future__ import annotations
 
+import gc
+import importlib
 import json
 import os
 import secrets
@@ -18,14 +26,13 @@ import tempfile
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 from flux.config import ConfigError, FluxConfig, dump_config
-from flux.hf import HUB_ID, hub_snapshot
 from flux.plugins import hook
-from flux.run.runtime import RunSpec, Timeline, die_with_parent, free_port
+from flux.run.runtime import TIMELINE, RunSpec, Timeline, actor_main, die_with_parent, free_port
 
 STOP_DEADLINE_S = 10.0
 
@@ -38,8 +45,78 @@ class SetupError(ValueError):
 class Actor:
     name: str
     role: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen | Forked
     stderr_path: Path
+
+
+class Forked:
+    """An actor forked from the launcher, as `subprocess.Popen` would start `python ARGV` (the part of
+    Popen the launcher uses: pid, returncode, poll, wait, send_signal)."""
+
+    def __init__(self, argv: list[str], stderr: Path, env: dict[str, str]):
+        self.returncode: int | None = None
+        gc.freeze()  # the child never collects (and so never finalizes) what it inherits
+        self.pid = os.fork()
+        if self.pid == 0:
+            _become(argv, stderr, env)
+        gc.unfreeze()
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            self.returncode = os.waitstatus_to_exitcode(status) if pid else None
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = time.monotonic() + (1e9 if timeout is None else timeout)
+        while self.poll() is None and time.monotonic() < end:
+            time.sleep(0.01)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(f"actor {self.pid}", timeout)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+
+def _become(argv: list[str], stderr: Path, env: dict[str, str]) -> None:
+    """In a just-forked child: run `python ARGV` (`-m actors.<role> ...`) here; never returns."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(" ".join([sys.executable, *argv]))  # what ps shows (before env changes)
+        os.setsid()  # as start_new_session: Ctrl-C reaches the launcher only
+        die_with_parent()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        null, err = os.open(os.devnull, os.O_RDWR), os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        for fd, std in ((null, 0), (null, 1), (err, 2)):
+            os.dup2(fd, std)
+        sys.stdin, sys.stdout, sys.stderr = (open(i, m, buffering=1, closefd=False) for i, m in enumerate("rww"))
+        os.environ.clear()
+        os.environ.update(env)
+        if "huggingface_hub.constants" in sys.modules:  # read at import, when the launcher's env held
+            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+        TIMELINE.marks = {"process": time.time()}
+        sys.argv = argv[1:]
+        actor_main(argv[1].removeprefix("actors."), importlib.import_module(argv[1]).body)  # ends in os._exit
+    finally:
+        os._exit(1)
+
+
+def preload(spec: RunSpec) -> bool:
+    """Import the actors' code here, so that `start` can fork them; False where it must not fork."""
+    # Where a GPU driver is, something here may initialise CUDA (a check, an import), and a forked child
+    # then cannot use it: spawn there.
+    if os.environ.get("FLUX_ACTOR_START") == "spawn" or any(Path(d).exists() for d in ("/dev/nvidiactl", "/dev/kfd")):
+        return False
+    import transformers
+
+    with suppress(Exception):  # the modelling code of the run's model (it may be unknown here)
+        config = transformers.AutoConfig.from_pretrained(spec.model_path)
+        transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # noqa: B018
+    return True
 
 
 def latest_checkpoint(run_dir: str | Path, stream=None) -> Path:
@@ -188,9 +265,7 @@ def resolve_model_path(model_path: str, prompts: str = "") -> str:
     (not under HF_HUB_OFFLINE=1). Raises ValueError with one line when a Hub id cannot be found."""
     if not model_path or model_path.startswith("builtin:"):
         return hook("builtin.resolve_model_path")(model_path, prompts)
-    if Path(model_path).exists() or not HUB_ID.match(model_path):
-        return model_path
-    return hub_snapshot(model_path, "model_path")
+    return model_path if Path(model_path).exists() else hook("data.model_dir")(model_path)
 
 
 def vocab_size(model_path: str | Path) -> int:
@@ -200,8 +275,9 @@ def vocab_size(model_path: str | Path) -> int:
     return int(size) if isinstance(size, int) else 0
 
 
-def start(spec: RunSpec, actors: list[Actor]) -> list[Actor]:
-    """Controller first (everyone connects to it), then buffer, learner ranks and the generators.
+def start(spec: RunSpec, actors: list[Actor], fork: bool = False) -> list[Actor]:
+    """Controller first (everyone connects to it), then buffer, learner ranks and the generators; forked
+    from this process with `fork` (after `preload`), else spawned.
 
     Learner rank 0 is `learner`, rank r > 0 `learner<r>`; each gets torch.distributed's RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT (rank 0 hosts the group's store on a free local port).
@@ -223,11 +299,10 @@ def start(spec: RunSpec, actors: list[Actor]) -> list[Actor]:
         err = logs / f"{name}.stderr"
         # Set for every learner, even a single one, so that none inherits a RANK from the user's shell.
         rank_env = {**dist_env, "RANK": name.removeprefix("learner") or "0"} if role == "learner" else {}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", f"actors.{role}", "--spec", str(Path(spec.run_dir) / "spec.json"),
-             "--name", name],
-            stdout=subprocess.DEVNULL, stderr=open(err, "wb"), env={**env, **rank_env}, preexec_fn=die_with_parent,
-            start_new_session=True)  # Ctrl-C reaches the launcher only; it stops the actors in order
+        argv = ["-m", f"actors.{role}", "--spec", str(Path(spec.run_dir) / "spec.json"), "--name", name]
+        proc = Forked(argv, err, {**env, **rank_env}) if fork else subprocess.Popen(
+            [sys.executable, *argv], stdout=subprocess.DEVNULL, stderr=open(err, "wb"), env={**env, **rank_env},
+            preexec_fn=die_with_parent, start_new_session=True)  # Ctrl-C reaches the launcher only
         actors.append(Actor(name, role, proc, err))
     return actors
 
@@ -244,7 +319,7 @@ def stop_all(actors: list[Actor], spec: RunSpec, deadline_s: float = STOP_DEADLI
         try:
             a.proc.wait(timeout=max(0.1, end - time.monotonic()))
         except subprocess.TimeoutExpired:
-            a.proc.kill()
+            a.proc.send_signal(signal.SIGKILL)
             a.proc.wait()
     cleanup_prefix(spec.shm_prefix)
     if spec.socket_dir:
@@ -307,7 +382,9 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
     seen: dict[str, int] = {}  # bytes of each generator's stderr already scanned for restarts
     interrupted, previous = _signals_as_interrupt()
     try:
-        start(spec, actors)  # inside the try: a Ctrl-C while spawning still stops what started
+        fork = preload(spec)
+        timeline.mark("preloaded")
+        start(spec, actors, fork)  # inside the try: a Ctrl-C while spawning still stops what started
         timeline.mark("spawned")
         while True:
             time.sleep(0.2)

@@ -16,8 +16,8 @@ keeps its mapping until its views die). A locked slot can therefore never change
 the lock never makes the learner wait. Inside the lock the header keeps a counter, odd while a version
 is being written (a writer that died mid-write leaves it odd), and the version, checked against the
 handle, so a reader never returns a torn or wrong-version state dict. The optional checksum (a wrapping
-sum of the data as uint64 words, summed by the writer as it copies, block by block in cache, and once
-by the reader over its views; +0.7x a memcpy in all) catches what the lock cannot: bytes corrupted in
+sum of the data as uint64 words, taken by the writer after its copy and by the reader over its
+views; +0.8x a memcpy in all) catches what the lock cannot: bytes corrupted in
 place by something else writing the segment (mode 0600: the run's own user). It is off by default;
 the TCP weight stream sums its own copy chunk by chunk, for the network.
 
@@ -39,6 +39,7 @@ import socket
 import struct
 import time
 import weakref
+from contextlib import suppress
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 
@@ -92,9 +93,9 @@ def _pack(dst: torch.Tensor, manifest: list[list], tensors: dict[str, torch.Tens
                 dst[offset:offset + nbytes].view(t.dtype).view(shape).copy_(t)
 
 
-def _unpack(blob: torch.Tensor, manifest: list) -> dict[str, torch.Tensor]:
-    """Tensors as views of the private uint8 ``blob``: they own their memory, one storage for all."""
-    out = {}
+def unpack(blob: torch.Tensor | np.ndarray, manifest: list) -> dict[str, torch.Tensor]:
+    """A state dict whose tensors are views of ``blob`` (uint8, the layout of ``manifest``)."""
+    blob, out = torch.as_tensor(blob), {}
     for name, dtype, shape, offset, nbytes in manifest:
         dt = getattr(torch, dtype)
         if not isinstance(dt, torch.dtype):
@@ -107,27 +108,6 @@ def _sum64(data: np.ndarray) -> int:
     """Wrapping sum of ``data`` (uint8, length a multiple of 8) as little-endian uint64 words: the
     checksum of a slot, and of each chunk of the TCP weight stream."""
     return int(data.view("<u8").sum(dtype=np.uint64)) if len(data) else 0
-
-
-# Checksums are summed block by block right after each block is copied, while it is still in cache (a
-# separate pass would read it all back from memory); 1 MiB blocks stay in L2 (4 MiB: +30% here).
-BLOCK = 2**20
-MASK64 = 2**64 - 1
-
-
-def _pack_summed(data: np.ndarray, manifest: list[list], tensors: dict[str, torch.Tensor]) -> int:
-    """``_pack`` into the CPU buffer ``data`` (uint8), returning ``_sum64(data)`` computed on the way."""
-    dst, total, summed = torch.from_numpy(data), 0, 0
-    with torch.no_grad():
-        for name, _, _, offset, nbytes in manifest:
-            flat = tensors[name].reshape(-1).view(torch.uint8) if nbytes else None
-            for a in range(0, nbytes, BLOCK):
-                b = min(nbytes, a + BLOCK)
-                dst[offset + a:offset + b].copy_(flat[a:b])
-                end = (offset + b) // 8 * 8
-                if end > summed:
-                    total, summed = (total + _sum64(data[summed:end])) & MASK64, end
-    return (total + _sum64(data[summed:])) & MASK64
 
 
 class WeightPublisher:
@@ -179,10 +159,9 @@ class WeightPublisher:
         else:
             handle_extra = {}
             data = np.frombuffer(buf, np.uint8, count=data_len, offset=data_off)
+            _pack(torch.from_numpy(data), manifest, tensors)
             if self.checksum:
-                checksum, flags = _pack_summed(data, manifest, tensors), flags | FLAG_CHECKSUM
-            else:
-                _pack(torch.from_numpy(data), manifest, tensors)
+                checksum, flags = _sum64(data), flags | FLAG_CHECKSUM
             del data  # a live export of shm.buf would block closing the segment
         HEADER.pack_into(buf, 0, MAGIC, seq, version, len(meta), data_len, checksum, flags)
         struct.pack_into("<Q", buf, SEQ_OFFSET, seq + 1)  # even again: the version is complete
@@ -247,11 +226,10 @@ def load_weights(handle: dict, retries: int = 3, device: int | None = None) -> d
         weakref.finalize(blob, lock.close)
     else:
         lock.close()
-    return _unpack(torch.as_tensor(blob), manifest)
+    return unpack(blob, manifest)
 
 
-def load_raw(handle: dict, retries: int = 3,
-             chunk_bytes: int = BLOCK) -> tuple[list, np.ndarray, int, np.ndarray]:
+def load_raw(handle: dict, chunk_bytes: int, retries: int = 3) -> tuple[list, np.ndarray, int, np.ndarray]:
     """A private CPU copy of the version's bytes as its slot holds them: (manifest, uint8 data, checksum,
     the ``_sum64`` of each ``chunk_bytes`` chunk (uint64; they add up to the checksum)).
 
@@ -263,11 +241,6 @@ def load_raw(handle: dict, retries: int = 3,
         data = blob.copy() if isinstance(blob, np.ndarray) else blob.cpu().numpy()
     sums = np.array([_sum64(data[i:i + chunk_bytes]) for i in range(0, len(data), chunk_bytes)], np.uint64)
     return manifest, data, int(sums.sum(dtype=np.uint64)) if checksum is None else checksum, sums
-
-
-def unpack(data: np.ndarray, manifest: list) -> dict[str, torch.Tensor]:
-    """A state dict whose tensors are views of ``data`` (uint8, the layout of ``manifest``)."""
-    return _unpack(torch.from_numpy(data), manifest)
 
 
 def _lock(fd: int, kind: int) -> bool:
@@ -299,13 +272,6 @@ def _load(handle: dict, retries: int, device: int | None) -> tuple:
         time.sleep(0.001 * (attempt + 1))
 
 
-def _header(fd: int) -> tuple:
-    raw = os.pread(fd, HEADER.size, 0)
-    if len(raw) < HEADER.size or raw[:8] != MAGIC:
-        raise WeightsError("not a Flux weights segment")
-    return HEADER.unpack(raw)
-
-
 _maps: dict[tuple[str, int], mmap.mmap] = {}  # (segment name, inode) -> this process's mapping of it
 
 
@@ -314,12 +280,10 @@ def _mapping(name: str, fd: int) -> mmap.mmap:
     kept across versions so its pages are faulted in once; mappings of replaced segments are dropped."""
     key = (name, os.fstat(fd).st_ino)
     for old in [k for k in list(_maps) if k != key]:
-        try:
+        with suppress(FileNotFoundError):
             if os.stat(os.path.join(SHM_DIR, old[0])).st_ino == old[1]:
                 continue
-        except FileNotFoundError:
-            pass
-        _maps.pop(old, None)  # views still alive keep their pages mapped
+        _maps.pop(old, None)  # its segment was replaced; views still alive keep their pages mapped
     if (m := _maps.get(key)) is None:  # from a file of its own: mmap keeps a dup of the fd (and lock)
         with open(f"/proc/self/fd/{fd}", "rb") as f:
             m = _maps[key] = mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -329,7 +293,10 @@ def _mapping(name: str, fd: int) -> mmap.mmap:
 def _read(fd: int, name: str, handle: dict, device: int | None) -> tuple:
     if not _lock(fd, fcntl.LOCK_SH):
         raise TornRead("the slot is being written")
-    _, seq, version, meta_len, data_len, checksum, flags = _header(fd)
+    raw = os.pread(fd, HEADER.size, 0)
+    if len(raw) < HEADER.size or raw[:8] != MAGIC:
+        raise WeightsError("not a Flux weights segment")
+    _, seq, version, meta_len, data_len, checksum, flags = HEADER.unpack(raw)
     if seq % 2:
         raise TornRead("the slot was left half-written")
     if version != handle["version"]:

@@ -1,7 +1,7 @@
 """`prompts` read with HF `datasets` (flux.data.load_prompts sends everything but JSONL here).
 
 A file by its suffix (.json, .parquet, .csv, .arrow), a directory written by `save_to_disk` or holding
-data files, or a Hub dataset id found in the local HF cache (flux.hf.hub_snapshot, as models are found).
+data files, or a Hub dataset id found in the local HF cache (hub.py, as models are found).
 A dataset with several splits gives `data.split`. Rows come back as plain dicts (nested columns as dicts,
 lists as lists), checked row by row by flux.data.to_record.
 """
@@ -22,7 +22,7 @@ def read_rows(source: str, split: str = "train") -> list[dict]:
         raise DataError(f"{source}: reading it needs the `datasets` library: pip install 'flux-rlhf[data]'") from None
     path = Path(source)
     if not path.exists():
-        from flux.hf import HUB_ID, hub_snapshot
+        from flux.integrations.data.hub import HUB_ID, hub_snapshot
 
         if not HUB_ID.match(source):
             raise DataError(f"{source}: no such prompts file, directory or dataset")

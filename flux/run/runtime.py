@@ -1,6 +1,7 @@
 """What every actor process shares: the run spec, logging, signals, parent watch, thread count.
 
-An actor is started by the launcher as `python -m actors.<role> --spec RUN_DIR/spec.json [--name N]`.
+An actor is started by the launcher as `python -m actors.<role> --spec RUN_DIR/spec.json [--name N]`, or
+forked from it to the same effect (flux/run/launcher.py); either way it runs `actor_main`.
 The spec holds the socket addresses and the resolved config, so every actor sees the same run.
 """
 

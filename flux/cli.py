@@ -45,7 +45,7 @@ def main():
               help="Continue RUN_DIR from its latest checkpoint (its config.yaml, plus any --set/--max-steps).")
 def train(config, overrides, max_steps, out, resume):
     """Run a job; with no CONFIG, the built-in example on the embedded tiny model."""
-    from flux.run.launcher import SetupError, latest_checkpoint, run
+    from flux.run.launcher import SetupError, flux_is_the_program, latest_checkpoint, run
 
     try:
         checkpoint = ""
@@ -62,8 +62,10 @@ def train(config, overrides, max_steps, out, resume):
         fail(str(e))
     except KeyboardInterrupt:  # before the actors exist (e.g. while the default model is built)
         fail("interrupted", 130)
-    # The run is over and everything it opened is closed. Skip the interpreter's teardown: with the
-    # actors' libraries imported here (torch, transformers) it takes about a second.
+    # The run is over and everything it opened is closed. As the `flux` program, skip the interpreter's
+    # teardown (about a second with torch and transformers imported); a caller's own program goes on.
+    if not flux_is_the_program():
+        sys.exit(code)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

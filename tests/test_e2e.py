@@ -133,6 +133,31 @@ def test_actors_are_forked_from_the_launcher_and_show_their_own_command_line(sma
         assert marks["imported"] - marks["process"] < 1.0, name  # no fresh `import torch` (~1.5 s)
 
 
+def test_a_forked_actor_that_fails_before_its_own_code_says_why_in_its_stderr_file(tmp_path):
+    from flux.run.launcher import Forked
+
+    err = tmp_path / "gen0.stderr"
+    child = Forked(["-m", "actors.no_such_role"], err, dict(os.environ))
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # the launcher's mask is back as it was
+    assert child.wait(30) == 1
+    assert "ModuleNotFoundError: No module named 'actors.no_such_role'" in err.read_text()
+    again = Forked(["-m", "actors.no_such_role"], err, dict(os.environ))
+    os.waitpid(again.pid, 0)  # reaped by someone else: poll must not raise
+    assert again.poll() == 0 and again.wait(1) == 0
+
+
+def test_only_the_flux_program_forks_its_actors(monkeypatch, tmp_path):
+    """A program that calls the launcher (this test runner) may have run torch's OpenMP threads, after
+    which a forked child hangs (GNU libgomp): it gets spawned actors, and `flux train` returns to it."""
+    from flux.run import launcher
+
+    monkeypatch.delenv("FLUX_ACTOR_START", raising=False)
+    assert not launcher.flux_is_the_program()
+    assert launcher.preload(None) is False
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/flux", "train"])
+    assert launcher.flux_is_the_program()
+
+
 @pytest.mark.slow
 def test_with_flux_actor_start_spawn_each_actor_is_a_fresh_interpreter(default_model, tmp_path, monkeypatch):
     """The path a GPU machine takes (no fork there): `python -m actors.<role>` processes, same run."""
@@ -364,6 +389,18 @@ def test_cli_ctrl_c_before_the_actors_start_exits_130(monkeypatch):
     result = CliRunner().invoke(main, ["train", "--max-steps", "1"])
     assert result.exit_code == 130
     assert result.output.strip().splitlines() == ["flux: error: interrupted"]
+
+
+def test_cli_train_called_from_a_program_returns_to_it(monkeypatch):
+    """`flux train` as the program skips the interpreter's teardown (os._exit); called in-process (here
+    through click), it exits the way click commands do, and the caller goes on."""
+    from click.testing import CliRunner
+
+    import flux.run.launcher
+    from flux.cli import main
+
+    monkeypatch.setattr(flux.run.launcher, "run", lambda cfg, stream=None, resume_from="": (3, None))
+    assert CliRunner().invoke(main, ["train", "--max-steps", "1"]).exit_code == 3
 
 
 def test_cli_config_lists_every_key():

@@ -122,13 +122,18 @@ def test_views_hold_their_slot_and_the_writer_moves_to_a_fresh_segment(prefix):
     h3 = pub.publish(3, state(3))  # slot 0 is held by `held`: version 3 goes to a new segment
     assert h3["name"] != h1["name"] and h1["name"] not in shm_names(prefix) and len(shm_names(prefix)) == 2
     assert bool((held["embed.weight"] == 1).all()) and held["step"].item() == 1  # still version 1
-    held["embed.weight"][0, 0] = -5.0  # a reader's writes stay in its own process
     with pytest.raises(StaleWeights):
         load_weights(h1)
     del held
-    h4, h5 = pub.publish(4, state(4)), pub.publish(5, state(5))
-    assert h5["name"] == h3["name"]  # nothing holds slot 0 any more: rewritten in place
-    assert load_weights(h5)["embed.weight"][0, 0].item() == 5.0 and load_weights(h4)["step"].item() == 4
+    h4 = pub.publish(4, state(4))
+    mine = load_weights(h4)
+    mine["embed.weight"][0, 0] = -5.0  # a reader's write lands in the slot (every reader of v4 sees it)...
+    assert load_weights(h4)["embed.weight"][0, 0].item() == -5.0
+    del mine
+    h5, h6 = pub.publish(5, state(5)), pub.publish(6, state(6))
+    assert h6["name"] == h4["name"] and h5["name"] == h3["name"]  # nothing holds a slot: rewritten in place
+    assert load_weights(h6)["embed.weight"][0, 0].item() == 6.0  # ...and never hides a later version
+    assert load_weights(h5)["step"].item() == 5
     pub.close()
 
 

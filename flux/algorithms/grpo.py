@@ -39,21 +39,10 @@ def grpo_advantages(rewards: Tensor, *, eps: float = 1e-6, scale_std: bool = Tru
     return torch.where(flat, torch.zeros_like(adv), adv)
 
 
-def grpo_loss(
-    logprobs: Tensor,
-    proximal_logprobs: Tensor | None,
-    behaviour_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logprobs: Tensor | None = None,
-    *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    kl_coef: float = 0.0,
-    tis_cap: float | None = 2.0,
-    correction: bool = True,
-    agg: str = "token-mean",
-) -> tuple[Tensor, dict[str, float]]:
+def grpo_loss(logprobs: Tensor, proximal_logprobs: Tensor | None, behaviour_logprobs: Tensor, advantages: Tensor,
+              mask: Tensor, ref_logprobs: Tensor | None = None, *, clip_low: float = 0.2, clip_high: float = 0.2,
+              kl_coef: float = 0.0, tis_cap: float | None = 2.0, correction: bool = True,
+              agg: str = "token-mean") -> tuple[Tensor, dict[str, float]]:
     """GRPO loss = decoupled clipped policy loss + kl_coef · k3 KL(π ‖ π_ref), both aggregated by `agg`.
 
     GRPO puts the KL in the loss (not in the reward, unlike PPO-RLHF) with Schulman's k3 estimator

@@ -82,21 +82,10 @@ def ppo_advantages(rewards: Tensor, values: Tensor, mask: Tensor, behaviour_logp
     return (whiten(adv, mask) if whiten_advantages else adv), returns
 
 
-def ppo_loss(
-    logprobs: Tensor,
-    proximal_logprobs: Tensor | None,
-    behaviour_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logprobs: Tensor | None = None,
-    *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    kl_loss_coef: float = 0.0,
-    tis_cap: float | None = 2.0,
-    correction: bool = True,
-    agg: str = "token-mean",
-) -> tuple[Tensor, dict[str, float]]:
+def ppo_loss(logprobs: Tensor, proximal_logprobs: Tensor | None, behaviour_logprobs: Tensor, advantages: Tensor,
+             mask: Tensor, ref_logprobs: Tensor | None = None, *, clip_low: float = 0.2, clip_high: float = 0.2,
+             kl_loss_coef: float = 0.0, tis_cap: float | None = 2.0, correction: bool = True,
+             agg: str = "token-mean") -> tuple[Tensor, dict[str, float]]:
     """PPO's policy loss: the decoupled clipped surrogate on per-token advantages, + kl_loss_coef · k3 KL.
 
     Shape: as `grpo.grpo_loss` (advantages (b, t)). Stats: those of `grpo_loss`.

@@ -75,21 +75,10 @@ def kl_to_go(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:
     return kl.flip(-1).cumsum(-1).flip(-1)
 
 
-def reinforce_pp_loss(
-    logprobs: Tensor,
-    proximal_logprobs: Tensor | None,
-    behaviour_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    ref_logprobs: Tensor | None = None,
-    *,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    kl_coef: float = 0.0,
-    tis_cap: float | None = 2.0,
-    correction: bool = True,
-    agg: str = "token-mean",
-) -> tuple[Tensor, dict[str, float]]:
+def reinforce_pp_loss(logprobs: Tensor, proximal_logprobs: Tensor | None, behaviour_logprobs: Tensor,
+                      advantages: Tensor, mask: Tensor, ref_logprobs: Tensor | None = None, *, clip_low: float = 0.2,
+                      clip_high: float = 0.2, kl_coef: float = 0.0, tis_cap: float | None = 2.0, correction: bool = True,
+                      agg: str = "token-mean") -> tuple[Tensor, dict[str, float]]:
     """REINFORCE++ loss: the decoupled clipped loss on A_t = A − kl_coef · `kl_to_go`(π_prox, π_ref).
 
     The KL uses the proximal log-probs (the behaviour ones when there is no proximal): they come from

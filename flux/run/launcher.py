@@ -25,6 +25,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 import uuid
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -56,14 +57,21 @@ class Forked:
     def __init__(self, argv: list[str], stderr: Path, env: dict[str, str]):
         self.returncode: int | None = None
         gc.freeze()  # the child never collects (and so never finalizes) what it inherits
-        self.pid = os.fork()
-        if self.pid == 0:
-            _become(argv, stderr, env)
-        gc.unfreeze()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # until the child has its own handlers
+        try:
+            self.pid = os.fork()
+            if self.pid == 0:
+                _become(argv, stderr, env, mask)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            gc.unfreeze()
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored, a caller's own waitpid)
+                pid, status = self.pid, 0
             self.returncode = os.waitstatus_to_exitcode(status) if pid else None
         return self.returncode
 
@@ -80,20 +88,23 @@ class Forked:
             os.kill(self.pid, signum)
 
 
-def _become(argv: list[str], stderr: Path, env: dict[str, str]) -> None:
-    """In a just-forked child: run `python ARGV` (`-m actors.<role> ...`) here; never returns."""
+def _become(argv: list[str], stderr: Path, env: dict[str, str], mask: set) -> None:
+    """In a just-forked child (SIGINT and SIGTERM blocked): run `python ARGV` (`-m actors.<role> ...`)
+    here; never returns. What fails before the actor's own code runs is printed to its stderr file."""
     try:
-        import setproctitle
-
-        setproctitle.setproctitle(" ".join([sys.executable, *argv]))  # what ps shows (before env changes)
-        os.setsid()  # as start_new_session: Ctrl-C reaches the launcher only
-        die_with_parent()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         null, err = os.open(os.devnull, os.O_RDWR), os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         for fd, std in ((null, 0), (null, 1), (err, 2)):
             os.dup2(fd, std)
         sys.stdin, sys.stdout, sys.stderr = (open(i, m, buffering=1, closefd=False) for i, m in enumerate("rww"))
+        os.setsid()  # as start_new_session: Ctrl-C reaches the launcher only
+        die_with_parent()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        with suppress(ImportError):
+            import setproctitle
+
+            setproctitle.setproctitle(" ".join([sys.executable, *argv]))  # what ps shows (before env changes)
         os.environ.clear()
         os.environ.update(env)
         if "huggingface_hub.constants" in sys.modules:  # read at import, when the launcher's env held
@@ -101,15 +112,26 @@ def _become(argv: list[str], stderr: Path, env: dict[str, str]) -> None:
         TIMELINE.marks = {"process": time.time()}
         sys.argv = argv[1:]
         actor_main(argv[1].removeprefix("actors."), importlib.import_module(argv[1]).body)  # ends in os._exit
+    except BaseException:
+        traceback.print_exc()
     finally:
         os._exit(1)
+
+
+def flux_is_the_program() -> bool:
+    """This process is `flux` (the console script or `python -m flux.cli`), not a program calling it."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return Path(sys.argv[0]).name == "flux" or getattr(spec, "name", "") == "flux.cli"
 
 
 def preload(spec: RunSpec) -> bool:
     """Import the actors' code here, so that `start` can fork them; False where it must not fork."""
     # Where a GPU driver is, something here may initialise CUDA (a check, an import), and a forked child
     # then cannot use it: spawn there.
-    if os.environ.get("FLUX_ACTOR_START") == "spawn" or any(Path(d).exists() for d in ("/dev/nvidiactl", "/dev/kfd")):
+    # Only as the `flux` program: a caller's own program may hold locks in other threads, or have run
+    # torch's OpenMP threads (GNU libgomp: a forked child then hangs in its first parallel region).
+    if os.environ.get("FLUX_ACTOR_START") == "spawn" or any(Path(d).exists() for d in ("/dev/nvidiactl", "/dev/kfd")) \
+            or not flux_is_the_program():
         return False
     import transformers
 

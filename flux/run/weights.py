@@ -13,7 +13,10 @@ returns views of it, which hold a shared ``flock`` on the segment for as long as
 The writer takes the exclusive lock to write a slot; when a reader still holds it, the writer leaves
 that segment to the reader and writes the slot into a fresh one (the old name is unlinked: the reader
 keeps its mapping until its views die). A locked slot can therefore never change under its views, and
-the lock never makes the learner wait. Inside the lock the header keeps a counter, odd while a version
+the lock never makes the learner wait (a CUDA slot, which a reader holds only for its clone, is waited
+for instead: a fresh bucket per version would cost GPU memory). The views map the slot itself (shared,
+not copy-on-write: a page a reader wrote to must not hide the next version), so a reader clones what it
+changes. Inside the lock the header keeps a counter, odd while a version
 is being written (a writer that died mid-write leaves it odd), and the version, checked against the
 handle, so a reader never returns a torn or wrong-version state dict. The optional checksum (a wrapping
 sum of the data as uint64 words, taken by the writer after its copy and by the reader over its
@@ -142,10 +145,10 @@ class WeightPublisher:
         slot, self._next = self._next, (self._next + 1) % self.slots
         size = data_off + (0 if on_gpu else data_len)
         shm = self._segment(slot, size)
-        if not _lock(shm._fd, fcntl.LOCK_EX):  # a reader's views still hold it: leave them that segment
+        if not (on_gpu or _lock(shm._fd, fcntl.LOCK_EX)):  # a reader's views still hold it: leave them that segment
             self._sizes.pop(slot), self._buckets.pop(slot, None)
             shm = self._segment(slot, size)
-            fcntl.flock(shm._fd, fcntl.LOCK_EX)
+        fcntl.flock(shm._fd, fcntl.LOCK_EX)  # a CUDA reader holds its slot only while it clones the bucket
         buf = shm.buf
         seq = struct.unpack_from("<Q", buf, SEQ_OFFSET)[0] + 1  # odd while being written
         struct.pack_into("<Q", buf, SEQ_OFFSET, seq)
@@ -217,7 +220,8 @@ def load_weights(handle: dict, retries: int = 3, device: int | None = None) -> d
     """The state dict that ``handle`` announces. Raises StaleWeights, TornRead or WeightsError.
 
     "shm": views of the segment, which keep it from being rewritten while any of them is alive (drop
-    them once copied; ``.clone()`` what must outlive that). Writing into them is private to this process.
+    them once copied; ``.clone()`` what must outlive that or be changed: they map the slot itself, so a write
+    reaches every reader of this version, until the writer replaces it).
     "cuda_ipc": views of one private clone on the GPU. ``device`` overrides the CUDA device index recorded
     in a "cuda_ipc" handle.
     """
@@ -276,8 +280,8 @@ _maps: dict[tuple[str, int], mmap.mmap] = {}  # (segment name, inode) -> this pr
 
 
 def _mapping(name: str, fd: int) -> mmap.mmap:
-    """This process's mapping of segment ``fd`` (private copy-on-write: a reader's writes stay its own),
-    kept across versions so its pages are faulted in once; mappings of replaced segments are dropped."""
+    """This process's mapping of segment ``fd`` (shared: each version the writer puts there is what it
+    reads), kept across versions so its pages are faulted in once; mappings of replaced segments are dropped."""
     key = (name, os.fstat(fd).st_ino)
     for old in [k for k in list(_maps) if k != key]:
         with suppress(FileNotFoundError):
@@ -285,8 +289,8 @@ def _mapping(name: str, fd: int) -> mmap.mmap:
                 continue
         _maps.pop(old, None)  # its segment was replaced; views still alive keep their pages mapped
     if (m := _maps.get(key)) is None:  # from a file of its own: mmap keeps a dup of the fd (and lock)
-        with open(f"/proc/self/fd/{fd}", "rb") as f:
-            m = _maps[key] = mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)
+        with open(f"/proc/self/fd/{fd}", "rb+") as f:
+            m = _maps[key] = mmap.mmap(f.fileno(), 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     return m
 
 
@@ -316,7 +320,6 @@ def _read(fd: int, name: str, handle: dict, device: int | None) -> tuple:
     else:
         blob = np.frombuffer(_mapping(name, fd), np.uint8, data_len, data_off)
     if flags & FLAG_CHECKSUM and _sum64(blob) != checksum:
-        _maps.pop((name, os.fstat(fd).st_ino), None)  # pages this process wrote to are its own: map afresh
         raise TornRead("checksum mismatch")
     return blob, msgspec.msgpack.decode(meta), (checksum if flags & FLAG_CHECKSUM else None)
 

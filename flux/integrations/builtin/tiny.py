@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import string
+import subprocess
+import sys
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"]
@@ -122,10 +124,16 @@ def resolve_model_path(model_path: str, prompts: str = "") -> str:
 
     if model_path in ("", "builtin:tiny"):
         task = prompts.removeprefix("builtin:").partition(":")[0] if prompts.startswith("builtin:") else ""
-        return str(ensure_default_model(task=task if task in WARM else "sort"))
-    if model_path.startswith("builtin:tiny:"):
+        task = task if task in WARM else "sort"
+    elif model_path.startswith("builtin:tiny:"):
         task = model_path.removeprefix("builtin:tiny:")
         if task not in WARM:
             raise ValueError(f"model_path: {model_path}: no embedded model for that task (known: {', '.join(WARM)})")
-        return str(ensure_default_model(task=task))
-    return model_path
+    else:
+        return model_path
+    if not (default_model_dir(task) / "flux_recipe.json").exists():
+        # Built in a child process: the launcher forks the actors, and a child of a process whose OpenMP
+        # threads have run hangs in its first parallel region (GNU libgomp).
+        code = f"from flux.integrations.builtin.tiny import ensure_default_model; ensure_default_model(task={task!r})"
+        subprocess.run([sys.executable, "-c", code], check=True)
+    return str(ensure_default_model(task=task))

@@ -128,6 +128,12 @@ class Controller:
         self.weights = msg.weights
         return P.NewVersion(msg.version, msg.weights)  # broadcast, not a reply (see loop)
 
+    def announce_room(self, before: int) -> P.Control | None:
+        """What to broadcast when admission has more room than `before` without a new version (credit came
+        back with dropped or re-queued groups, or the ratio rose): refused generators ask again at once."""
+        room = self.admission.room()
+        return P.Control(self.admission.async_ratio, {"room": room}) if room > max(0, before) else None
+
     def key_allowed(self, key: str) -> bool:
         """Is a remote peer's CURVE key still in the run's authorized/ directory? (No remote side: yes.)"""
         return self.gate is None or self.gate.allowed(key)
@@ -330,6 +336,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     liveness, report = Rate(0.5), Rate(spec.config.net.heartbeat_s)
     log.info("controller up: ROUTER %s, PUB %s", spec.controller_router, spec.controller_pub)
     while not (stop.is_set() or ctl.done or ctl.failed):
+        room, announced = ctl.admission.room(), False
         for sock in dict(poller.poll(50)):
             while True:
                 try:
@@ -343,8 +350,13 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                     if remote is not None:
                         remote.publish(out)
                     P.send(pub, out)
+                    announced = True
                 elif out is not None:
                     P.send(sock, out, identity=ident)
+        if not announced and (note := ctl.announce_room(room)) is not None:
+            for sock in (pub, remote and remote.pub):
+                if sock is not None:
+                    P.send(sock, note)
         if liveness.due():
             ctl.check_liveness()
         if report.due():

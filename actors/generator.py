@@ -35,6 +35,9 @@ from flux.run import protocol as P
 from flux.run.runtime import TIMELINE, RunSpec, StopFlag, actor_main, actor_threads, connect, set_threads
 
 
+RETRY_S = 0.25  # a refused generator asks again at the latest after this long (a lost announcement)
+
+
 class ControllerLink:
     """The generator's side of the controller: requests on a DEALER, broadcasts and heartbeats on a thread."""
 
@@ -47,7 +50,8 @@ class ControllerLink:
         self.newest = 0  # newest version announced (engine.version lags until it swaps)
         self.newest_handle: dict | None = None  # where its weights are (to reload an engine that restarted)
         self.run_over = False  # the controller said Stop: the buffer is going too
-        self.version_arrived = threading.Event()
+        self.wake = threading.Event()  # set by a new version, admission room (Control) or Stop
+        self.wakes = 0  # how many times it was set
         self._ctx = ctx
         self._io = threading.Thread(target=self._io_loop, name="gen-io", daemon=True)
         # remote: versions arrive over the weight stream (integrations/remote)
@@ -55,7 +59,11 @@ class ControllerLink:
 
     def _deliver(self, version: int, state: dict) -> None:
         self.engine.load_weights(version, state)
-        self.version_arrived.set()
+        self.woken()
+
+    def woken(self) -> None:
+        self.wakes += 1
+        self.wake.set()
 
     def request(self, msg, timeout_s: float = 10.0):
         P.send(self.req, msg)
@@ -96,15 +104,15 @@ class ControllerLink:
                 return None
 
         self.engine.load_weights(version, source)
-        self.version_arrived.set()
+        self.woken()
 
     def _io_loop(self) -> None:
         sub, hb = self._ctx.socket(zmq.SUB), self._ctx.socket(zmq.DEALER)
         for s in (sub, hb):
             s.setsockopt(zmq.LINGER, 0)
         connect(sub, self.spec.controller_pub, self.spec)
-        sub.subscribe(b"NewVersion")
-        sub.subscribe(b"Stop")
+        for topic in (b"NewVersion", b"Control", b"Stop"):
+            sub.subscribe(topic)
         connect(hb, self.spec.controller_router, self.spec)
         period = self.spec.config.net.heartbeat_s
         t0, last = time.monotonic(), 0.0
@@ -113,10 +121,12 @@ class ControllerLink:
                 _, msg = P.recv(sub, self.drops)
                 if isinstance(msg, P.NewVersion):
                     self.queue_weights(msg.version, msg.weights)
+                elif isinstance(msg, P.Control):
+                    self.woken()
                 elif isinstance(msg, P.Stop):
                     self.run_over = True
                     self.stop.set(msg.reason)
-                    self.version_arrived.set()
+                    self.woken()
             if time.monotonic() - last >= period:
                 last = time.monotonic()
                 busy = min(1.0, self.engine.busy_seconds / max(1e-6, last - t0))
@@ -134,8 +144,8 @@ class ControllerLink:
             self.engine.apply_pending()
             if self.engine.version >= version:
                 break
-            self.version_arrived.wait(0.05)
-            self.version_arrived.clear()
+            self.wake.wait(0.05)
+            self.wake.clear()
         return self.engine.version >= version
 
 
@@ -265,16 +275,16 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     share = -(-cfg.learner.groups_per_step // r.num_generators) if cfg.adaptive_async.mode == "sync" else 0
     capacity = max(r.groups_per_call, share) * per_group
     flying: dict[int, tuple] = {}  # group id -> (prompt index, admission token, prompt ids, time admitted)
-    refused = (-1, 0.0)  # (newest version, time) of the last refused admission
+    refused = (-1, 0.0)  # (link.wakes, time) of the last refused admission
     while not stop.is_set():
         try:  # a backend lost while admitting (its weight update) or stepping: its groups are re-queued
-            # Ask for credits while there is room for a group, but after a refusal only once a new version
-            # is out or 20 ms have passed (credits come with versions, and back with dropped groups).
+            # Ask for credits while there is room for a group, but after a refusal only once the controller
+            # announces a new version or room (credit given back, a higher ratio), or RETRY_S have passed.
             while (room := capacity - batch.rows_in_flight) >= per_group and not stop.is_set() and not (
-                    flying and refused[0] == link.newest and time.monotonic() - refused[1] < 0.02):
+                    flying and refused[0] == link.wakes and time.monotonic() - refused[1] < RETRY_S):
                 admit = link.request(P.AdmitRequest(name, room // per_group))
                 if admit is None or not admit.groups:
-                    refused = (link.newest, time.monotonic())
+                    refused = (link.wakes, time.monotonic())
                     break
                 if admit.version > link.newest and admit.weights:  # its NewVersion broadcast never reached us
                     link.queue_weights(admit.version, admit.weights)
@@ -291,8 +301,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                     batch.add(g["group_id"], [(ids, q) for q in pair(records[idx])] if offline else [ids] * per_group,
                               dataclasses.replace(sampling, seed=seed))
             if not batch.rows_in_flight:  # (groups admitted as the run stops are its unfinished ones)
-                link.version_arrived.wait(0.02)  # no credit: wait for a new version (or retry shortly)
-                link.version_arrived.clear()
+                link.wake.wait(RETRY_S)  # no credit: wait for a new version or room (Control)
+                link.wake.clear()
                 continue
             tokens = engine.tokens_generated
             done = batch.step()

@@ -66,6 +66,19 @@ def test_dropped_groups_give_their_credit_back_once(ctl):
     assert len(ctl.handle(None, P.AdmitRequest("gen1", 2)).groups) == 1   # the freed credit is reused
 
 
+def test_credit_that_comes_back_is_announced_so_refused_generators_need_not_poll(ctl):
+    grants = ctl.handle(None, P.AdmitRequest("gen0", 2)).groups
+    before = ctl.admission.room()
+    assert before == 0 and ctl.handle(None, P.AdmitRequest("gen1", 2)).groups == []   # refused
+    assert ctl.announce_room(before) is None                                         # nothing changed
+    ctl.handle(None, P.BufferReport(0, 1, {}, dropped={"zero_variance": [grants[0]["group_id"]]}))
+    note = ctl.announce_room(before)
+    assert isinstance(note, P.Control) and note.knobs == {"room": 4}
+    assert P.decode(P.encode(note)) == note                                          # it goes on the wire
+    ctl.admission.started += 8                                                       # over the bound: less room
+    assert ctl.announce_room(ctl.admission.room() - 1) is None                       # still no room: silent
+
+
 def step_report(step, version, group_ids, skipped=False):
     return P.StepReport(step, version, {"group_ids": group_ids, "step_skipped": float(skipped), "samples": 8})
 

@@ -33,9 +33,13 @@ class Admission:
         """Most samples that may have been started at the current version and ratio."""
         return (self.version + 1 + self.async_ratio * self.eta_max) * self.batch_samples
 
-    def try_admit(self, n: int) -> bool:
+    def room(self) -> int:
+        """Samples that may still be started now."""
         # The small tolerance keeps a = 0.9999... from rounding a whole group away.
-        if self.started + n <= math.floor(self.bound() + 1e-9):
+        return math.floor(self.bound() + 1e-9) - self.started
+
+    def try_admit(self, n: int) -> bool:
+        if n <= self.room():
             self.started += n
             return True
         return False

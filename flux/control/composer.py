@@ -97,9 +97,11 @@ def length_bucket(n: int) -> str:
 
 def add_lengths(hist: dict[str, int], lengths) -> dict[str, int]:
     """Count `lengths` into the histogram `hist` (in place, and returned)."""
-    for n in lengths:
-        b = length_bucket(int(n))
-        hist[b] = hist.get(b, 0) + 1
+    n = np.asarray(lengths, np.int64).reshape(-1)
+    # frexp's exponent of n > 0 is its bit length: one bucket per exponent.
+    for bits, count in zip(*np.unique(np.frexp(n.astype(np.float64))[1], return_counts=True)):
+        b = length_bucket(1 << (int(bits) - 1) if bits > 0 else 0)
+        hist[b] = hist.get(b, 0) + int(count)
     return hist
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -63,30 +64,33 @@ class TrainBatch:
         behaviour_logprobs and versions have one entry per response token; advantage is a float (one per
         sequence → advantages (b,)) or one value per response token (→ advantages (b, L)).
         """
-        rows = [[torch.as_tensor(x) for x in s[:4]] + [torch.as_tensor(s[4], dtype=torch.float32)]
-                for s in samples]
-        b, width = len(rows), max(len(p) + len(r) for p, r, *_ in rows)
-        per_token_adv = any(a.dim() > 0 for *_, a in rows)
-        ids = torch.full((b, width), pad_id, dtype=torch.long)
-        attn = torch.zeros((b, width), dtype=torch.long)
-        resp = torch.zeros((b, width), dtype=torch.float32)
-        blp = torch.zeros((b, width), dtype=torch.float32)
-        ver = torch.full((b, width), -1, dtype=torch.long)
-        adv = torch.zeros((b, width) if per_token_adv else (b,), dtype=torch.float32)
-        for i, (p, r, lp, v, a) in enumerate(rows):
-            n_p, n = len(p), len(p) + len(r)
-            if len(lp) != len(r) or len(v) != len(r):
-                raise ValueError(f"sample {i}: {len(r)} response tokens, "
-                                 f"{len(lp)} logprobs, {len(v)} versions")
-            ids[i, :n_p], ids[i, n_p:n] = p, r
-            attn[i, :n] = 1
-            resp[i, n_p:n] = 1.0
-            blp[i, n_p:n] = lp.float()
-            ver[i, n_p:n] = v.long()
-            if per_token_adv:
-                adv[i, n_p:n] = a
-            else:
-                adv[i] = a
+        b = len(samples)
+        p, r, lp, v = ([np.asarray(s[k]).reshape(-1) for s in samples] for k in range(4))
+        n_p, n_r, n_lp, n_v = (np.array([len(x) for x in xs], np.int64) for xs in (p, r, lp, v))
+        for i in np.flatnonzero((n_lp != n_r) | (n_v != n_r))[:1]:
+            raise ValueError(f"sample {i}: {n_r[i]} response tokens, {n_lp[i]} logprobs, {n_v[i]} versions")
+        width = int((n_p + n_r).max()) if b else 0
+        # Flat positions row·width + column of every prompt token, then of every response token.
+        row0 = np.arange(b) * width
+        at_p = np.repeat(row0, n_p) + _ranges(n_p)
+        at_r = np.repeat(row0 + n_p, n_r) + _ranges(n_r)
+
+        def fill(value, dtype, parts, at):
+            out = np.full(b * width, value, dtype)
+            if len(at):
+                out[at] = np.concatenate(parts)
+            return torch.from_numpy(out.reshape(b, width))
+
+        ids = fill(pad_id, np.int64, [*p, *r], np.concatenate([at_p, at_r]))
+        attn = fill(0, np.int64, [np.ones(len(at_p) + len(at_r), np.int64)], np.concatenate([at_p, at_r]))
+        resp = fill(0, np.float32, [np.ones(len(at_r), np.float32)], at_r)
+        blp = fill(0, np.float32, lp, at_r)
+        ver = fill(-1, np.int64, v, at_r)
+        adv_in = [np.asarray(s[4], np.float32) for s in samples]
+        if any(a.ndim > 0 for a in adv_in):  # one advantage per response token
+            adv = fill(0, np.float32, [np.broadcast_to(a, (n,)) for a, n in zip(adv_in, n_r)], at_r)
+        else:
+            adv = torch.from_numpy(np.array(adv_in, np.float32).reshape(b))
         return cls(ids, attn, resp, blp, adv, ver)
 
     def select(self, rows: slice | Tensor, cols: slice = slice(None)) -> TrainBatch:
@@ -101,6 +105,12 @@ class TrainBatch:
     def to(self, device: torch.device | str) -> TrainBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: (None if v is None else v.to(device)) for k, v in moved.items()})
+
+
+def _ranges(lengths: np.ndarray) -> np.ndarray:
+    """0..n-1 for each n in `lengths`, concatenated: [2, 3] → [0, 1, 0, 1, 2]."""
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.arange(int(lengths.sum())) - starts
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,

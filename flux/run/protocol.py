@@ -213,7 +213,8 @@ class NewVersion(Message):
 
 
 class Control(Message):
-    """Controller -> all: the current async ratio in [0, 1] and other live knobs."""
+    """Controller -> all: admission has room again without a new version (credit given back, a higher
+    async ratio): the current async ratio in [0, 1] and other live knobs (``room``: samples)."""
     async_ratio: Fraction
     knobs: Map
 

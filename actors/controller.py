@@ -354,9 +354,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                 elif out is not None:
                     P.send(sock, out, identity=ident)
         if not announced and (note := ctl.announce_room(room)) is not None:
-            for sock in (pub, remote and remote.pub):
-                if sock is not None:
-                    P.send(sock, note)
+            for sock in filter(None, (pub, remote and remote.pub)):
+                P.send(sock, note)
         if liveness.due():
             ctl.check_liveness()
         if report.due():
@@ -367,9 +366,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     with open(os.path.join(spec.run_dir, "groups.json"), "w") as f:
         json.dump({"reason": reason, **accounting}, f, indent=1)
     for _ in range(3):  # PUB may drop the first send to a slow joiner; Stop is idempotent
-        for sock in (pub, remote and remote.pub):
-            if sock is not None:
-                P.send(sock, P.Stop(reason))
+        for sock in filter(None, (pub, remote and remote.pub)):
+            P.send(sock, P.Stop(reason))
         time.sleep(0.05)
     ctl.metrics.close()
     write_status(spec.run_dir, ctl.status(stopped=reason))

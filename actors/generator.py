@@ -51,7 +51,6 @@ class ControllerLink:
         self.newest_handle: dict | None = None  # where its weights are (to reload an engine that restarted)
         self.run_over = False  # the controller said Stop: the buffer is going too
         self.wake = threading.Event()  # set by a new version, admission room (Control) or Stop
-        self.wakes = 0  # how many times it was set
         self._ctx = ctx
         self._io = threading.Thread(target=self._io_loop, name="gen-io", daemon=True)
         # remote: versions arrive over the weight stream (integrations/remote)
@@ -59,10 +58,6 @@ class ControllerLink:
 
     def _deliver(self, version: int, state: dict) -> None:
         self.engine.load_weights(version, state)
-        self.woken()
-
-    def woken(self) -> None:
-        self.wakes += 1
         self.wake.set()
 
     def request(self, msg, timeout_s: float = 10.0):
@@ -104,7 +99,7 @@ class ControllerLink:
                 return None
 
         self.engine.load_weights(version, source)
-        self.woken()
+        self.wake.set()
 
     def _io_loop(self) -> None:
         sub, hb = self._ctx.socket(zmq.SUB), self._ctx.socket(zmq.DEALER)
@@ -122,11 +117,11 @@ class ControllerLink:
                 if isinstance(msg, P.NewVersion):
                     self.queue_weights(msg.version, msg.weights)
                 elif isinstance(msg, P.Control):
-                    self.woken()
+                    self.wake.set()
                 elif isinstance(msg, P.Stop):
                     self.run_over = True
                     self.stop.set(msg.reason)
-                    self.woken()
+                    self.wake.set()
             if time.monotonic() - last >= period:
                 last = time.monotonic()
                 busy = min(1.0, self.engine.busy_seconds / max(1e-6, last - t0))
@@ -275,16 +270,17 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     share = -(-cfg.learner.groups_per_step // r.num_generators) if cfg.adaptive_async.mode == "sync" else 0
     capacity = max(r.groups_per_call, share) * per_group
     flying: dict[int, tuple] = {}  # group id -> (prompt index, admission token, prompt ids, time admitted)
-    refused = (-1, 0.0)  # (link.wakes, time) of the last refused admission
+    refused = 0.0  # when the last admission was refused
     while not stop.is_set():
         try:  # a backend lost while admitting (its weight update) or stepping: its groups are re-queued
             # Ask for credits while there is room for a group, but after a refusal only once the controller
             # announces a new version or room (credit given back, a higher ratio), or RETRY_S have passed.
             while (room := capacity - batch.rows_in_flight) >= per_group and not stop.is_set() and not (
-                    flying and refused[0] == link.wakes and time.monotonic() - refused[1] < RETRY_S):
+                    flying and not link.wake.is_set() and time.monotonic() - refused < RETRY_S):
+                link.wake.clear()  # (what sets it from now on may mean room this request does not see)
                 admit = link.request(P.AdmitRequest(name, room // per_group))
                 if admit is None or not admit.groups:
-                    refused = (link.wakes, time.monotonic())
+                    refused = time.monotonic()
                     break
                 if admit.version > link.newest and admit.weights:  # its NewVersion broadcast never reached us
                     link.queue_weights(admit.version, admit.weights)

@@ -70,25 +70,22 @@ class TrainBatch:
         for i in np.flatnonzero((n_lp != n_r) | (n_v != n_r))[:1]:
             raise ValueError(f"sample {i}: {n_r[i]} response tokens, {n_lp[i]} logprobs, {n_v[i]} versions")
         width = int((n_p + n_r).max()) if b else 0
-        # Flat positions row·width + column of every prompt token, then of every response token.
-        row0 = np.arange(b) * width
-        at_p = np.repeat(row0, n_p) + _ranges(n_p)
-        at_r = np.repeat(row0 + n_p, n_r) + _ranges(n_r)
+        # Flat positions row·width + column of every prompt token (at_p) and every response token (at_r).
+        at_p, at_r = (np.repeat(np.arange(b) * width + off, n) + np.arange(n.sum()) - np.repeat(n.cumsum() - n, n)
+                      for off, n in ((0, n_p), (n_p, n_r)))
 
-        def fill(value, dtype, parts, at):
+        def fill(value, dtype, at, parts):
             out = np.full(b * width, value, dtype)
-            if len(at):
-                out[at] = np.concatenate(parts)
+            out[at] = np.concatenate(parts) if len(at) else []
             return torch.from_numpy(out.reshape(b, width))
 
-        ids = fill(pad_id, np.int64, [*p, *r], np.concatenate([at_p, at_r]))
-        attn = fill(0, np.int64, [np.ones(len(at_p) + len(at_r), np.int64)], np.concatenate([at_p, at_r]))
-        resp = fill(0, np.float32, [np.ones(len(at_r), np.float32)], at_r)
-        blp = fill(0, np.float32, lp, at_r)
-        ver = fill(-1, np.int64, v, at_r)
+        every = np.concatenate([at_p, at_r])
+        ids, attn = fill(pad_id, np.int64, every, [*p, *r]), fill(0, np.int64, every, [np.ones(len(every))])
+        resp, blp, ver = fill(0, np.float32, at_r, [np.ones(len(at_r))]), fill(0, np.float32, at_r, lp), \
+            fill(-1, np.int64, at_r, v)
         adv_in = [np.asarray(s[4], np.float32) for s in samples]
         if any(a.ndim > 0 for a in adv_in):  # one advantage per response token
-            adv = fill(0, np.float32, [np.broadcast_to(a, (n,)) for a, n in zip(adv_in, n_r)], at_r)
+            adv = fill(0, np.float32, at_r, [np.broadcast_to(a, (n,)) for a, n in zip(adv_in, n_r)])
         else:
             adv = torch.from_numpy(np.array(adv_in, np.float32).reshape(b))
         return cls(ids, attn, resp, blp, adv, ver)
@@ -105,12 +102,6 @@ class TrainBatch:
     def to(self, device: torch.device | str) -> TrainBatch:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         return replace(self, **{k: (None if v is None else v.to(device)) for k, v in moved.items()})
-
-
-def _ranges(lengths: np.ndarray) -> np.ndarray:
-    """0..n-1 for each n in `lengths`, concatenated: [2, 3] → [0, 1, 0, 1, 2]."""
-    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.arange(int(lengths.sum())) - starts
 
 
 def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor,

@@ -29,9 +29,13 @@ and GRPO's clip range, KL coefficient (0 by default: no reference model), std sc
 aggregation (Flux's `token-mean` is TRL's `dapo`). Both sides are scored greedily on the held-out split
 before and after with Flux's own `flux.evaluation.evaluate`, so the eval columns compare like with like.
 
-Timing. `samples/s` is training throughput: samples over the seconds since the first sample was asked
-for (Flux: the controller's first admission; TRL: `on_train_begin`), so process start-up and model
-loading are out of it. `wall s` is the run's last step since its process started work (Flux: the
+Timing. `samples/s` is steady training throughput, the same rule for both systems: the samples of the
+steps between the first and the last, over the seconds between their step reports (each row's
+`wall_s`). The first step (start-up, Flux's initial evaluation beside its first generation) and the last
+(Flux evaluates and writes its final checkpoint before it reports that step; TRL after) are left out.
+`cumul./s` is the cumulative rate at the last step, samples over the seconds since the first sample was
+asked for (Flux: the controller's first admission; TRL: `on_train_begin`): it charges Flux for both
+evaluations and the checkpoint, TRL for neither. `wall s` is the run's last step since its process started work (Flux: the
 controller's start; TRL: the worker's start, imports included), and `process s` is the whole subprocess
 as this script timed it. Flux runs 1 torch thread per actor (learner and generator on their own cores);
 TRL is one process; it runs once per `--trl-threads` value (default 1 and 2, the whole machine: on a
@@ -150,13 +154,22 @@ def summarize(rows: list[dict], process_s: float | None = None, evals: dict | No
         "samples": sum(int(r.get("samples", 0)) for r in rows),
         "wall_s": rows[-1]["wall_s"],
         "process_s": process_s,
-        "samples_per_s": rows[-1]["samples_per_s"],
+        "samples_per_s": steady_rate(rows),
+        "cumulative_samples_per_s": rows[-1]["samples_per_s"],
         "reward_first": mean(r["reward_mean"] for r in rows[:j]),
         "reward_last": mean(r["reward_mean"] for r in rows[-k:]),
         "eval_before": evals.get("eval_before", rows[0].get("eval_score")),
         "eval_after": evals.get("eval_after", rows[-1].get("eval_score")),
         **timing,
     }
+
+
+def steady_rate(rows: list[dict]) -> float:
+    """Samples/s over the steps between the first and the last: their samples over the seconds between the
+    first and the second-to-last step report (a run of fewer than 3 steps: the cumulative rate)."""
+    if len(rows) < 3 or rows[-2]["wall_s"] <= rows[0]["wall_s"]:
+        return rows[-1]["samples_per_s"]
+    return sum(int(r.get("samples", 0)) for r in rows[1:-1]) / (rows[-2]["wall_s"] - rows[0]["wall_s"])
 
 
 def combine(repeats: list[dict]) -> dict:
@@ -198,14 +211,15 @@ def format_table(summaries: dict[str, dict], errors: dict[str, str] | None = Non
     """Fixed-width table, one row per run; `× TRL` is samples/s over the fastest TRL run's."""
     ratio = ratios(summaries)
     lines = [(f"{'system':<14} {'steps':>5} {'samples':>7} {'wall s':>6} {'process s':>9} {'samples/s':>9} "
-              f"{'range':>9} {'× TRL':>6} {'reward first 5 → last 10%':>25} "
+              f"{'range':>9} {'× TRL':>6} {'cumul./s':>8} {'reward first 5 → last 10%':>25} "
               f"{'held-out eval before → after':>28}")]
     for name, s in summaries.items():
         reward = f"{s['reward_first']:.3f} → {s['reward_last']:.3f}"
         evals = f"{_num(s['eval_before'], '.3f')} → {_num(s['eval_after'], '.3f')}"
         lines.append(f"{name:<14} {s['steps']:>5} {s['samples']:>7} {s['wall_s']:>6.0f} "
                      f"{_num(s['process_s'], '.0f'):>9} {s['samples_per_s']:>9.1f} {_spread(s):>9} "
-                     f"{_num(ratio.get(name), '.2f'):>6} {reward:>25} {evals:>28}")
+                     f"{_num(ratio.get(name), '.2f'):>6} {_num(s.get('cumulative_samples_per_s'), '.1f'):>8} "
+                     f"{reward:>25} {evals:>28}")
     for name, err in (errors or {}).items():
         lines.append(f"{name:<14} failed: {err}")
     return "\n".join(lines)
@@ -214,12 +228,13 @@ def format_table(summaries: dict[str, dict], errors: dict[str, str] | None = Non
 def markdown_table(summaries: dict[str, dict]) -> str:
     """The same numbers as a Markdown table (for the README)."""
     ratio = ratios(summaries)
-    lines = [("| system | steps | samples | wall s | samples/s | range | × TRL "
-              "| reward, first 5 → last 10% | held-out eval, before → after |"), "|---" * 9 + "|"]
+    lines = [("| system | steps | samples | wall s | samples/s | range | × TRL | cumul./s "
+              "| reward, first 5 → last 10% | held-out eval, before → after |"), "|---" * 10 + "|"]
     for name, s in summaries.items():
         lines.append(f"| {name} | {s['steps']} | {s['samples']} | {s['wall_s']:.0f} "
                      f"| {s['samples_per_s']:.1f} | {_spread(s)} "
-                     f"| {_num(ratio.get(name), '.2f')} | {s['reward_first']:.3f} → {s['reward_last']:.3f} "
+                     f"| {_num(ratio.get(name), '.2f')} | {_num(s.get('cumulative_samples_per_s'), '.1f')} "
+                     f"| {s['reward_first']:.3f} → {s['reward_last']:.3f} "
                      f"| {_num(s['eval_before'], '.3f')} → {_num(s['eval_after'], '.3f')} |")
     return "\n".join(lines)
 

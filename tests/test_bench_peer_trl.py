@@ -19,9 +19,10 @@ _spec.loader.exec_module(bench)
 
 
 def rows_of(n: int, rate: float, **extra) -> list[dict]:
-    """n per-step rows: reward i/n, 128 samples a step, 0.5 s a step, eval 0.5 → 0.9 on Flux's rows."""
-    return [{"step": i, "reward_mean": i / n, "samples": 128, "wall_s": 3.0 + 0.5 * i, "samples_per_s": rate,
-             **extra} for i in range(n)]
+    """n per-step rows: reward i/n, 128 samples a step at `rate` samples/s; a cumulative rate 0.9 × that
+    (start-up and the last step's evaluation)."""
+    return [{"step": i, "reward_mean": i / n, "samples": 128, "wall_s": 3.0 + 128 / rate * i,
+             "samples_per_s": 0.9 * rate, **extra} for i in range(n)]
 
 
 def test_trl_reward_adapts_the_signature_and_rebuilds_the_record():
@@ -68,7 +69,8 @@ def test_trl_config_follows_the_flux_config():
 def test_summary_table_and_ratio_against_trl():
     trl = bench.summarize(rows_of(20, 100.0, step_s=0.8, generate_s=0.3), process_s=30.0,
                           evals={"eval_before": 0.54, "eval_after": 0.7})
-    assert trl["steps"] == 20 and trl["samples"] == 2560 and trl["wall_s"] == 3.0 + 0.5 * 19
+    assert trl["steps"] == 20 and trl["samples"] == 2560 and trl["wall_s"] == pytest.approx(3.0 + 1.28 * 19)
+    assert trl["samples_per_s"] == pytest.approx(100.0) and trl["cumulative_samples_per_s"] == pytest.approx(90.0)
     assert trl["reward_first"] == pytest.approx(sum(i / 20 for i in range(5)) / 5)
     assert trl["reward_last"] == pytest.approx((18 / 20 + 19 / 20) / 2)
     assert (trl["eval_before"], trl["eval_after"]) == (0.54, 0.7)
@@ -81,19 +83,19 @@ def test_summary_table_and_ratio_against_trl():
     assert "generate_s_mean" not in flux
 
     summaries = {"trl": trl, "flux-sync": flux}
-    assert bench.ratios(summaries) == {"trl": 1.0, "flux-sync": 2.5}
+    assert bench.ratios(summaries) == {"trl": 1.0, "flux-sync": pytest.approx(2.5)}
     assert bench.ratios({"flux-sync": flux}) == {}
     table = bench.format_table(summaries, {"flux-adaptive": "boom"})
     lines = table.splitlines()
     assert len(lines) == 4 and "× TRL" in lines[0] and "range" in lines[0]
     assert lines[1].startswith("trl") and "1.00" in lines[1] and "0.540 → 0.700" in lines[1]
-    assert lines[2].startswith("flux-sync") and "2.50" in lines[2] and "250.0" in lines[2]
+    assert lines[2].startswith("flux-sync") and "2.50" in lines[2] and "250.0" in lines[2] and "225.0" in lines[2]
     assert lines[3] == f"{'flux-adaptive':<14} failed: boom"
     md = bench.markdown_table(summaries).splitlines()
-    assert md[0].startswith("| system |") and len(md) == 4 and "| 2.50 |" in md[3]
+    assert md[0].startswith("| system |") and len(md) == 4 and "| 2.50 | 225.0 |" in md[3]
     # several TRL runs (one per thread count): the ratio is over the fastest, the peer at its best
     slow = {**trl, "samples_per_s": 50.0}
-    assert bench.ratios({"trl-1t": slow, "trl-2t": trl, "flux-sync": flux})["flux-sync"] == 2.5
+    assert bench.ratios({"trl-1t": slow, "trl-2t": trl, "flux-sync": flux})["flux-sync"] == pytest.approx(2.5)
     # no eval, no TRL: dashes, not crashes
     bare = bench.summarize(rows_of(3, 10.0))
     assert "- → -" in bench.format_table({"flux-sync": bare})
@@ -106,12 +108,12 @@ def test_repeats_combine_to_medians_with_the_spread_shown():
         s.update(wall_s=wall, reward_last=reward, cpu_s=20.0, load_1m_before=rate / 100)
         reps.append(s)
     c = bench.combine(reps)
-    assert (c["samples_per_s"], c["wall_s"]) == (500.0, 40.0) and c["step_s_mean"] == pytest.approx(0.4)
-    assert c["reward_last"] == pytest.approx(0.8) and c["samples_per_s_all"] == [300.0, 600.0, 500.0]
+    assert (c["samples_per_s"], c["wall_s"]) == (pytest.approx(500.0), 40.0) and c["step_s_mean"] == pytest.approx(0.4)
+    assert c["reward_last"] == pytest.approx(0.8) and c["samples_per_s_all"] == pytest.approx([300.0, 600.0, 500.0])
     assert (c["steps"], c["samples"], c["eval_before"], c["process_s"]) == (10, 1280, None, None)
     assert "300–600" in bench.format_table({"trl": c})
     assert "| 300–600 |" in bench.markdown_table({"trl": c})
-    assert bench.combine(reps[:1])["samples_per_s_all"] == [300.0]
+    assert bench.combine(reps[:1])["samples_per_s_all"] == [pytest.approx(300.0)]
     assert "300–" not in bench.format_table({"trl": bench.combine(reps[:1])})
 
 

@@ -331,9 +331,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
             raise FluxRunError(f"the policy's weights became non-finite at step {step - 1}: its log-probs on "
                                f"the batch of step {step} are NaN/inf (learner.lr={lc.lr:g}; try a smaller one)")
         rewards = torch.cat(work[1])
-        # what the batch says about staleness; the controller turns it into S (flux/control/staleness.py)
-        stale = batch_signals(tb.proximal_logprobs, tb.behaviour_logprobs, tb.response_mask, tb.versions,
-                              version, tis_cap=float(trainer.params.get("tis_cap") or 2.0))
+        trained_at = version
         if stats.get("step_skipped"):  # its groups are dropped (the controller gives their credit back)
             skipped += 1
             log.warning("step %d skipped: non-finite gradient (%d in a row)", step, skipped)
@@ -351,6 +349,10 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
             version += 1
             P.send(ctl, P.Published(version, publisher.publish(version, weights)))
             stats["time_publish_s"] = time.monotonic() - t_pub
+        # What the batch says about staleness, for the controller to turn into S (flux/control/staleness.py):
+        # after the publish, so that generators waiting for the new weights need not wait for it too.
+        stale = batch_signals(tb.proximal_logprobs, tb.behaviour_logprobs, tb.response_mask, tb.versions,
+                              trained_at, tis_cap=float(trainer.params.get("tis_cap") or 2.0))
         step_s = time.monotonic() - t0
         busy += step_s
         last = step == cfg.max_steps - 1

@@ -136,3 +136,47 @@ def test_a_dead_learner_fails_the_run(ctl):
     ctl.members["learner"].last_seen -= 60
     ctl.check_liveness()
     assert ctl.failed and "learner" in ctl.failed
+
+
+def test_a_refused_generator_wakes_on_the_room_announcement(tmp_path):
+    """The generator's half of `announce_room`: its I/O thread turns a `Control` broadcast into a wake-up
+    (without it a refused generator would wait out RETRY_S before asking again)."""
+    import threading
+    import types
+
+    import zmq
+
+    from actors.generator import ControllerLink
+    from flux.run.runtime import StopFlag
+
+    ctx = zmq.Context()
+    router, pub = ctx.socket(zmq.ROUTER), ctx.socket(zmq.PUB)
+    router.bind(f"ipc://{tmp_path}/r")
+    pub.bind(f"ipc://{tmp_path}/p")
+    cfg = FluxConfig(adaptive_async={"mode": "sync"}).validate()
+    spec = RunSpec("r1", str(tmp_path), "m", f"ipc://{tmp_path}/r", f"ipc://{tmp_path}/p", "ipc://x",
+                   "ipc://y", 10, cfg)
+    stop, engine = StopFlag(), types.SimpleNamespace(busy_seconds=0.0, version=0, tokens_generated=0)
+    link = ControllerLink(ctx, spec, "gen0", engine, stop, logging.getLogger("test"))
+    starting = threading.Thread(target=link.start)
+    starting.start()
+    assert router.poll(5000)
+    ident, msg, _ = P.recv_from(router, P.DropCounter("test"))
+    assert isinstance(msg, P.Register)
+    P.send(router, P.Welcome("r1", 0, None), identity=ident)
+    starting.join(5)
+    try:
+        link.wake.clear()
+        assert not link.wake.wait(0.3)             # nothing announced: no wake-up
+        for _ in range(40):                        # (a PUB drops what it sends before the SUB has joined)
+            P.send(pub, P.Control(0.0, {"room": 4}))
+            if link.wake.wait(0.05):
+                break
+        assert link.wake.is_set()
+    finally:
+        stop.set("test over")
+        link._io.join(5)
+        link.req.close()
+        router.close()
+        pub.close()
+        ctx.term()

@@ -9,7 +9,8 @@ Workloads (`WORKLOADS`): the built-in sort task at its defaults; `longtail`, the
 learner.lr=2e-3, where stale samples hurt; and, not run by default, `sensitive_b`, a second sensitive
 configuration the default target was not chosen on (the repeat task at lr 3e-3, 8 samples per prompt).
 Every mode of a workload runs the same steps with the same batch, so all train on the same number of
-samples; runs go back to back, never in parallel (they would compete for the cores). `adaptive` runs
+samples; runs go back to back, never in parallel (they would compete for the cores), seed by seed with
+the modes interleaved, so that a drift of the machine's speed falls on every mode alike. `adaptive` runs
 the **default** controller config; nothing is tuned per workload.
 
 Per workload and mode (mean over seeds; eval also min–max): samples/s, time to the target eval (95 % of
@@ -409,8 +410,10 @@ def main() -> int:
             steps = max(10, round(steps * args.steps_scale))
             per_mode: dict[str, dict[int, dict]] = {}
             runs: dict[str, dict[int, list[dict]]] = {}
-            for mode in args.modes:
-                for seed in args.seeds:
+            # Seed by seed, the modes interleaved: a drift of the machine's speed over the minutes the
+            # workload takes then falls on every mode alike, not on the modes that happen to run late.
+            for seed in args.seeds:
+                for mode in args.modes:
                     name = f"{w}/{mode}/seed{seed}"
                     out = root / w / mode / f"seed{seed}"
                     if args.from_runs:

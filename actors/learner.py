@@ -355,8 +355,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
                               trained_at, tis_cap=float(trainer.params.get("tis_cap") or 2.0))
         step_s = time.monotonic() - t0
         busy += step_s
-        last = step == cfg.max_steps - 1
-        if last:
+        if last := step == cfg.max_steps - 1:
             TIMELINE.mark("last_step")
         if last or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
             last_eval = run_eval()

@@ -156,6 +156,25 @@ def test_grpo_steps_raise_positive_advantage_logprobs(model_dir):
     assert learner.step_count == 4 and stats["lr"] == 3e-3 and 0 <= stats["clip_frac"] <= 1
 
 
+def test_adamw_is_fused_where_torch_has_the_kernel_and_falls_back_cleanly(model_dir, monkeypatch):
+    learner = TorchLearner(model_dir, lr=1e-3)
+    assert all(g["fused"] for g in learner.optimizer.param_groups)          # CPU has it from torch 2.4
+
+    class NoFusedKernel(torch.optim.AdamW):  # as on a device without one: the constructor fails late
+        def __init__(self, params, fused=None, **kw):
+            super().__init__(params, fused=fused, **kw)                    # (writes `fused` into each group)
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of "
+                                   "supported devices")
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFusedKernel)
+    learner = TorchLearner(model_dir, lr=1e-3)
+    assert not any(g["fused"] for g in learner.optimizer.param_groups)
+    batch = TrainBatch.from_samples(samples(), pad_id=PAD)
+    batch.behaviour_logprobs = learner.logprobs(batch)
+    assert learner.step(get_algorithm("grpo").bind(), batch, fill_proximal=True)["step_skipped"] == 0.0
+
+
 def test_reference_model_stays_frozen(model_dir):
     learner = TorchLearner(model_dir, lr=1e-2, reference=True)
     batch = grpo_batch(learner)

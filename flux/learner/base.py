@@ -144,11 +144,12 @@ class Learner:
         if reference:
             self.ref_model = self._load_model(self.model_path, dtype).to(self.device).eval()
             self.ref_model.requires_grad_(False)
-        groups = decay_groups(self.model, weight_decay, no_decay)
         try:  # one fused kernel for every parameter (CPU from torch 2.4, CUDA) instead of a loop over tensors
-            self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
-        except (RuntimeError, TypeError, ValueError):
-            self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+            self.optimizer = torch.optim.AdamW(decay_groups(self.model, weight_decay, no_decay), lr=lr,
+                                               betas=betas, eps=eps, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # fresh groups: a failed constructor wrote `fused` into its
+            self.optimizer = torch.optim.AdamW(decay_groups(self.model, weight_decay, no_decay), lr=lr,
+                                               betas=betas, eps=eps)
         self.ranks.broadcast_module(self.model)
         if self.ref_model is not None:
             self.ranks.broadcast_module(self.ref_model)

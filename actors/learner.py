@@ -309,9 +309,13 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     if spec.resume_from:  # the generators start from the base model: give them the checkpoint's weights
         P.send(ctl, P.Published(version, publisher.publish(version, learner.export_weights())))
         log.info("resumed from %s at step %d, version %d", spec.resume_from, start, version)
-    # The first batch is asked for before the initial eval, so that generating it and evaluating overlap.
+    # In sync mode a generator computes only while the learner waits for its batch; an evaluation at the same
+    # time would fight it for the cores (two processes at every core's thread count run many times slower),
+    # so there the learner evaluates while the generator waits: after the first batch, before each publish.
+    sync = cfg.adaptive_async.mode == "sync"
+    # The first batch is asked for before the initial eval, so that (overlapped modes) the two overlap.
     buffer.ask(start, version, lc.groups_per_step)
-    last_eval = run_eval()
+    last_eval = {} if sync else run_eval()
     log.info("learner up: %s, B=%d, %d rank(s), eval %s", trainer.algorithm.name, cfg.batch_samples,
              ranks.world, last_eval)
     TIMELINE.mark("ready", save=True)
@@ -325,6 +329,8 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
         if work is None:
             break
         TIMELINE.mark("first_batch")
+        if sync and step == start:  # (its time counts as this step's wait for the batch)
+            last_eval = run_eval()
         t0 = time.monotonic()
         tb, stats = trainer.train(step, *work)
         if not all_finite([tb.proximal_logprobs[tb.response_mask.bool()]]):
@@ -332,6 +338,12 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
                                f"the batch of step {step} are NaN/inf (learner.lr={lc.lr:g}; try a smaller one)")
         rewards = torch.cat(work[1])
         trained_at = version
+        if last := step == cfg.max_steps - 1:
+            TIMELINE.mark("last_step")
+        t_eval = time.monotonic()
+        if (evaluating := last or (cfg.eval.every and (step + 1) % cfg.eval.every == 0)) and sync:
+            last_eval = run_eval()  # before the publish (see above)
+        t_eval = time.monotonic() - t_eval
         if stats.get("step_skipped"):  # its groups are dropped (the controller gives their credit back)
             skipped += 1
             log.warning("step %d skipped: non-finite gradient (%d in a row)", step, skipped)
@@ -353,11 +365,9 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
         # after the publish, so that generators waiting for the new weights need not wait for it too.
         stale = batch_signals(tb.proximal_logprobs, tb.behaviour_logprobs, tb.response_mask, tb.versions,
                               trained_at, tis_cap=float(trainer.params.get("tis_cap") or 2.0))
-        step_s = time.monotonic() - t0
+        step_s = time.monotonic() - t0 - t_eval
         busy += step_s
-        if last := step == cfg.max_steps - 1:
-            TIMELINE.mark("last_step")
-        if last or (cfg.eval.every and (step + 1) % cfg.eval.every == 0):
+        if evaluating and not sync:  # overlapped modes: the generators go on with the new weights meanwhile
             last_eval = run_eval()
         saved = {}
         every = cfg.checkpoint.every

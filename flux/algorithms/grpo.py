@@ -67,9 +67,4 @@ def grpo_loss(logprobs: Tensor, proximal_logprobs: Tensor | None, behaviour_logp
     return loss, stats
 
 
-GRPO = register_algorithm(
-    "grpo",
-    advantages=grpo_advantages,
-    loss=grpo_loss,
-    reference=("kl_coef",),
-)
+GRPO = register_algorithm("grpo", advantages=grpo_advantages, loss=grpo_loss, reference=("kl_coef",))

@@ -41,9 +41,4 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     return torch.where(flat, torch.zeros_like(adv), adv)
 
 
-RLOO = register_algorithm(
-    "rloo",
-    advantages=rloo_advantages,
-    loss=grpo_loss,
-    reference=("kl_coef",),
-)
+RLOO = register_algorithm("rloo", advantages=rloo_advantages, loss=grpo_loss, reference=("kl_coef",))

@@ -30,16 +30,17 @@ aggregation (Flux's `token-mean` is TRL's `dapo`). Both sides are scored greedil
 before and after with Flux's own `flux.evaluation.evaluate`, so the eval columns compare like with like.
 
 Timing. `samples/s` is steady training throughput, the same rule for both systems: the samples of the
-steps between the first and the last, over the seconds between their step reports (each row's
-`wall_s`). The first step (start-up, Flux's initial evaluation beside its first generation) and the last
-(Flux evaluates and writes its final checkpoint before it reports that step; TRL after) are left out.
+steps between the first and the last, over the seconds between their step reports (each row's `wall_s`).
+The first step (start-up, Flux's initial evaluation beside its first generation) and the last (Flux
+evaluates and writes its final checkpoint before it reports that step; TRL after) are left out.
 `cumul./s` is the cumulative rate at the last step, samples over the seconds since the first sample was
 asked for (Flux: the controller's first admission; TRL: `on_train_begin`): it charges Flux for both
-evaluations and the checkpoint, TRL for neither. `wall s` is the run's last step since its process started work (Flux: the
-controller's start; TRL: the worker's start, imports included), and `process s` is the whole subprocess
-as this script timed it. Flux runs 1 torch thread per actor (learner and generator on their own cores);
-TRL is one process; it runs once per `--trl-threads` value (default 1 and 2, the whole machine: on a
-shared machine two OpenMP threads can be several times slower than one), and `× TRL` is over the faster.
+evaluations and the checkpoint, TRL for neither. `wall s` is the run's last step since its process
+started work (Flux: the controller's start; TRL: the worker's start, imports included), and `process s`
+is the whole subprocess as this script timed it. Flux runs at its default thread counts (sync: each
+phase gets every core; adaptive: one thread per actor); TRL is one process; it runs once per
+`--trl-threads` value (default 1 and 2, the whole machine: on a shared machine two OpenMP threads can be
+several times slower than one), and `× TRL` is over the faster.
 
 TRL is an optional dependency of this bench only (`pip install -e ".[bench]"`); it runs in a subprocess
 of this script (`--trl-worker`), so its imports and threads stay out of the Flux runs. Without TRL the

@@ -75,8 +75,8 @@ def test_credit_that_comes_back_is_announced_so_refused_generators_need_not_poll
     note = ctl.announce_room(before)
     assert isinstance(note, P.Control) and note.knobs == {"room": 4}
     assert P.decode(P.encode(note)) == note                                          # it goes on the wire
-    ctl.admission.started += 8                                                       # over the bound: less room
-    assert ctl.announce_room(ctl.admission.room() - 1) is None                       # still no room: silent
+    ctl.admission.started += 8                                             # over the bound: less room
+    assert ctl.announce_room(ctl.admission.room() - 1) is None             # still no room: silent
 
 
 def step_report(step, version, group_ids, skipped=False):

@@ -144,12 +144,14 @@ class Learner:
         if reference:
             self.ref_model = self._load_model(self.model_path, dtype).to(self.device).eval()
             self.ref_model.requires_grad_(False)
+        def adamw(**kw):  # fresh parameter groups each time: a failed constructor has written into its own
+            return torch.optim.AdamW(decay_groups(self.model, weight_decay, no_decay), lr=lr, betas=betas,
+                                     eps=eps, **kw)
+
         try:  # one fused kernel for every parameter (CPU from torch 2.4, CUDA) instead of a loop over tensors
-            self.optimizer = torch.optim.AdamW(decay_groups(self.model, weight_decay, no_decay), lr=lr,
-                                               betas=betas, eps=eps, fused=True)
-        except (RuntimeError, TypeError, ValueError):  # fresh groups: a failed constructor wrote `fused` into its
-            self.optimizer = torch.optim.AdamW(decay_groups(self.model, weight_decay, no_decay), lr=lr,
-                                               betas=betas, eps=eps)
+            self.optimizer = adamw(fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            self.optimizer = adamw()
         self.ranks.broadcast_module(self.model)
         if self.ref_model is not None:
             self.ranks.broadcast_module(self.ref_model)

@@ -71,8 +71,8 @@ class TrainBatch:
             raise ValueError(f"sample {i}: {n_r[i]} response tokens, {n_lp[i]} logprobs, {n_v[i]} versions")
         width = int((n_p + n_r).max()) if b else 0
         # Flat positions row·width + column of every prompt token (at_p) and every response token (at_r).
-        at_p, at_r = (np.repeat(np.arange(b) * width + off, n) + np.arange(n.sum()) - np.repeat(n.cumsum() - n, n)
-                      for off, n in ((0, n_p), (n_p, n_r)))
+        at_p, at_r = (np.repeat(np.arange(b) * width + off, n) + np.arange(n.sum())
+                      - np.repeat(n.cumsum() - n, n) for off, n in ((0, n_p), (n_p, n_r)))
 
         def fill(value, dtype, at, parts):
             out = np.full(b * width, value, dtype)

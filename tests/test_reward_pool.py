@@ -113,6 +113,35 @@ def test_calls_abandoned_past_their_timeout_keep_their_threads_and_the_rest_go_o
     pool.close()
 
 
+def test_a_fast_function_scores_a_group_in_one_thread_call_and_a_slow_one_a_call_each():
+    def seen(calls):
+        def reward(completion, record):
+            calls.append(threading.get_ident())
+            if completion == "c3" and record.get("raise"):
+                raise ValueError("three")
+            time.sleep(record.get("sleep", 0))
+            return 1.0
+        return reward
+
+    fast, slow = [], []
+    pool = RewardPool([adapt(seen(fast))], workers=8)
+    assert pool.score(samples(8)) == [1.0] * 8  # not yet measured: a call per sample (and now measured)
+    fast.clear()
+    assert pool.score(samples(8)) == [1.0] * 8 and len(set(fast)) == 1  # one thread for the group
+    # One sample raises inside the group call: the group is scored again a call per sample, so only
+    # that sample fails (counted once), the others keep their scores.
+    assert pool.score(samples(8, {"raise": 1})) == [1.0] * 3 + [None] + [1.0] * 4
+    assert pool.failures == {"raised": 1}
+    pool.close()
+    pool = RewardPool([adapt(seen(slow))], workers=8)
+    pool.score(samples(8, {"sleep": 0.02}))
+    slow.clear()
+    t0 = time.monotonic()
+    assert pool.score(samples(8, {"sleep": 0.02})) == [1.0] * 8
+    assert len(set(slow)) > 1 and time.monotonic() - t0 < 8 * 0.02  # side by side, not one after another
+    pool.close()
+
+
 def test_a_batch_reward_must_answer_once_per_sample():
     pool = RewardPool([adapt(lambda completions, **kw: [1.0])])
     assert pool.score(samples(3)) == [None] * 3 and pool.failures == {"bad_batch": 3}

@@ -65,10 +65,6 @@ def dapo_advantages(rewards: Tensor, lengths: Tensor | None = None, max_new_toke
     return grpo_advantages(r, eps=eps, scale_std=scale_std)
 
 
-DAPO = register_algorithm(
-    "dapo",
-    advantages=dapo_advantages,
-    loss=grpo_loss,
-    reference=("kl_coef",),
-    defaults=dict(clip_high=0.28),  # clip-higher; everything else is GRPO's signature defaults
-)
+# Clip-higher; everything else is GRPO's signature defaults.
+DAPO = register_algorithm("dapo", advantages=dapo_advantages, loss=grpo_loss, reference=("kl_coef",),
+                          defaults=dict(clip_high=0.28))

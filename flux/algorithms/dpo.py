@@ -115,10 +115,4 @@ def dpo_loss(
     return loss, stats
 
 
-DPO = register_algorithm(
-    "dpo",
-    advantages=dpo_pairs,
-    loss=dpo_loss,
-    reference=True,
-    preference=True,
-)
+DPO = register_algorithm("dpo", advantages=dpo_pairs, loss=dpo_loss, reference=True, preference=True)

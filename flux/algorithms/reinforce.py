@@ -112,16 +112,6 @@ def reinforce_pp_loss(logprobs: Tensor, proximal_logprobs: Tensor | None, behavi
     return loss, stats
 
 
-REINFORCE = register_algorithm(
-    "reinforce",
-    advantages=reinforce_advantages,
-    loss=grpo_loss,
-    reference=("kl_coef",),
-)
-
-REINFORCE_PP = register_algorithm(
-    "reinforce_pp",
-    advantages=reinforce_pp_advantages,
-    loss=reinforce_pp_loss,
-    reference=("kl_coef",),
-)
+REINFORCE = register_algorithm("reinforce", advantages=reinforce_advantages, loss=grpo_loss, reference=("kl_coef",))
+REINFORCE_PP = register_algorithm("reinforce_pp", advantages=reinforce_pp_advantages, loss=reinforce_pp_loss,
+                                  reference=("kl_coef",))

@@ -33,6 +33,9 @@ def main():
     # under `python -m flux.cli` and in the actors (started with `python -m` in this directory).
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
+    from flux.run.runtime import OMP_SPIN
+
+    os.environ.setdefault(*OMP_SPIN)  # before torch loads here: forked actors inherit its OpenMP
 
 
 @main.command()

@@ -229,3 +229,34 @@ def test_thread_counts_follow_the_mode_and_the_cores(monkeypatch):
     assert runtime.actor_threads(ranks, "learner") == 1  # never 0
     given = FluxConfig(learner={"threads": 3}, rollout={"threads": 1}).validate()
     assert runtime.actor_threads(given, "learner") == 3 and runtime.actor_threads(given, "generator") == 1
+
+
+def test_actors_get_a_short_openmp_spin_and_the_users_own_value_wins(monkeypatch, tmp_path):
+    """GNU OpenMP's idle threads spin 300,000 rounds by default, holding a core the next actor needs (the
+    `flux` program sets GOMP_SPINCOUNT before torch loads; spawned actors get it in their environment)."""
+    import os
+
+    from click.testing import CliRunner
+
+    from flux.cli import main
+    from flux.run import launcher
+    from flux.run.runtime import OMP_SPIN, RunSpec
+
+    monkeypatch.setenv("GOMP_SPINCOUNT", "")  # (so that the teardown puts back what was there)
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    assert CliRunner().invoke(main, ["config"]).exit_code == 0
+    assert os.environ["GOMP_SPINCOUNT"] == OMP_SPIN[1] == "20000"
+    seen = []
+
+    class Popen:  # what `start` hands a spawned actor, without starting one
+        def __init__(self, argv, env, **kw):
+            seen.append(env)
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", Popen)
+    spec = RunSpec("r1", str(tmp_path), "m", "tcp://a:1", "tcp://a:2", "tcp://a:3", "tcp://a:4", 10,
+                   FluxConfig().validate())
+    launcher.start(spec, [])
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    assert CliRunner().invoke(main, ["config"]).exit_code == 0 and os.environ["GOMP_SPINCOUNT"] == "7"
+    launcher.start(spec, [])
+    assert [e["GOMP_SPINCOUNT"] for e in seen] == ["20000"] * 4 + ["7"] * 4

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from flux.config import ConfigError, FluxConfig, dump_config
 from flux.plugins import hook
-from flux.run.runtime import TIMELINE, RunSpec, Timeline, actor_main, die_with_parent, free_port
+from flux.run.runtime import OMP_SPIN, TIMELINE, RunSpec, Timeline, actor_main, die_with_parent, free_port
 
 STOP_DEADLINE_S = 10.0
 
@@ -315,8 +315,8 @@ def start(spec: RunSpec, actors: list[Actor], fork: bool = False) -> list[Actor]
     # Actors run the same code as the launcher, whatever the working directory or other checkouts.
     code_root = str(Path(__file__).resolve().parent.parent)
     path = os.pathsep.join(p for p in (code_root, os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": path}
+    env = {OMP_SPIN[0]: OMP_SPIN[1], **os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     for role, name in roles:
         err = logs / f"{name}.stderr"
         # Set for every learner, even a single one, so that none inherits a RANK from the user's shell.

@@ -144,6 +144,13 @@ def actor_threads(cfg, role: str) -> int:
     return n or max(1, cores // share)
 
 
+# GNU OpenMP (torch's, on Linux) lets an idle worker thread spin this many rounds before it sleeps. Its
+# default, 300,000, kept a core busy for milliseconds after every parallel region, the very moment the
+# next actor (the generator after a publish, the buffer and learner after a batch) had work: sync ran
+# 8-13 % faster with 5,000-60,000 (bench/results/omp_spin.json). Set before torch loads, user's value wins.
+OMP_SPIN = ("GOMP_SPINCOUNT", "20000")
+
+
 def set_threads(n: int) -> None:
     """An explicit, small intra-op thread count: two actors on two cores must not oversubscribe."""
     import torch

@@ -242,6 +242,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     rewards = reward_pool(cfg, log)
     seed = cfg.seed * 7919 + int.from_bytes(name.encode()[-4:], "little")
     engine = build_engine(cfg, spec.model_path, name=name, seed=seed, log_dir=f"{spec.run_dir}/logs")
+    cores = hook("cpu.CoreShare")(spec, "generator", name)
+    cores.follow(getattr(engine, "model", None))  # the built-in engine's threads follow who computes
     TIMELINE.mark("model")
     r = cfg.rollout
     stops = tuple(t for t in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
@@ -297,10 +299,12 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                     batch.add(g["group_id"], [(ids, q) for q in pair(records[idx])] if offline else [ids] * per_group,
                               dataclasses.replace(sampling, seed=seed))
             if not batch.rows_in_flight:  # (groups admitted as the run stops are its unfinished ones)
+                cores.working(False)
                 link.wake.wait(RETRY_S)  # no credit: wait for a new version or room (Control)
                 link.wake.clear()
                 continue
             tokens = engine.tokens_generated
+            cores.working(True)
             done = batch.step()
         except EngineLost as e:
             recover_engine(engine, link, [(gid, per_group) for gid in flying], e, log)

@@ -240,6 +240,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                            f"{ranks.world}")
     try:
         trainer = Trainer(spec, ranks)
+        cores = hook("cpu.CoreShare")(spec, "learner", name)
+        cores.follow(getattr(trainer.learner, "model", None))  # torch: threads follow who computes
         TIMELINE.mark("model")
         start = version = 0
         if spec.resume_from:  # every rank loads the model, optimizer and critic; the step and version
@@ -248,25 +250,27 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                 state = json.load(f)
             start, version = int(state["step"]), int(state["version"])
         if ranks.rank > 0:
-            return follow(trainer, start, stop, log)
-        return lead(spec, name, stop, log, trainer, start, version)
+            return follow(trainer, cores, start, stop, log)
+        return lead(spec, name, stop, log, trainer, cores, start, version)
     finally:
         ranks.close()
 
 
-def follow(trainer: Trainer, start: int, stop, log) -> int:
+def follow(trainer: Trainer, cores, start: int, stop, log) -> int:
     """Ranks 1..M-1: train on each batch rank 0 hands out, until it says stop."""
     step = start
     for step in range(start, trainer.cfg.max_steps):
+        cores.working(False)
         work = trainer.ranks.broadcast(None, stop)
         if work is None:
             break
+        cores.working(True)
         trainer.train(step, *work)
     log.info("learner rank %d leaves after step %d", trainer.ranks.rank, step + 1)
     return 0
 
 
-def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, version: int) -> int:
+def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, cores, start: int, version: int) -> int:
     """Rank 0 (with one rank: the learner): the learner loop of the module docstring."""
     from transformers import AutoTokenizer
 
@@ -315,6 +319,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     sync = cfg.adaptive_async.mode == "sync"
     # The first batch is asked for before the initial eval, so that (overlapped modes) the two overlap.
     buffer.ask(start, version, lc.groups_per_step)
+    cores.working(True)
     last_eval = {} if sync else run_eval()
     log.info("learner up: %s, B=%d, %d rank(s), eval %s", trainer.algorithm.name, cfg.batch_samples,
              ranks.world, last_eval)
@@ -322,7 +327,9 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, start: int, vers
     step, skipped = start, 0  # skipped: consecutive steps skipped for a non-finite gradient
     for step in range(start, cfg.max_steps):
         t_wait = time.monotonic()
+        cores.working(False)
         batch = buffer.get(step, version, lc.groups_per_step, asked=step == start)
+        cores.working(True)
         # The other ranks get the same batch (None: stop) and train on their share of it in lockstep.
         work = ranks.broadcast(None if batch is None else
                                to_train_batch(batch, pad_id, version, cfg.adaptive_async.eta_max))

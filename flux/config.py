@@ -14,6 +14,7 @@ import os
 import re
 import types
 import typing
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,9 @@ class RolloutConfig:
                       "Sampling always takes its log-softmax in fp32.", "auto",
                       choices=("auto", "bf16", "fp16", "fp32"))
     threads: int = _doc("torch intra-op threads per generator process; 0 = by mode and cores: in sync mode the "
-                        "generators share every core (they and the learner take turns), else every process of "
-                        "the run gets an equal share.", 0, low=0)
+                        "generators share every core (they and the learner take turns); otherwise each process "
+                        "starts with an equal share, and on a CPU the actors computing at the moment share the "
+                        "cores between them (flux/integrations/cpu/cores.py).", 0, low=0)
     slowdown: float = _doc("Extra seconds of sleep per generated token (a simulated slower generator, "
                            "used by benchmarks to change the generation/training balance).", 0.0, low=0)
     slowdown_schedule: list = _doc("Simulated slower/faster generation from a policy version on, used by "
@@ -506,19 +508,15 @@ def _coerce(value: Any, hint: Any, dotted: str) -> Any:
         for arm in typing.get_args(hint):
             if arm is type(None) and value is None:
                 return None
-            try:
+            with suppress(ConfigError):
                 return _coerce(value, arm, dotted)
-            except ConfigError:
-                pass
         raise ConfigError(f"{dotted}: {value!r} does not fit {hint}")
     target = origin or hint
     if target is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if target is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` as a string
-        try:
+        with suppress(ValueError):
             return float(value)
-        except ValueError:
-            pass
     if target is int and isinstance(value, bool):
         raise ConfigError(f"{dotted}: expected int, got {value!r}")
     if target is str and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -57,6 +57,8 @@ HOOKS = {
     "tools.StatusError": "flux.integrations.tools.status:StatusError",
     "tools.plot_run_dir": "flux.integrations.tools.plot:plot_run_dir",
     "tools.PlotError": "flux.integrations.tools.plot:PlotError",
+    # the built-in engine and torch learner on a CPU: threads that follow who computes (flux/integrations/cpu)
+    "cpu.CoreShare": "flux.integrations.cpu.cores:CoreShare",
     # model_path: builtin:tiny, prompts: builtin:<task> (flux/integrations/builtin)
     "builtin.resolve_model_path": "flux.integrations.builtin.tiny:resolve_model_path",
     "builtin.records": "flux.integrations.builtin.tasks:builtin_records",

@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,13 +125,11 @@ def setup_logging(run_dir: str | Path | None, name: str) -> logging.Logger:
 def quiet_libraries() -> None:
     """transformers' progress bars and advice belong in no actor's stderr."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
+    with suppress(ImportError):
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
 
 
 def actor_threads(cfg, role: str) -> int:
@@ -156,10 +155,8 @@ def set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
-    try:
+    with suppress(RuntimeError):  # already set (it can be set once per process)
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set (it can be set once per process)
-        pass
 
 
 class StopFlag:

@@ -331,9 +331,7 @@ def cleanup_prefix(prefix: str) -> list[str]:
     removed = []
     for name in sorted(os.listdir(SHM_DIR)) if os.path.isdir(SHM_DIR) else []:
         if name.startswith(prefix):
-            try:
+            with suppress(FileNotFoundError):
                 os.unlink(os.path.join(SHM_DIR, name))
                 removed.append(name)
-            except FileNotFoundError:
-                pass
     return removed

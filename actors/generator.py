@@ -313,6 +313,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         per_token = slowdown_at(engine.version, r.slowdown_schedule, r.slowdown)
         if per_token:
             extra_s = per_token * (engine.tokens_generated - tokens)
+            cores.working(False)  # (a simulated slower engine sleeps: it leaves the cores to the others)
             time.sleep(extra_s)
             engine.busy_seconds += extra_s  # a simulated slower engine is busy, not idle, while it "generates"
         for gid, comps in done:

@@ -121,7 +121,8 @@ class Part:
     batched: bool = False
     is_async: bool = False
     timeout_s: float | None = 0.0  # 0: the run's reward_timeout_s
-    call_s: float = math.inf  # a plain function's latest seconds per sample (inf: not yet measured; see _part)
+    call_s: float = math.inf  # a plain function's latest seconds per sample (inf: not yet measured, NaN: it
+    # timed out in a group call; see RewardPool._part)
 
 
 def split_score(value) -> tuple[float | None, dict]:
@@ -216,18 +217,18 @@ class RewardPool:
 
         def timed(group: list) -> list:  # a plain function's samples, one after another, timed
             t0, out = time.perf_counter(), [part.call(x) for x in group]
-            part.call_s = (time.perf_counter() - t0) / len(group)
+            part.call_s = part.call_s if math.isnan(part.call_s) else (time.perf_counter() - t0) / len(group)
             return out
 
         if not part.batched and not part.is_async and part.call_s <= FAST_CALL_S and len(samples) > 1:
             # Measured fast: the group in one thread call, not a thread hop per sample (on the built-in task
             # the hops were most of the scoring time). A group that raises, or runs past the timeout, is
-            # scored again a call per sample, each with its own timeout and outcome (a timeout also sends
-            # every later group back to that until a call measures fast again).
+            # scored again a call per sample, each with its own timeout and outcome (a timeout, every later
+            # group too: a function that can hang must not hold a whole group's samples behind one).
             kind, value = await once(samples, timed)
             if not kind:
                 return [("", v) for v in value]
-            part.call_s = math.inf if kind == "timeout" else part.call_s
+            part.call_s = math.nan if kind == "timeout" else part.call_s  # (NaN: a call per sample from now on)
         if not part.batched:
             one = None if part.is_async else lambda x: timed([x])[0]
             return list(await asyncio.gather(*(once(s, one) for s in samples)))

@@ -247,6 +247,7 @@ def test_actors_get_a_short_openmp_spin_and_the_users_own_value_wins(monkeypatch
     assert CliRunner().invoke(main, ["config"]).exit_code == 0
     assert os.environ["GOMP_SPINCOUNT"] == OMP_SPIN[1] == "20000"
     seen = []
+    monkeypatch.delenv("GOMP_SPINCOUNT")  # (the CLI set it in this process): the launcher sets it itself
 
     class Popen:  # what `start` hands a spawned actor, without starting one
         def __init__(self, argv, env, **kw):

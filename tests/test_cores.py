@@ -38,11 +38,15 @@ def test_the_phase_that_runs_alone_has_every_core_and_both_narrow_when_they_over
     net[0].weight.register_hook(lambda g: seen.append(("backward", torch.get_num_threads())))
     learner.working(True)
     out = net(torch.ones(2, 4)).sum()
-    gen.working(True)  # the generator starts decoding while the learner is between its forward and backward
+    # The generator (another process: its byte only, not this process's threads) starts decoding between
+    # the learner's forward and backward, and stops before the next forward.
+    learner.mem[gen.slot] = 1
     out.backward()
-    gen.working(False)
+    learner.mem[gen.slot] = 0
     net(torch.ones(2, 4))
     assert seen == [("forward", 2), ("backward", 1), ("forward", 2)]
+    gen.working(True)
+    gen.working(False)
     assert (tmp_path / "cores").read_bytes() == b"\x01\x00"  # learner computing, generator waiting
 
 

@@ -113,7 +113,10 @@ def test_calls_abandoned_past_their_timeout_keep_their_threads_and_the_rest_go_o
     pool.close()
 
 
-def test_a_fast_function_scores_a_group_in_one_thread_call_and_a_slow_one_a_call_each():
+def test_a_fast_function_scores_a_group_in_one_thread_call_and_a_slow_one_a_call_each(monkeypatch):
+    import flux.rewards
+
+    monkeypatch.setattr(flux.rewards, "FAST_CALL_S", 0.01)  # (a busy 2-core machine can take 1 ms to switch)
     def seen(calls):
         def reward(completion, record):
             calls.append(threading.get_ident())
@@ -139,6 +142,22 @@ def test_a_fast_function_scores_a_group_in_one_thread_call_and_a_slow_one_a_call
     t0 = time.monotonic()
     assert pool.score(samples(8, {"sleep": 0.02})) == [1.0] * 8
     assert len(set(slow)) > 1 and time.monotonic() - t0 < 8 * 0.02  # side by side, not one after another
+    pool.close()
+
+
+def test_a_function_that_times_out_in_a_group_call_gets_a_call_per_sample_from_then_on():
+    calls = []
+
+    def reward(completion, record):
+        calls.append(threading.get_ident())
+        time.sleep(1.0 if record.get("hang") and completion == "c2" else 0)
+        return 1.0
+
+    pool = RewardPool([adapt(reward)], workers=16, timeout_s=0.3)
+    assert pool.score(samples(4)) == [1.0] * 4  # measured fast
+    assert pool.score(samples(4, {"hang": 1})) == [1.0, 1.0, None, 1.0]  # the group call, then one each
+    assert pool.failures == {"timeout": 1} and math.isnan(pool.parts[0].call_s)
+    assert pool.score(samples(8)) == [1.0] * 8 and math.isnan(pool.parts[0].call_s)  # still one each
     pool.close()
 
 

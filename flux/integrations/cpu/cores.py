@@ -21,6 +21,11 @@ with it the default adaptive run gained 23 % and async η 1 3 % (bench/results/c
 Not used in sync mode (the phases take turns, and each already has every core), for a model not on the
 CPU, for an actor with a fixed thread count (it still marks when it computes, so the others leave it its
 cores), or without a socket directory (a remote generator: its host is its own).
+
+Known limits: an actor killed while computing leaves its byte at 1 (the others then keep to their
+static share, as before this existed, until a restarted actor of that name clears it); an actor with a
+fixed thread count counts as one share whatever its count; cores // n leaves the remainder idle
+(3 actors computing on 4 cores get one thread each).
 """
 
 from __future__ import annotations

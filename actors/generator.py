@@ -150,12 +150,8 @@ def slowdown_at(version: int, schedule: list, default: float) -> float:
     The last `[from_version, seconds_per_token]` pair with from_version ≤ version wins; before the first
     pair, `default` (`rollout.slowdown`) applies. The schedule replaces the constant, it does not add to it.
     """
-    seconds = default
-    for from_version, per_token in schedule:
-        if from_version > version:
-            break
-        seconds = float(per_token)
-    return seconds
+    reached = [float(per_token) for from_version, per_token in schedule if from_version <= version]
+    return reached[-1] if reached else default
 
 
 def recover_engine(engine, link: ControllerLink, lost: list[tuple[int, int]], error: Exception, log) -> None:
@@ -165,7 +161,9 @@ def recover_engine(engine, link: ControllerLink, lost: list[tuple[int, int]], er
         P.send(link.req, P.GroupDone(link.name, gid, n, requeue=True))
     recover = getattr(engine, "recover", None)
     line = f"{link.name}: {error}; {len(lost)} groups re-queued"
-    if recover is None or link.stop.is_set() or not recover():
+    if link.stop.is_set():  # lost as the run stops (after its last step): nothing left to generate for
+        return log.info("%s while stopping", line)
+    if recover is None or not recover():
         log.error("%s; no restart left", line)
         raise error
     log.warning("%s; engine restarted (%d so far)", line, getattr(engine, "restarts", 1))  # on stderr too

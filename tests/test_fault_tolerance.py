@@ -84,3 +84,27 @@ def test_a_generator_killed_mid_run_is_survived_with_nothing_lost(default_model,
     assert Counter(requeued_prompts) <= after, (requeued_prompts, at_kill)
     assert groups["requeued"] == len(requeued_prompts)     # dead for good: none came back under its old id
     assert_nothing_left(run_dir)
+
+
+def test_a_backend_lost_as_the_run_stops_ends_the_generator_cleanly(monkeypatch):
+    """After the last step, a dead backend is no failure: its groups are handed back (re-queued) and the
+    generator goes on stopping; mid-run, without a recovery, it re-raises (the generator exits, in one line)."""
+    import logging
+    import types
+
+    import pytest
+
+    from actors import generator
+    from flux.engine.base import EngineLost
+
+    sent = []
+    monkeypatch.setattr(generator.P, "send", lambda sock, msg: sent.append(msg))
+    stop = types.SimpleNamespace(is_set=lambda: True)
+    link = types.SimpleNamespace(name="gen0", req=None, stop=stop, newest_handle=None, newest=0)
+    recovered = []
+    engine = types.SimpleNamespace(recover=lambda: recovered.append(1) or True, version=0)
+    generator.recover_engine(engine, link, [(3, 4), (5, 4)], EngineLost("server gone"), logging.getLogger("t"))
+    assert [(m.group_id, m.requeue) for m in sent] == [(3, True), (5, True)] and recovered == []
+    link.stop = types.SimpleNamespace(is_set=lambda: False)
+    with pytest.raises(EngineLost):
+        generator.recover_engine(types.SimpleNamespace(), link, [], EngineLost("server gone"), logging.getLogger("t"))

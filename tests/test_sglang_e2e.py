@@ -99,13 +99,13 @@ def test_a_server_that_dies_mid_run_is_restarted_and_its_groups_requeued(default
     from tests.test_e2e import train_cmd, wait_for
 
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd("--max-steps", "6", *SMALL, "--set", "rollout.engine=sglang",
+    proc = subprocess.Popen(train_cmd("--max-steps", "10", *SMALL, "--set", "rollout.engine=sglang",
                                       "--set", "rollout.sglang_module=tests.sglang_mock",
                                       "--set", "rollout.sglang_args=[--token-delay, 0.002]",
                                       "--set", "rollout.sglang_startup_timeout_s=60", "--out", str(run_dir)),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(lambda: len(metrics(run_dir)) >= 2, 120, "two steps")
+        wait_for(lambda: len(metrics(run_dir)) >= 1, 120, "one step")  # (10 steps: killed well before the end)
         servers = processes_mentioning("-m tests.sglang_mock")
         assert len(servers) == 1
         servers[0].send_signal(signal.SIGKILL)
@@ -115,7 +115,7 @@ def test_a_server_that_dies_mid_run_is_restarted_and_its_groups_requeued(default
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, out
-    assert [r["step"] for r in metrics(run_dir)] == list(range(6))
+    assert [r["step"] for r in metrics(run_dir)] == list(range(10))
     said = [ln for ln in (run_dir / "logs" / "gen0.stderr").read_text().splitlines() if "engine restarted" in ln]
     assert len(said) == 1 and "cannot reach the SGLang server" in said[0] and "groups re-queued" in said[0], said
     shown = [ln for ln in out.splitlines() if "engine restarted" in ln]  # the run's own output says so too

@@ -132,12 +132,16 @@ def quiet_libraries() -> None:
         hf_logging.disable_progress_bar()
 
 
+def host_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def actor_threads(cfg, role: str) -> int:
     """`learner.threads` / `rollout.threads`, or for 0 (auto) the machine's cores shared out by mode: in
     sync mode the learner and the generators take turns, so each side has every core (split among its
     own processes); otherwise they run at once, and the cores are split among all of them."""
     n = cfg.learner.threads if role == "learner" else cfg.rollout.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = host_cores()
     ranks, gens = cfg.learner.ranks, cfg.rollout.num_generators
     share = (ranks if role == "learner" else gens) if cfg.adaptive_async.mode == "sync" else ranks + gens
     return n or max(1, cores // share)

@@ -33,6 +33,8 @@ from __future__ import annotations
 import mmap
 import os
 
+from flux.run.runtime import host_cores
+
 
 class CoreShare:
     def __init__(self, spec, role: str, name: str):
@@ -42,7 +44,7 @@ class CoreShare:
         self.size = ranks + cfg.rollout.num_generators
         self.path = f"{spec.socket_dir}/cores" if spec.socket_dir and cfg.adaptive_async.mode != "sync" else ""
         self.fixed = bool(cfg.learner.threads if role == "learner" else cfg.rollout.threads)
-        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        self.cores = host_cores()
         self.mem, self.threads = None, 0
 
     def follow(self, model) -> None:

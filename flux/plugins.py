@@ -25,6 +25,8 @@ HOOKS = {
     "cuda.open_bucket": "flux.integrations.cuda.ipc:open_bucket",
     # learner.ranks > 1 (flux/integrations/distributed)
     "distributed.RankGroup": "flux.integrations.distributed.data_parallel:RankGroup",
+    "distributed.FSDPLearner": "flux.integrations.distributed.fsdp:FSDPLearner",  # learner.sharding: fsdp
+    "distributed.FSDPCritic": "flux.integrations.distributed.fsdp:FSDPCritic",
     # net.remote and `flux generator` / `flux keys` (flux/integrations/remote)
     "remote.commands": "flux.integrations.remote.cli:COMMANDS",
     "remote.may_send": "flux.integrations.remote.side:may_send",
@@ -59,6 +61,9 @@ HOOKS = {
     "tools.PlotError": "flux.integrations.tools.plot:PlotError",
     # the built-in engine and torch learner on a CPU: threads that follow who computes (flux/integrations/cpu)
     "cpu.CoreShare": "flux.integrations.cpu.cores:CoreShare",
+    # actors forked from the launcher where no GPU driver is (flux/integrations/cpu/fork.py)
+    "cpu.preload": "flux.integrations.cpu.fork:preload",
+    "cpu.Forked": "flux.integrations.cpu.fork:Forked",
     # model_path: builtin:tiny, prompts: builtin:<task> (flux/integrations/builtin)
     "builtin.resolve_model_path": "flux.integrations.builtin.tiny:resolve_model_path",
     "builtin.records": "flux.integrations.builtin.tasks:builtin_records",

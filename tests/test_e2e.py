@@ -134,7 +134,7 @@ def test_actors_are_forked_from_the_launcher_and_show_their_own_command_line(sma
 
 
 def test_a_forked_actor_that_fails_before_its_own_code_says_why_in_its_stderr_file(tmp_path):
-    from flux.run.launcher import Forked
+    from flux.integrations.cpu.fork import Forked
 
     err = tmp_path / "gen0.stderr"
     child = Forked(["-m", "actors.no_such_role"], err, dict(os.environ))
@@ -149,11 +149,12 @@ def test_a_forked_actor_that_fails_before_its_own_code_says_why_in_its_stderr_fi
 def test_only_the_flux_program_forks_its_actors(monkeypatch, tmp_path):
     """A program that calls the launcher (this test runner) may have run torch's OpenMP threads, after
     which a forked child hangs (GNU libgomp): it gets spawned actors, and `flux train` returns to it."""
+    from flux.integrations.cpu.fork import preload
     from flux.run import launcher
 
     monkeypatch.delenv("FLUX_ACTOR_START", raising=False)
     assert not launcher.flux_is_the_program()
-    assert launcher.preload(None) is False
+    assert preload(None) is False
     monkeypatch.setattr(sys, "argv", ["/usr/local/bin/flux", "train"])
     assert launcher.flux_is_the_program()
 

@@ -2,9 +2,9 @@
 
 On a machine without a GPU the launcher imports what the actors import (torch, transformers, the
 model's modelling code: ~5 s of one core) once, then forks each actor from itself, so that they start
-with it all loaded; elsewhere (CUDA is not safe across a fork), or with FLUX_ACTOR_START=spawn, each
-actor is a fresh `python -m actors.<role>`. A forked actor has the same command line, session, streams
-and environment as a spawned one.
+with it all loaded (flux/integrations/cpu/fork.py); elsewhere (CUDA is not safe across a fork), or with
+FLUX_ACTOR_START=spawn, each actor is a fresh `python -m actors.<role>`. A forked actor has the same
+command line, session, streams and environment as a spawned one.
 
 Shutdown is predictable: the learner finishes → the controller broadcasts Stop → actors drain and
 exit. On Ctrl-C, or when any actor dies, the launcher sends SIGTERM to the rest, joins them with a
@@ -13,8 +13,6 @@ deadline, then kills what is left, and removes the run's shared-memory segments.
 
 from __future__ import annotations
 
-import gc
-import importlib
 import json
 import os
 import secrets
@@ -25,15 +23,14 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 import uuid
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from flux.config import ConfigError, FluxConfig, dump_config
 from flux.plugins import hook
-from flux.run.runtime import OMP_SPIN, TIMELINE, RunSpec, Timeline, actor_main, die_with_parent, free_port
+from flux.run.runtime import OMP_SPIN, RunSpec, Timeline, die_with_parent, free_port
 
 STOP_DEADLINE_S = 10.0
 
@@ -46,99 +43,14 @@ class SetupError(ValueError):
 class Actor:
     name: str
     role: str
-    proc: subprocess.Popen | Forked
+    proc: subprocess.Popen  # or, forked, flux/integrations/cpu/fork.py's Forked
     stderr_path: Path
-
-
-class Forked:
-    """An actor forked from the launcher, as `subprocess.Popen` would start `python ARGV` (the part of
-    Popen the launcher uses: pid, returncode, poll, wait, send_signal)."""
-
-    def __init__(self, argv: list[str], stderr: Path, env: dict[str, str]):
-        self.returncode: int | None = None
-        gc.freeze()  # the child never collects (and so never finalizes) what it inherits
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # until the child has its own handlers
-        try:
-            self.pid = os.fork()
-            if self.pid == 0:
-                _become(argv, stderr, env, mask)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            gc.unfreeze()
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            try:
-                pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored, a caller's own waitpid)
-                pid, status = self.pid, 0
-            self.returncode = os.waitstatus_to_exitcode(status) if pid else None
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        end = time.monotonic() + (1e9 if timeout is None else timeout)
-        while self.poll() is None and time.monotonic() < end:
-            time.sleep(0.01)
-        if self.returncode is None:
-            raise subprocess.TimeoutExpired(f"actor {self.pid}", timeout)
-        return self.returncode
-
-    def send_signal(self, signum: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signum)
-
-
-def _become(argv: list[str], stderr: Path, env: dict[str, str], mask: set) -> None:
-    """In a just-forked child (SIGINT and SIGTERM blocked): run `python ARGV` (`-m actors.<role> ...`)
-    here; never returns. What fails before the actor's own code runs is printed to its stderr file."""
-    try:
-        null, err = os.open(os.devnull, os.O_RDWR), os.open(stderr, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        for fd, std in ((null, 0), (null, 1), (err, 2)):
-            os.dup2(fd, std)
-        sys.stdin, sys.stdout, sys.stderr = (open(i, m, buffering=1, closefd=False) for i, m in enumerate("rww"))
-        os.setsid()  # as start_new_session: Ctrl-C reaches the launcher only
-        die_with_parent()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        with suppress(ImportError):
-            import setproctitle
-
-            setproctitle.setproctitle(" ".join([sys.executable, *argv]))  # what ps shows (before env changes)
-        os.environ.clear()
-        os.environ.update(env)
-        if "huggingface_hub.constants" in sys.modules:  # read at import, when the launcher's env held
-            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
-        TIMELINE.marks = {"process": time.time()}
-        sys.argv = argv[1:]
-        actor_main(argv[1].removeprefix("actors."), importlib.import_module(argv[1]).body)  # ends in os._exit
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        os._exit(1)
 
 
 def flux_is_the_program() -> bool:
     """This process is `flux` (the console script or `python -m flux.cli`), not a program calling it."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     return Path(sys.argv[0]).name == "flux" or getattr(spec, "name", "") == "flux.cli"
-
-
-def preload(spec: RunSpec) -> bool:
-    """Import the actors' code here, so that `start` can fork them; False where it must not fork."""
-    # Where a GPU driver is, something here may initialise CUDA (a check, an import), and a forked child
-    # then cannot use it: spawn there.
-    # Only as the `flux` program: a caller's own program may hold locks in other threads, or have run
-    # torch's OpenMP threads (GNU libgomp: a forked child then hangs in its first parallel region).
-    if os.environ.get("FLUX_ACTOR_START") == "spawn" or any(Path(d).exists() for d in ("/dev/nvidiactl", "/dev/kfd")) \
-            or not flux_is_the_program():
-        return False
-    import transformers
-
-    with suppress(Exception):  # the modelling code of the run's model (it may be unknown here)
-        config = transformers.AutoConfig.from_pretrained(spec.model_path)
-        transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # noqa: B018
-    return True
 
 
 def latest_checkpoint(run_dir: str | Path, stream=None) -> Path:
@@ -299,7 +211,7 @@ def vocab_size(model_path: str | Path) -> int:
 
 def start(spec: RunSpec, actors: list[Actor], fork: bool = False) -> list[Actor]:
     """Controller first (everyone connects to it), then buffer, learner ranks and the generators; forked
-    from this process with `fork` (after `preload`), else spawned.
+    from this process with `fork` (after the CPU integration's `preload`), else spawned.
 
     Learner rank 0 is `learner`, rank r > 0 `learner<r>`; each gets torch.distributed's RANK, WORLD_SIZE,
     MASTER_ADDR and MASTER_PORT (rank 0 hosts the group's store on a free local port).
@@ -322,7 +234,7 @@ def start(spec: RunSpec, actors: list[Actor], fork: bool = False) -> list[Actor]
         # Set for every learner, even a single one, so that none inherits a RANK from the user's shell.
         rank_env = {**dist_env, "RANK": name.removeprefix("learner") or "0"} if role == "learner" else {}
         argv = ["-m", f"actors.{role}", "--spec", str(Path(spec.run_dir) / "spec.json"), "--name", name]
-        proc = Forked(argv, err, {**env, **rank_env}) if fork else subprocess.Popen(
+        proc = hook("cpu.Forked")(argv, err, {**env, **rank_env}) if fork else subprocess.Popen(
             [sys.executable, *argv], stdout=subprocess.DEVNULL, stderr=open(err, "wb"), env={**env, **rank_env},
             preexec_fn=die_with_parent, start_new_session=True)  # Ctrl-C reaches the launcher only
         actors.append(Actor(name, role, proc, err))
@@ -404,7 +316,7 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
     seen: dict[str, int] = {}  # bytes of each generator's stderr already scanned for restarts
     interrupted, previous = _signals_as_interrupt()
     try:
-        fork = preload(spec)
+        fork = hook("cpu.preload")(spec)
         timeline.mark("preloaded")
         start(spec, actors, fork)  # inside the try: a Ctrl-C while spawning still stops what started
         timeline.mark("spawned")

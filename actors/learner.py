@@ -154,6 +154,7 @@ class Trainer:
         from flux.hf import device_and_dtype
         from flux.learner import build_learner
         from flux.learner.torch_learner import TorchCritic
+        from flux.plugins import hook
 
         cfg, lc = spec.config, spec.config.learner
         self.cfg, self.ranks = cfg, ranks
@@ -169,11 +170,16 @@ class Trainer:
         if ranks.world > 1:  # (config: data parallel is torch-backend only)
             common["ranks"] = ranks
         extra = {"gradient_checkpointing": True} if lc.gradient_checkpointing else {}
-        self.learner = build_learner(lc.backend, spec.model_path, lr=lc.lr, temperature=cfg.rollout.temperature,
+        fsdp = lc.sharding == "fsdp"
+        self.learner = build_learner("fsdp" if fsdp else lc.backend, spec.model_path, lr=lc.lr,
+                                     temperature=cfg.rollout.temperature,
                                      reference=self.algorithm.wants_reference(self.params), **extra, **common)
+        # A sharded learner gathers its weights to publish and save: every rank joins in (`collective`).
+        self.collective = getattr(self.learner, "collective", False)
         self.critic = None
         if self.algorithm.value_loss is not None:
-            self.critic = TorchCritic(spec.model_path, lr=lc.critic_lr or lc.lr, **common)
+            critic = hook("distributed.FSDPCritic") if fsdp else TorchCritic
+            self.critic = critic(spec.model_path, lr=lc.critic_lr or lc.lr, **common)
             self.value_loss_fn = self.algorithm.bind_value(self.params)
 
     def load(self, path: str) -> None:
@@ -250,22 +256,35 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
                 state = json.load(f)
             start, version = int(state["step"]), int(state["version"])
         if ranks.rank > 0:
-            return follow(trainer, cores, start, stop, log)
+            return follow(spec, trainer, cores, start, stop, log)
         return lead(spec, name, stop, log, trainer, cores, start, version)
     finally:
         ranks.close()
 
 
-def follow(trainer: Trainer, cores, start: int, stop, log) -> int:
-    """Ranks 1..M-1: train on each batch rank 0 hands out, until it says stop."""
-    step = start
+def checkpoint_dir(spec: RunSpec, step: int) -> str | None:
+    """Where the checkpoint after `step` goes, or None when that step saves none."""
+    every, last = spec.config.checkpoint.every, step == spec.config.max_steps - 1
+    return f"{spec.run_dir}/checkpoints/step_{step + 1}" if last or (every and (step + 1) % every == 0) else None
+
+
+def follow(spec: RunSpec, trainer: Trainer, cores, start: int, stop, log) -> int:
+    """Ranks 1..M-1: train on each batch rank 0 hands out, until it says stop; a sharded learner also
+    joins rank 0's weight gathers (publish, checkpoint) in rank 0's order."""
+    step, learner = start, trainer.learner
+    if spec.resume_from and trainer.collective:
+        learner.export_weights()  # rank 0 publishes the checkpoint's weights
     for step in range(start, trainer.cfg.max_steps):
         cores.working(False)
         work = trainer.ranks.broadcast(None, stop)
         if work is None:
             break
         cores.working(True)
-        trainer.train(step, *work)
+        _, stats = trainer.train(step, *work)
+        if trainer.collective and not stats.get("step_skipped"):
+            learner.export_weights()
+        if trainer.collective and (final := checkpoint_dir(spec, step)):
+            trainer.save(str(staging_dir(final)))
     log.info("learner rank %d leaves after step %d", trainer.ranks.rank, step + 1)
     return 0
 
@@ -377,9 +396,7 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, cores, start: in
         if evaluating and not sync:  # overlapped modes: the generators go on with the new weights meanwhile
             last_eval = run_eval()
         saved = {}
-        every = cfg.checkpoint.every
-        if last or (every and (step + 1) % every == 0):  # staged; the controller completes and renames it
-            final = f"{spec.run_dir}/checkpoints/step_{step + 1}"
+        if final := checkpoint_dir(spec, step):  # staged; the controller completes and renames it
             trainer.save(str(staging_dir(final)))
             saved = {"checkpoint": final}
         metrics = {

@@ -167,11 +167,16 @@ class LearnerConfig:
     max_skipped_steps: int = _doc("Stop the run with an error after this many consecutive optimizer steps "
                                   "skipped for a non-finite gradient (a skipped step's groups are dropped and "
                                   "counted as `step_skipped`).", 3, low=1)
-    ranks: int = _doc("Learner processes (data parallel, `backend: torch` only): each holds the whole model, "
+    ranks: int = _doc("Learner processes (data parallel, `backend: torch` only): each holds the whole model "
+                      "(see `sharding`), "
                       "trains on its share of every batch (rows split by token count) and the gradients are "
                       "summed over the ranks (gloo on CPU), so a step equals the one-process step on the whole "
                       "batch. Rank 0 talks to the buffer and controller, publishes weights, evaluates and "
                       "saves. micro_batch_size applies per rank.", 1, low=1)
+    sharding: str = _doc("How `ranks > 1` hold the model: `replicate` (each rank the whole model and AdamW "
+                         "state; gradients all-reduced) or `fsdp` (FSDP2: each rank 1/ranks of every parameter, "
+                         "gradient and AdamW state; weights gathered on rank 0 to publish and save). Both take "
+                         "the one-process step on the whole batch.", "replicate", choices=("replicate", "fsdp"))
     dist_timeout_s: float = _doc("`ranks > 1`: seconds a learner rank waits in a torch.distributed collective "
                                  "(or to join the group) before failing the run; bounds a hung rank.", 300.0, gt=0)
 
@@ -378,6 +383,7 @@ class FluxConfig:
             ("learner.no_decay", all(isinstance(k, str) and k for k in lr.no_decay), "must be a list of names"),
             ("learner.ranks", lr.ranks == 1 or lr.backend == "torch",
              "several ranks need learner.backend=torch (megatron runs one learner process)"),
+            ("learner.sharding", lr.sharding == "replicate" or lr.ranks > 1, "fsdp needs learner.ranks >= 2"),
             ("adaptive_async.min_async_ratio", 0 <= a.min_async_ratio <= a.max_async_ratio <= 1,
              "need 0 <= min_async_ratio <= max_async_ratio <= 1"),
             ("adaptive_async.initial_async_ratio",

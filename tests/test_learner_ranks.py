@@ -1,4 +1,5 @@
-"""`flux train --set learner.ranks=2` end to end: two learner processes in a gloo group.
+"""`flux train --set learner.ranks=2` end to end: two learner processes in a gloo group, each holding the
+whole model (`learner.sharding: replicate`) or half of it (`fsdp`).
 
 In sync mode completions are seeded by prompts, version and generator, so a two-rank run sees the same
 batches as a one-rank run and must take the same steps (losses within rounding). A learner rank killed
@@ -26,22 +27,30 @@ SYNC = [*SMALL, "--set", "learner.groups_per_step=4", "--set", "learner.lr=3e-4"
 
 
 @pytest.fixture(scope="module")
-def sync_runs(default_model, tmp_path_factory):
-    """One sync run with one learner rank; the same with two ranks, stopped after FIRST steps and resumed
+def one_rank(default_model, tmp_path_factory):
+    """One sync run with one learner rank."""
+    one = tmp_path_factory.mktemp("ranks") / "ranks1"
+    proc = flux_train("--max-steps", str(STEPS), *SYNC, "--out", str(one), timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return one
+
+
+@pytest.fixture(scope="module", params=["replicate", "fsdp"])
+def sync_runs(one_rank, tmp_path_factory, request):
+    """The same run with two ranks (replicated, or FSDP-sharded), stopped after FIRST steps and resumed
     (`flux train --resume`). One after the other: two cores."""
-    out = tmp_path_factory.mktemp("ranks")
-    one, two = out / "ranks1", out / "ranks2"
-    procs = [flux_train("--max-steps", str(STEPS), *SYNC, "--out", str(one), timeout=240),
-             flux_train("--max-steps", str(FIRST), *SYNC, "--set", "learner.ranks=2", "--out", str(two), timeout=240),
+    two = tmp_path_factory.mktemp("ranks") / f"ranks2-{request.param}"
+    procs = [flux_train("--max-steps", str(FIRST), *SYNC, "--set", "learner.ranks=2", "--set",
+                        f"learner.sharding={request.param}", "--out", str(two), timeout=240),
              flux_train("--resume", str(two), "--max-steps", str(STEPS), timeout=240)]
-    return one, two, procs
+    return one_rank, two, procs
 
 
 def test_two_ranks_complete_a_sync_run_and_resume_it(sync_runs):
     _, run_dir, procs = sync_runs
     for proc in procs:
         assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "resumed from" in procs[2].stdout and f"step_{FIRST}" in procs[2].stdout
+    assert "resumed from" in procs[1].stdout and f"step_{FIRST}" in procs[1].stdout
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(STEPS))
     assert [r["version"] for r in rows] == list(range(1, STEPS + 1))

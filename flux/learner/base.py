@@ -206,6 +206,7 @@ class Learner:
             for rows in self.micro_batches(sub):
                 mb, cols = self._trimmed(sub, rows)
                 if mb.input_ids.shape[1] == 0:
+                    self._idle(model, mb)
                     continue
                 mb = mb.to(self.device)
                 with self._autocast():
@@ -259,6 +260,7 @@ class Learner:
             mb, cols = self._trimmed(batch, rows)
             n_tok = float(mb.response_mask.sum())
             if n_tok == 0:
+                self._idle(self.model, mb)
                 continue
             mb = mb.to(self.device)
             share = n_tok / total
@@ -290,6 +292,10 @@ class Learner:
         """Mixed precision for a forward pass: matmuls in compute_dtype, the weights as they are."""
         weights = next(self.model.parameters()).dtype
         return torch.autocast(self.device.type, dtype=self.compute_dtype, enabled=self.compute_dtype != weights)
+
+    def _idle(self, model: torch.nn.Module, mb: TrainBatch) -> None:
+        """What a micro-batch without tokens costs: nothing (a sharded learner runs a pass that takes part
+        in its collectives, flux/integrations/distributed/fsdp.py)."""
 
     def _my_micro_batches(self, batch: TrainBatch) -> list[Tensor]:
         if self.ranks.world == 1:

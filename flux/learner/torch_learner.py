@@ -176,16 +176,21 @@ class TorchLearner(Learner):
         """HF checkpoint (+ tokenizer files found at model_path) + optimizer.pt + trainer_state.json."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, safe_serialization=True)
+        model, optimizer = self._savable()
+        model.save_pretrained(path, safe_serialization=True)
         src = Path(self.model_path)
         for name in TOKENIZER_FILES:
             if (src / name).is_file() and not (path / name).exists():
                 shutil.copy2(src / name, path / name)
-        torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
+        torch.save(optimizer, path / "optimizer.pt")
         state = {"step": self.step_count, "model_path": self.model_path, "seed": self.seed,
                  "lr": self.optimizer.param_groups[0]["lr"], "temperature": self.temperature}
         (path / "trainer_state.json").write_text(json.dumps(state, indent=2))
         return path
+
+    def _savable(self) -> tuple[torch.nn.Module, dict]:
+        """(The model `save` writes, the optimizer state it writes.)"""
+        return self.model, self.optimizer.state_dict()
 
     def load(self, path: str | Path) -> dict[str, Any]:
         """Restore weights, optimizer state and step count from a `save` directory; returns its state."""

@@ -1,8 +1,8 @@
 """Data parallelism for the learner: M ranks under torch.distributed, each holding the whole model.
 
-Why neither DDP nor FSDP2: DDP averages gradients and all-reduces them during every micro-batch's
-backward (unless `no_sync`), and FSDP2 shards models that would not fit one rank, which is what the
-megatron backend is for. Flux needs one thing, exactness: a step on M ranks must equal the step one
+Why not DDP: DDP averages gradients and all-reduces them during every micro-batch's backward (unless
+`no_sync`); models that would not fit one rank take `learner.sharding: fsdp` (fsdp.py, the same contract
+over FSDP2). Flux needs one thing, exactness: a step on M ranks must equal the step one
 process takes on the whole batch. So each rank holds the whole batch, computes the loss on its own rows
 (split by `flux.control.composer.balance` on token count, so the ranks finish together), weights each
 micro-batch loss by its share of the *whole batch's* response tokens, and after the backward passes one

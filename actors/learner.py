@@ -170,6 +170,8 @@ class Trainer:
         if ranks.world > 1:  # (config: data parallel is torch-backend only)
             common["ranks"] = ranks
         extra = {"gradient_checkpointing": True} if lc.gradient_checkpointing else {}
+        if lc.backend == "megatron":
+            extra["tensor_parallel"] = lc.tensor_parallel
         fsdp = lc.sharding == "fsdp"
         self.learner = build_learner("fsdp" if fsdp else lc.backend, spec.model_path, lr=lc.lr,
                                      temperature=cfg.rollout.temperature,
@@ -216,8 +218,8 @@ class Trainer:
             tb.advantages, tb.returns = algorithm.compute_advantages(group_rewards, tb, params, **adv_inputs)
         for group in learner.optimizer.param_groups:
             group["lr"] = lr_at(step, cfg.max_steps, lc.lr, lc.lr_schedule, lc.min_lr_ratio, lc.warmup_steps)
-        parts = micro_batches(tb, lc.micro_batch_size, pairs=algorithm.preference, rank=self.ranks.rank,
-                              ranks=self.ranks.world, tokens=lc.micro_batch_tokens)
+        parts = micro_batches(tb, lc.micro_batch_size, pairs=algorithm.preference, rank=learner.ranks.rank,
+                              ranks=learner.ranks.world, tokens=lc.micro_batch_tokens)
         t1 = time.monotonic()
         stats = learner.step(self.loss_fn, tb, parts, fill_proximal=fused) if len(tb) else {"step_skipped": 1.0}
         if critic is not None and len(tb):
@@ -366,10 +368,8 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, cores, start: in
         trained_at = version
         if last := step == cfg.max_steps - 1:
             TIMELINE.mark("last_step")
-        t_eval = time.monotonic()
-        if (evaluating := last or (cfg.eval.every and (step + 1) % cfg.eval.every == 0)) and sync:
-            last_eval = run_eval()  # before the publish (see above)
-        t_eval = time.monotonic() - t_eval
+        evaluating = last or (cfg.eval.every and (step + 1) % cfg.eval.every == 0)
+        weights = None
         if stats.get("step_skipped"):  # its groups are dropped (the controller gives their credit back)
             skipped += 1
             log.warning("step %d skipped: non-finite gradient (%d in a row)", step, skipped)
@@ -380,13 +380,18 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, cores, start: in
         else:
             skipped = 0
             t_pub = time.monotonic()
-            weights = learner.export_weights()
+            weights = learner.export_weights()  # (a sharded learner's ranks all gather: see `follow`)
             if not all_finite(weights.values()):
                 raise FluxRunError(f"the policy's weights became non-finite at step {step} "
                                    f"(learning rate {lc.lr:g}; try a smaller learner.lr)")
+        t_eval = time.monotonic()
+        if evaluating and sync:
+            last_eval = run_eval()  # before the publish (see above), of the weights about to be published
+        t_eval = time.monotonic() - t_eval
+        if weights is not None:
             version += 1
             P.send(ctl, P.Published(version, publisher.publish(version, weights)))
-            stats["time_publish_s"] = time.monotonic() - t_pub
+            stats["time_publish_s"] = time.monotonic() - t_pub - t_eval
         # What the batch says about staleness, for the controller to turn into S (flux/control/staleness.py):
         # after the publish, so that generators waiting for the new weights need not wait for it too.
         stale = batch_signals(tb.proximal_logprobs, tb.behaviour_logprobs, tb.response_mask, tb.versions,

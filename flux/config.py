@@ -167,12 +167,13 @@ class LearnerConfig:
     max_skipped_steps: int = _doc("Stop the run with an error after this many consecutive optimizer steps "
                                   "skipped for a non-finite gradient (a skipped step's groups are dropped and "
                                   "counted as `step_skipped`).", 3, low=1)
-    ranks: int = _doc("Learner processes (data parallel, `backend: torch` only): each holds the whole model "
-                      "(see `sharding`), "
-                      "trains on its share of every batch (rows split by token count) and the gradients are "
-                      "summed over the ranks (gloo on CPU), so a step equals the one-process step on the whole "
-                      "batch. Rank 0 talks to the buffer and controller, publishes weights, evaluates and "
-                      "saves. micro_batch_size applies per rank.", 1, low=1)
+    ranks: int = _doc("Learner processes. Data parallel: each rank (megatron: each tensor-parallel group) "
+                      "holds the whole model (see `sharding`), trains on its share of every batch (rows split by "
+                      "token count) and the gradients are summed over the ranks (gloo on CPU), so a step equals "
+                      "the one-process step on the whole batch. Rank 0 talks to the buffer and controller, "
+                      "publishes weights, evaluates and saves. micro_batch_size applies per rank.", 1, low=1)
+    tensor_parallel: int = _doc("`backend: megatron`: ranks that split every layer (megatron-core tensor "
+                                "parallelism); the `ranks` are tensor_parallel x data parallel.", 1, low=1)
     sharding: str = _doc("How `ranks > 1` hold the model: `replicate` (each rank the whole model and AdamW "
                          "state; gradients all-reduced) or `fsdp` (FSDP2: each rank 1/ranks of every parameter, "
                          "gradient and AdamW state; weights gathered on rank 0 to publish and save). Both take "
@@ -381,8 +382,10 @@ class FluxConfig:
             ("learner.adam_betas", len(lr.adam_betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
                                                                   for b in lr.adam_betas), "must be two numbers in [0, 1)"),
             ("learner.no_decay", all(isinstance(k, str) and k for k in lr.no_decay), "must be a list of names"),
-            ("learner.ranks", lr.ranks == 1 or lr.backend == "torch",
-             "several ranks need learner.backend=torch (megatron runs one learner process)"),
+            ("learner.ranks", lr.ranks == 1 or lr.backend in ("torch", "megatron"),
+             "several ranks need learner.backend=torch or megatron"),
+            ("learner.tensor_parallel", lr.tensor_parallel == 1 or lr.backend == "megatron" and
+             lr.ranks % lr.tensor_parallel == 0, "needs learner.backend=megatron and ranks a multiple of it"),
             ("learner.sharding", lr.sharding == "replicate" or lr.ranks > 1, "fsdp needs learner.ranks >= 2"),
             ("adaptive_async.min_async_ratio", 0 <= a.min_async_ratio <= a.max_async_ratio <= 1,
              "need 0 <= min_async_ratio <= max_async_ratio <= 1"),

@@ -136,12 +136,13 @@ def test_out_of_range_is_named(key, value):
     assert f"config: {owners.get(key, key)}:" in message, message
 
 
-def test_several_learner_ranks_need_the_torch_backend():
+def test_several_learner_ranks_need_a_built_in_backend():
     assert load_config(None, ["learner.ranks=2"]).learner.ranks == 2
+    assert load_config(None, ["learner.ranks=2", "learner.backend=megatron"]).learner.ranks == 2
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["learner.ranks=2", "learner.backend=megatron"])
-    assert str(e.value) == ("config: learner.ranks: several ranks need learner.backend=torch "
-                            "(megatron runs one learner process) (got 2)")
+        load_config(None, ["learner.ranks=2", "learner.backend=flux.learner.torch_learner:TorchLearner"])
+    assert str(e.value) == ("config: learner.ranks: several ranks need learner.backend=torch or megatron "
+                            "(got 2)")
 
 
 def test_min_above_max_ratio_and_initial_outside():

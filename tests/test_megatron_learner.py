@@ -296,3 +296,47 @@ def test_check_setup_names_what_is_unsupported(monkeypatch, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_attention_heads": 4}))
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
         ml.check_setup(tmp_path)
+
+
+@needs_megatron
+@pytest.mark.slow
+def test_flux_train_megatron_tensor_and_data_parallel_take_the_one_process_steps(default_model, tmp_path):
+    """`flux train` with learner.backend=megatron on 2 ranks: TP = 2 (stopped after 2 steps and resumed: every
+    rank gathers, saves and loads its shard) and DP = 2 x TP = 1, against one process. Sync mode: the same
+    completions every time, so the same batches, losses and gradient norms."""
+    from tests.test_e2e import SMALL, assert_nothing_left, flux_train, metrics
+
+    sync = [*SMALL, "--set", "learner.groups_per_step=4", "--set", "learner.lr=3e-4", "--set",
+            "learner.lr_schedule=constant", "--set", "adaptive_async.mode=sync", "--set", "eval.num_prompts=4",
+            "--set", "learner.backend=megatron"]
+    runs = {"one": [], "tp2": ["--set", "learner.ranks=2", "--set", "learner.tensor_parallel=2"],
+            "dp2": ["--set", "learner.ranks=2"]}
+    for name, extra in runs.items():
+        steps = 2 if name == "tp2" else 4
+        proc = flux_train("--max-steps", str(steps), *sync, *extra, "--out", str(tmp_path / name), timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = flux_train("--resume", str(tmp_path / "tp2"), "--max-steps", "4", timeout=300)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stdout + proc.stderr
+    one = metrics(tmp_path / "one")
+    for name in ("tp2", "dp2"):
+        rows = metrics(tmp_path / name)
+        assert [r["step"] for r in rows] == [0, 1, 2, 3], name
+        for a, b in zip(one, rows):
+            assert a["prompts"] == b["prompts"] and a["reward_mean"] == b["reward_mean"], name
+            assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (name, a["step"], a["loss"], b["loss"])
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (name, a["step"])
+        assert_nothing_left(tmp_path / name)
+    ckpt = tmp_path / "tp2" / "checkpoints" / "step_4"
+    assert (ckpt / "optimizer_tp0.pt").is_file() and (ckpt / "optimizer_tp1.pt").is_file()
+    assert not (tmp_path / "dp2" / "checkpoints" / "step_4" / "optimizer_tp1.pt").exists()
+    assert "learner rank 1 leaves after step 4" in (tmp_path / "tp2" / "logs" / "learner1.log").read_text()
+
+
+def test_megatron_parallel_settings_are_checked():
+    from flux.config import ConfigError, FluxConfig
+
+    FluxConfig(learner={"backend": "megatron", "ranks": 4, "tensor_parallel": 2}).validate()
+    with pytest.raises(ConfigError, match="learner.tensor_parallel"):
+        FluxConfig(learner={"backend": "megatron", "ranks": 3, "tensor_parallel": 2}).validate()
+    with pytest.raises(ConfigError, match="learner.tensor_parallel"):
+        FluxConfig(learner={"backend": "torch", "ranks": 2, "tensor_parallel": 2}).validate()

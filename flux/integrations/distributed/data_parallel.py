@@ -54,10 +54,12 @@ class RankGroup(SingleRank):
     """
 
     def __init__(self, rank: int = 0, world: int = 1, store: dist.Store | None = None,
-                 cpu_group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"):
+                 cpu_group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
+                 group: dist.ProcessGroup | None = None):
         self.rank, self.world, self.store = rank, world, store
         self.cpu_group = cpu_group  # gloo group for Python objects (None: the default group is gloo)
         self.device = torch.device(device)
+        self.group = group  # the ranks' group for tensors (None: every process; megatron: its data-parallel group)
         self._calls = 0
 
     # ---- setup ------------------------------------------------------------------------------------
@@ -167,17 +169,17 @@ class RankGroup(SingleRank):
             return
         with torch.no_grad():
             for t in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(t.data, src=0)
+                dist.broadcast(t.data, group=self.group, group_src=0)
 
     def sum_(self, t: Tensor) -> Tensor:
         """All-reduce `t` in place (SUM) and return it; a CPU tensor stays on the CPU."""
         if self.world == 1:
             return t
         if t.device == self.device:
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.group)
             return t
         moved = t.to(self.device)
-        dist.all_reduce(moved)
+        dist.all_reduce(moved, group=self.group)
         return t.copy_(moved.cpu())
 
     def all_reduce_gradients(self, params: Sequence[Tensor]) -> None:
@@ -189,7 +191,7 @@ class RankGroup(SingleRank):
         if self.world == 1 or not params:
             return
         flags = torch.tensor([float(p.grad is not None) for p in params], device=self.device)
-        dist.all_reduce(flags)
+        dist.all_reduce(flags, group=self.group)
         bucket: list[Tensor] = []
         size = 0
         for i, p in enumerate(params):
@@ -205,7 +207,7 @@ class RankGroup(SingleRank):
     def _reduce_bucket(self, params: list[Tensor]) -> None:
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
                           .to(self.device) for p in params])
-        dist.all_reduce(flat)
+        dist.all_reduce(flat, group=self.group)
         offset = 0
         for p in params:
             chunk = flat[offset:offset + p.numel()].view_as(p).to(p.device, p.dtype)

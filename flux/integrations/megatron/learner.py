@@ -7,8 +7,9 @@ installed and the device is CUDA), tensor-parallel layers and the vocab-parallel
 per-token log-probs through the model's labels path. What Flux keeps: the micro-batching, loss weighting and
 `step` of the `Learner` base class (losses from the algorithm registry, unchanged), AdamW over each rank's shards
 with a gradient norm taken over the whole tensor-parallel model, and checkpoints in HF format. Megatron's
-own DDP and distributed optimizer belong with data parallelism, which Flux has for the torch backend only
-(flux/integrations/distributed/data_parallel.py): learner.ranks > 1 with this backend is a config error.
+own DDP and distributed optimizer are not used: with `learner.ranks` = tensor_parallel x DP, the base class's
+exact data parallelism (flux/integrations/distributed/data_parallel.py) runs over megatron's data-parallel
+group (each DP rank its rows; gradients summed over that group before the clip).
 
 Ranks: every rank of the tensor-parallel group builds a `MegatronLearner` with the same arguments and
 calls the same methods in the same order (SPMD); `export_weights` and `save` gather the shards. One
@@ -95,9 +96,9 @@ def init_parallel(tensor_parallel: int, seed: int, device: torch.device) -> None
         if parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel:
             raise RuntimeError("megatron's model-parallel groups already exist with another tensor_parallel")
     else:
-        if dist.get_world_size() != tensor_parallel:
-            raise RuntimeError(f"tensor_parallel={tensor_parallel} but torch.distributed has "
-                               f"{dist.get_world_size()} ranks (data parallel is not supported)")
+        if dist.get_world_size() % tensor_parallel:
+            raise RuntimeError(f"tensor_parallel={tensor_parallel} does not divide the "
+                               f"{dist.get_world_size()} ranks of torch.distributed")
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
     mtp.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=device.type == "cpu")
 
@@ -155,7 +156,7 @@ class MegatronLearner(Learner):
     """
 
     def __init__(self, model_path: str, *, tensor_parallel: int = 1, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False, **kwargs):
+                 dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False, ranks=None, **kwargs):
         if not megatron_available():
             raise ImportError("megatron-core is not installed: pip install 'flux-rlhf[megatron]'")
         if gradient_checkpointing:
@@ -171,7 +172,19 @@ class MegatronLearner(Learner):
 
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        dp = parallel_state.get_data_parallel_world_size()
+        if dp > 1:  # the base class's data parallelism, over megatron's data-parallel group
+            from flux.integrations.distributed.data_parallel import RankGroup
+
+            kwargs["ranks"] = RankGroup(self.dp_rank, dp, ranks.store if ranks else None, device=device,
+                                        cpu_group=parallel_state.get_data_parallel_group_gloo(),
+                                        group=parallel_state.get_data_parallel_group())
+        # With TP > 1 weights leave through collectives: every rank calls export_weights and save (the
+        # learner actor's `follow`), and rank 0 evaluates on a twin holding the last exported weights.
+        self.collective = tensor_parallel > 1
         self._eval_twin: torch.nn.Module | None = None
+        self._latest: dict[str, Tensor] | None = None
         with cpu_current_device(device.type == "cpu"):
             super().__init__(model_path, device=device, dtype=dtype, **kwargs)
 
@@ -247,19 +260,22 @@ class MegatronLearner(Learner):
                 for shard, part in zip(shards, parts):
                     shard[name] = part
         hf = to_hf(shards, self.arch, fused_norms=self.transformer_engine)
-        return {k: (v.to(device) if device is not None else v).contiguous() for k, v in hf.items()}
+        out = {k: (v.to(device) if device is not None else v).contiguous() for k, v in hf.items()}
+        self._latest = out if self.collective else None
+        return out
 
     def eval_model(self) -> torch.nn.Module:
-        """An HF twin of the model (built on first use), refreshed with the current weights on every call.
-
-        Collective when TP > 1 (it exports the weights)."""
+        """An HF twin of the model (built on first use) holding the current weights. With TP > 1 (where an
+        export is a collective) the weights of the last `export_weights`: the ones just published."""
         from flux.hf import from_pretrained
 
-        weights = self.export_weights()
+        weights = self._latest if self.collective else self.export_weights()
         if self._eval_twin is None:
             self._eval_twin = from_pretrained(self.model_path, next(self.model.parameters()).dtype).to(self.device)
             self._eval_twin.requires_grad_(False)
-        self._eval_twin.load_state_dict(weights, strict=not self.arch.tie_embeddings)
+        if weights is not None:
+            self._eval_twin.load_state_dict(weights, strict=not self.arch.tie_embeddings)
+            self._latest = None
         return self._eval_twin
 
     def save(self, path: str | Path) -> Path:
@@ -269,7 +285,7 @@ class MegatronLearner(Learner):
 
         path = Path(path)
         weights = self.export_weights(device="cpu")
-        if self.tp_rank == 0:
+        if self.tp_rank == 0 and self.dp_rank == 0:
             path.mkdir(parents=True, exist_ok=True)
             save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
             src = Path(self.model_path)
@@ -281,7 +297,8 @@ class MegatronLearner(Learner):
                      "backend": "megatron", "tensor_parallel": self.tensor_parallel}
             (path / "trainer_state.json").write_text(json.dumps(state, indent=2))
         self._barrier()
-        torch.save(self.optimizer.state_dict(), path / f"optimizer_tp{self.tp_rank}.pt")
+        if self.dp_rank == 0:  # (the data-parallel replicas hold the same state)
+            torch.save(self.optimizer.state_dict(), path / f"optimizer_tp{self.tp_rank}.pt")
         self._barrier()
         return path
 

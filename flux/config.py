@@ -172,6 +172,9 @@ class LearnerConfig:
                       "token count) and the gradients are summed over the ranks (gloo on CPU), so a step equals "
                       "the one-process step on the whole batch. Rank 0 talks to the buffer and controller, "
                       "publishes weights, evaluates and saves. micro_batch_size applies per rank.", 1, low=1)
+    local_ranks: int = _doc("Learner ranks `flux train` starts on this machine (0 = all `ranks`): ranks "
+                            "local_ranks..ranks-1 join from other machines with `flux learner --join` over the "
+                            "run's CURVE endpoint (needs net.remote; docs/remote.md).", 0, low=0)
     tensor_parallel: int = _doc("`backend: megatron`: ranks that split every layer (megatron-core tensor "
                                 "parallelism); the `ranks` are tensor_parallel x data parallel.", 1, low=1)
     sharding: str = _doc("How `ranks > 1` hold the model: `replicate` (each rank the whole model and AdamW "
@@ -274,7 +277,8 @@ class NetConfig:
                             "another, e.g. 0.0.0.0 or one interface's address.", "127.0.0.1")
     remote_port: int = _doc("Port of the controller's CURVE endpoint, the one address remote generators "
                             "connect to; the PUB, buffer PULL and weight server take the next three ports "
-                            "(open port..port+3 in a firewall). 0 = four free ports; `flux train` prints the "
+                            "(open port..port+3 in a firewall; port+4: the learner group, with "
+                            "learner.local_ranks). 0 = free ports; `flux train` prints the "
                             "address, and generators learn the others from it.", 0)
     keys: str = _doc("Key directory made by `flux keys DIR` (server key pair, authorized/ client keys); "
                      "needed with `remote`.", "")
@@ -387,6 +391,8 @@ class FluxConfig:
             ("learner.tensor_parallel", lr.tensor_parallel == 1 or lr.backend == "megatron" and
              lr.ranks % lr.tensor_parallel == 0, "needs learner.backend=megatron and ranks a multiple of it"),
             ("learner.sharding", lr.sharding == "replicate" or lr.ranks > 1, "fsdp needs learner.ranks >= 2"),
+            ("learner.local_ranks", lr.local_ranks <= lr.ranks and (lr.local_ranks in (0, lr.ranks) or self.net.remote),
+             "must be at most learner.ranks; fewer needs net.remote (the other ranks join over it)"),
             ("adaptive_async.min_async_ratio", 0 <= a.min_async_ratio <= a.max_async_ratio <= 1,
              "need 0 <= min_async_ratio <= max_async_ratio <= 1"),
             ("adaptive_async.initial_async_ratio",

@@ -39,6 +39,7 @@ HOOKS = {
     "remote.stream_handle": "flux.integrations.remote.side:stream_handle",
     "remote.port_of": "flux.integrations.remote.side:port_of",
     "remote.run_generator": "flux.integrations.remote.side:run_generator",
+    "remote.run_learner": "flux.integrations.remote.side:run_learner",
     "remote.RemoteError": "flux.integrations.remote.side:RemoteError",
     "remote.start_fetcher": "flux.integrations.remote.weight_stream:start_fetcher",
     "remote.secure_client": "flux.integrations.remote.auth:secure_client",

@@ -214,14 +214,18 @@ def start(spec: RunSpec, actors: list[Actor], fork: bool = False) -> list[Actor]
     from this process with `fork` (after the CPU integration's `preload`), else spawned.
 
     Learner rank 0 is `learner`, rank r > 0 `learner<r>`; each gets torch.distributed's RANK, WORLD_SIZE,
-    MASTER_ADDR and MASTER_PORT (rank 0 hosts the group's store on a free local port).
+    MASTER_ADDR and MASTER_PORT (rank 0 hosts the group's store on a free local port, or, where ranks from
+    learner.local_ranks on join from other machines, on net.remote_host's learner port).
     Appends to `actors` as it goes, so a Ctrl-C in the middle still leaves the caller every started one.
     """
     ranks = spec.config.learner.ranks
     roles = [("controller", "controller"), ("buffer", "buffer")]
-    roles += [("learner", f"learner{r or ''}") for r in range(ranks)]
+    roles += [("learner", f"learner{r or ''}") for r in range(spec.config.learner.local_ranks or ranks)]
     roles += [("generator", f"gen{i}") for i in range(spec.config.rollout.num_generators)]
-    dist_env = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    host, port = "127.0.0.1", free_port()
+    if "learners" in spec.remote:  # ranks on other machines join rank 0's store there (remote.md)
+        host, port = spec.remote["learners"].removeprefix("tcp://").rsplit(":", 1)
+    dist_env = {"WORLD_SIZE": str(ranks), "MASTER_ADDR": host, "MASTER_PORT": str(port)}
     logs = Path(spec.run_dir) / "logs"
     logs.mkdir(exist_ok=True)
     # Actors run the same code as the launcher, whatever the working directory or other checkouts.
@@ -308,6 +312,9 @@ def run(cfg: FluxConfig, stream=sys.stdout, resume_from: str | Path = "") -> tup
     if spec.remote:
         stream.write(f"flux: remote generators attach with: flux generator --connect {spec.remote['connect']} "
                      f"--key {spec.remote['keys']}/NAME.key_secret\n")
+        for r in range(cfg.learner.local_ranks or cfg.learner.ranks, cfg.learner.ranks):
+            stream.write(f"flux: learner rank {r} joins with: flux learner --join {spec.remote['connect']} "
+                         f"--key {spec.remote['keys']}/NAME.key_secret --rank {r}\n")
     stream.flush()
     actors: list[Actor] = []
     progress = hook("tools.Progress")(spec.run_dir, cfg.max_steps, stream)

@@ -46,6 +46,14 @@ STOP_GRACE_S = 5.0  # a signalled rank waits this long for rank 0 to say stop be
 FAREWELL_S = 5.0  # rank 0 waits this long at exit for the other ranks to leave its store
 
 
+def route_to(addr: str) -> str:
+    """This machine's address on the route to `addr` (the local end of a connected UDP socket: nothing is
+    sent), so that a rank's gloo sockets bind to the interface its peers reach, loopback included."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((socket.gethostbyname(addr), 9))
+        return s.getsockname()[0]
+
+
 class RankGroup(SingleRank):
     """This process's place among the learner's data-parallel ranks, and the few collectives Flux uses.
 
@@ -68,9 +76,10 @@ class RankGroup(SingleRank):
              timeout_s: float = 300.0) -> RankGroup:
         """Create (rank 0) or join the group's TCPStore at addr:port, then the process group.
 
-        The ranks run on one machine and every socket binds to `addr` (127.0.0.1 under `flux train`):
-        rank 0 hands the store a listening socket of its own, since TCPStore alone would listen on every
-        interface, and gloo's sockets are bound to `addr` too. The backend follows the learner's device:
+        Every socket binds to one address: rank 0's to `addr` (127.0.0.1 under `flux train`, or the
+        address other machines reach with learner.local_ranks), the others' to this machine's address on
+        the route to it. Rank 0 hands the store a listening socket of its own, since TCPStore alone would
+        listen on every interface. The backend follows the learner's device:
         gloo on CPU, NCCL on CUDA (plus a gloo side group for objects).
         """
         device = torch.device(device)
@@ -83,7 +92,7 @@ class RankGroup(SingleRank):
         store = dist.TCPStore(addr, port, world, is_master=rank == 0, timeout=timeout, wait_for_workers=False,
                               master_listen_fd=listen_fd)
         gloo = dist.ProcessGroupGloo._Options()
-        gloo._devices = [dist.ProcessGroupGloo.create_device(hostname=addr)]
+        gloo._devices = [dist.ProcessGroupGloo.create_device(hostname=addr if rank == 0 else route_to(addr))]
         gloo._timeout = timeout
         backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl":

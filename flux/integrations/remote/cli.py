@@ -1,4 +1,5 @@
-"""`flux generator` and `flux keys`: the command-line side of remote generators (flux.cli adds them)."""
+"""`flux generator`, `flux learner --join` and `flux keys`: the command-line side of remote generators and
+learner ranks (flux.cli adds them)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,28 @@ def generator(connect, key, server_key, engine, name, model, prompts, out):
 
 
 @click.command()
+@click.option("--join", "connect", required=True, metavar="tcp://HOST:PORT",
+              help="The run's remote endpoint (`flux train` prints the command when learner.local_ranks is set).")
+@click.option("--key", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="A client key pair made by `flux keys` (NAME.key_secret).")
+@click.option("--server-key", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="The run's public key (default: server.key next to --key).")
+@click.option("--rank", type=int, default=None,
+              help="This process's learner rank (default: $RANK, else $SLURM_PROCID).")
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="The run's base model on this machine, if not at the run's path.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Directory for this rank's logs (default runs/learner-RANK).")
+def learner(connect, key, server_key, rank, model, out):
+    """Join a running job as one of its learner ranks (learner.local_ranks < learner.ranks)."""
+    try:
+        code = hook("remote.run_learner")(connect, key, server_key, rank=rank, model=model, out=out)
+    except hook("remote.RemoteError") as e:
+        fail(str(e))
+    sys.exit(code)
+
+
+@click.command()
 @click.argument("key_dir", type=click.Path(file_okay=False))
 @click.option("--client", "clients", multiple=True, metavar="NAME",
               help="Make a key pair for this client (repeatable; default: one named `client`).")
@@ -57,4 +80,4 @@ def keys(key_dir, clients):
                    f"its public key is in {key_dir}/authorized/{name}.key (delete it to shut {name} out)")
 
 
-COMMANDS = [generator, keys]
+COMMANDS = [generator, learner, keys]

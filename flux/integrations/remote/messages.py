@@ -3,7 +3,7 @@ weights from the weight server. Defined on flux.run.protocol's base, so the same
 them; a process decodes them once this module is imported (the remote side, the weight fetcher).
 """
 
-from typing import ClassVar, TypedDict
+from typing import ClassVar, NotRequired, TypedDict
 
 import numpy as np
 
@@ -15,6 +15,7 @@ class Ports(TypedDict):
     pub: Port
     pull: Port
     weights: Port
+    learners: NotRequired[Port]  # rank 0's torch.distributed store, for learner ranks joining (learner.local_ranks)
 
 
 TensorEntry = tuple[str, str, list[NonNeg], NonNeg, NonNeg]  # WeightManifest: name, dtype, shape, offset, nbytes
@@ -45,6 +46,7 @@ class RunInfo(Message):
     config: Map
     ports: Ports
     weights_token: str
+    resume_from: str = ""  # the checkpoint a resumed run started from (a joining learner rank loads it too)
 
     def validate(self) -> None:
         _require(bool(self.name), "empty name")

@@ -54,21 +54,27 @@ def remote_endpoints(cfg) -> dict:
     """The CURVE endpoints of a run with `net.remote` (RunSpec.remote). Raises ValueError."""
     key_dir = check_key_dir(cfg.net.keys)
     host, port = cfg.net.remote_host, cfg.net.remote_port
-    if port:  # a fixed range, for firewalls: the ROUTER on the port, PUB, PULL and weights on the next three
-        ports = list(range(port, port + 4))
+    # Learner ranks on other machines (learner.local_ranks): rank 0's torch.distributed store on a fifth port.
+    joined = cfg.learner.local_ranks not in (0, cfg.learner.ranks)
+    if joined and host in ("0.0.0.0", "::", "*"):
+        raise ValueError("learner.local_ranks: learner ranks on other machines need net.remote_host to be this "
+                         "machine's address that they reach (the learner group's store and gloo bind to it)")
+    n = 5 if joined else 4
+    if port:  # a fixed range, for firewalls: the ROUTER on the port, PUB, PULL, weights (learners) on the next
+        ports = list(range(port, port + n))
         for p in ports:
             with socket.socket() as s:
                 try:
                     s.bind((host, p))
                 except OSError as e:
                     raise ValueError(f"net.remote_port: cannot listen on {host}:{p} ({e.strerror}); the run "
-                                     f"needs ports {port}..{port + 3}") from None
+                                     f"needs ports {port}..{port + n - 1}") from None
     else:
-        ports = [free_port(host) for _ in range(4)]
+        ports = [free_port(host) for _ in range(n)]
     shown = socket.gethostname() if host in ("0.0.0.0", "::", "*") else host
     addr = [f"tcp://{host}:{p}" for p in ports]
     return {"keys": str(key_dir), "router": addr[0], "pub": addr[1], "pull": addr[2], "weights": addr[3],
-            "connect": f"tcp://{shown}:{ports[0]}"}
+            "connect": f"tcp://{shown}:{ports[0]}", **({"learners": addr[4]} if joined else {})}
 
 
 def prompts_digest(records: list[dict]) -> str:
@@ -170,8 +176,9 @@ def ask_run_info(address: str, curve: dict, name: str, timeout_s: float = 20.0) 
 
 
 def spec_from_info(info: M.RunInfo, address: str, curve: dict, out: Path, model: str | None = None,
-                   prompts: str | None = None, engine: str | None = None) -> RunSpec:
-    """This machine's RunSpec for the run: the run's config, with the model and prompts found here."""
+                   prompts: str | None = None, engine: str | None = None, with_prompts: bool = True) -> RunSpec:
+    """This machine's RunSpec for the run: the run's config, with the model (and unless not `with_prompts`,
+    as for a learner rank, the prompts) found here."""
     from flux.config import FluxConfig, _build
     from flux.data import DataError, split_records
     from flux.integrations.builtin.tiny import resolve_model_path
@@ -188,10 +195,10 @@ def spec_from_info(info: M.RunInfo, address: str, curve: dict, out: Path, model:
         raise RemoteError(f"the run's model {model_path} is not on this machine: pass --model DIR (a copy of "
                           f"the run's base model {cfg.model_path})")
     try:
-        records = split_records(cfg)[0]
+        records = split_records(cfg)[0] if with_prompts else None
     except (DataError, ValueError) as e:
         raise RemoteError(f"prompts: {e} (pass --prompts FILE, a copy of the run's prompts)") from None
-    if prompts_digest(records) != info.prompts_digest:
+    if with_prompts and prompts_digest(records) != info.prompts_digest:
         raise RemoteError(f"the prompts at {cfg.prompts} ({len(records)} records) are not the run's "
                           f"({info.num_prompts} records): pass --prompts FILE, an exact copy")
     host = address.removeprefix("tcp://").rsplit(":", 1)[0]
@@ -202,18 +209,23 @@ def spec_from_info(info: M.RunInfo, address: str, curve: dict, out: Path, model:
                    curve=curve)
 
 
+def client_curve(connect: str, key: str, server_key: str | None, option: str) -> dict:
+    """A remote peer's CURVE client keys, after checking the endpoint it was given (`option`)."""
+    if not connect.startswith("tcp://") or ":" not in connect.removeprefix("tcp://"):
+        raise RemoteError(f"{option} {connect}: expected tcp://HOST:PORT")
+    try:
+        return client_keys(key, server_key)
+    except KeysError as e:
+        raise RemoteError(str(e)) from None
+
+
 def run_generator(connect: str, key: str, server_key: str | None = None, name: str | None = None,
                   engine: str | None = None, model: str | None = None, prompts: str | None = None,
                   out: str | None = None, timeout_s: float = 20.0, stream=sys.stdout) -> int:
     """`flux generator`: attach to a running job, generate until it stops or a signal comes. Exit code."""
     from flux.run.runtime import StopFlag, _say_dying, install_stop_handlers, setup_logging
 
-    if not connect.startswith("tcp://") or ":" not in connect.removeprefix("tcp://"):
-        raise RemoteError(f"--connect {connect}: expected tcp://HOST:PORT")
-    try:
-        curve = client_keys(key, server_key)
-    except KeysError as e:
-        raise RemoteError(str(e)) from None
+    curve = client_curve(connect, key, server_key, "--connect")
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     out_dir = Path(out or f"runs/generator-{name}").resolve()
     log = setup_logging(out_dir, name)
@@ -248,6 +260,52 @@ def run_generator(connect: str, key: str, server_key: str | None = None, name: s
         stream.write(f"flux: generator {info.name} cut off by the run at {connect}: {P.KEY_REMOVED}\n")
         return 1
     stream.write(f"flux: generator {info.name} left the run ({stop.reason or 'stopped'})\n")
+    return code
+
+
+def run_learner(connect: str, key: str, server_key: str | None = None, rank: int | None = None,
+                model: str | None = None, out: str | None = None, timeout_s: float = 20.0,
+                stream=sys.stdout) -> int:
+    """`flux learner --join`: learner rank `rank` of a running job whose other ranks are elsewhere
+    (learner.local_ranks). The run's config, model path, learner ports and checkpoint come over CURVE, as a
+    remote generator's do; then this process joins rank 0's torch.distributed group (torch's RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and trains in lockstep with it (actors/learner.py `follow`)."""
+    from flux.run.runtime import StopFlag, install_stop_handlers, setup_logging
+
+    if rank is None:  # what a launcher (srun, a SLURM or torchrun-style script) hands each process
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "-1")))
+    curve = client_curve(connect, key, server_key, "--join")
+    name = f"learner{rank}"
+    info = ask_run_info(connect, curve, name, timeout_s)
+    lc = info.config.get("learner", {})
+    first, ranks = lc.get("local_ranks") or lc.get("ranks", 1), lc.get("ranks", 1)
+    if "learners" not in info.ports or not first <= rank < ranks:
+        raise RemoteError(f"--rank {rank}: the run at {connect} takes learner ranks {first}..{ranks - 1} from "
+                          f"other machines" if "learners" in info.ports else
+                          f"the run at {connect} takes no learner ranks from other machines (learner.local_ranks)")
+    out_dir = Path(out or f"runs/learner-{rank}").resolve()
+    spec = spec_from_info(info, connect, curve, out_dir, model, with_prompts=False)
+    if info.resume_from and not Path(info.resume_from, "trainer_state.json").is_file():
+        raise RemoteError(f"the run resumed from {info.resume_from}, which is not on this machine (share it, "
+                          "or copy it to the same path)")
+    spec.resume_from = info.resume_from
+    log = setup_logging(out_dir, name)
+    stop = StopFlag()
+    install_stop_handlers(stop, watch_parent=False)
+    host = connect.removeprefix("tcp://").rsplit(":", 1)[0]
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(ranks), MASTER_ADDR=host, MASTER_PORT=str(info.ports["learners"]))
+    stream.write(f"flux: learner rank {rank} of {ranks} joins run {info.run_id} at {host}:{info.ports['learners']}; "
+                 f"logs in {out_dir}/logs\n")
+    stream.flush()
+    from actors.learner import body
+
+    try:
+        code = body(spec, name, stop, log)
+    except Exception as e:
+        log.exception("learner rank %d failed", rank)
+        stream.write(f"flux: learner rank {rank} failed: {type(e).__name__}: {e}\n")
+        return 1
+    stream.write(f"flux: learner rank {rank} left the run ({stop.reason or 'it finished'})\n")
     return code
 
 
@@ -287,10 +345,11 @@ def run_info(ctl, req: M.RunInfoRequest) -> M.RunInfo:
         token = peers.token_of[name] = secrets.token_hex(16)
         peers.weight_tokens.add(token)
     r = ctl.spec.remote
-    ctl.log.info("remote generator %s on %s asks to join", name, req.host)
+    ctl.log.info("remote peer %s on %s asks to join", name, req.host)
     return M.RunInfo(ctl.spec.run_id, name, ctl.admission.version, ctl.spec.model_path, ctl.spec.num_prompts,
                      peers.prompts_digest, ctl.cfg.to_dict(),
-                     {k: port_of(r[k]) for k in ("pub", "pull", "weights")}, token)
+                     {k: port_of(r[k]) for k in ("pub", "pull", "weights", "learners") if k in r}, token,
+                     ctl.spec.resume_from)
 
 
 class Peers:

@@ -25,3 +25,17 @@ def test_shipped_prompt_files_match_the_builtin_task():
 
     assert load_prompts(str(ROOT / "data/prompts.jsonl")) == load_prompts("builtin:sort:train")
     assert load_prompts(str(ROOT / "data/eval.jsonl")) == load_prompts("builtin:sort:eval")
+
+
+def test_the_scaling_page_configs_are_valid_flux_configs():
+    """docs/scaling.md's YAML blocks are configs a user copies: each must load and validate as written."""
+    import re
+
+    import yaml
+
+    from flux.config import FluxConfig, _build
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / "scaling.md").read_text(), re.S)
+    assert len(blocks) == 4
+    for block in blocks:
+        _build(FluxConfig, yaml.safe_load(block), "").validate()

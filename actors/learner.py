@@ -171,7 +171,7 @@ class Trainer:
             common["ranks"] = ranks
         extra = {"gradient_checkpointing": True} if lc.gradient_checkpointing else {}
         if lc.backend == "megatron":
-            extra["tensor_parallel"] = lc.tensor_parallel
+            extra.update(tensor_parallel=lc.tensor_parallel, pipeline_parallel=lc.pipeline_parallel)
         fsdp = lc.sharding == "fsdp"
         self.learner = build_learner("fsdp" if fsdp else lc.backend, spec.model_path, lr=lc.lr,
                                      temperature=cfg.rollout.temperature,

@@ -176,7 +176,10 @@ class LearnerConfig:
                             "local_ranks..ranks-1 join from other machines with `flux learner --join` over the "
                             "run's CURVE endpoint (needs net.remote; docs/remote.md).", 0, low=0)
     tensor_parallel: int = _doc("`backend: megatron`: ranks that split every layer (megatron-core tensor "
-                                "parallelism); the `ranks` are tensor_parallel x data parallel.", 1, low=1)
+                                "parallelism); the `ranks` are tensor_parallel x pipeline_parallel x data "
+                                "parallel.", 1, low=1)
+    pipeline_parallel: int = _doc("`backend: megatron`: pipeline stages, each holding an even share of the "
+                                  "layers (megatron-core's 1F1B schedule over the micro-batches).", 1, low=1)
     sharding: str = _doc("How `ranks > 1` hold the model: `replicate` (each rank the whole model and AdamW "
                          "state; gradients all-reduced) or `fsdp` (FSDP2: each rank 1/ranks of every parameter, "
                          "gradient and AdamW state; weights gathered on rank 0 to publish and save). Both take "
@@ -388,8 +391,10 @@ class FluxConfig:
             ("learner.no_decay", all(isinstance(k, str) and k for k in lr.no_decay), "must be a list of names"),
             ("learner.ranks", lr.ranks == 1 or lr.backend in ("torch", "megatron"),
              "several ranks need learner.backend=torch or megatron"),
-            ("learner.tensor_parallel", lr.tensor_parallel == 1 or lr.backend == "megatron" and
-             lr.ranks % lr.tensor_parallel == 0, "needs learner.backend=megatron and ranks a multiple of it"),
+            *((f"learner.{k}", n == 1 or lr.backend == "megatron" and lr.ranks % (lr.tensor_parallel *
+               lr.pipeline_parallel) == 0, "needs learner.backend=megatron and ranks a multiple of "
+               "tensor_parallel x pipeline_parallel") for k, n in (("tensor_parallel", lr.tensor_parallel),
+                                                                  ("pipeline_parallel", lr.pipeline_parallel))),
             ("learner.sharding", lr.sharding == "replicate" or lr.ranks > 1, "fsdp needs learner.ranks >= 2"),
             ("learner.local_ranks", lr.local_ranks <= lr.ranks and (lr.local_ranks in (0, lr.ranks) or self.net.remote),
              "must be at most learner.ranks; fewer needs net.remote (the other ranks join over it)"),

@@ -160,8 +160,9 @@ def test_save_is_an_hf_checkpoint_and_load_restores(learner, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
 
 
-def _tp2_worker(rank: int, port: int, model_path: str, out_path: str) -> None:
-    """One of two tensor-parallel ranks: the same calls as `train` on TP=1; rank 0 saves what it saw."""
+def _tp2_worker(rank: int, port: int, model_path: str, out_path: str, tp: int = 2, pp: int = 1) -> None:
+    """One of two tensor-parallel ranks (or pipeline stages): the same calls as `train` on TP=1; rank 0 saves
+    what it saw."""
     from flux.run.runtime import die_with_parent
 
     die_with_parent()  # no orphan if pytest goes away
@@ -170,35 +171,43 @@ def _tp2_worker(rank: int, port: int, model_path: str, out_path: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     from flux.integrations.megatron.learner import MegatronLearner
 
-    learner = MegatronLearner(model_path, tensor_parallel=2, **COMMON)
+    learner = MegatronLearner(model_path, tensor_parallel=tp, pipeline_parallel=pp, **COMMON)
     shapes = {k: tuple(v.shape) for k, v in learner.model.state_dict().items() if isinstance(v, torch.Tensor)}
     result = train(learner)
+    tb = batch()  # and a step that fills the proximal log-probs itself (Learner.step's fill_proximal)
+    result["fused_loss"] = learner.step(grpo(), tb, MICRO, fill_proximal=True)["loss"]
+    result["fused_proximal"] = tb.proximal_logprobs
     result["shard_shapes"] = shapes
-    if rank == 0:
-        torch.save(result, out_path)
+    torch.save(result, f"{out_path}.{rank}")
     torch.distributed.destroy_process_group()
 
 
-@needs_megatron
-def test_tensor_parallel_2_matches_1(default_model, tmp_path):
+def two_ranks(model_path, tmp_path, tp: int, pp: int) -> list[dict]:
+    """What each of two ranks (TP x PP = 2) saw in `_tp2_worker`."""
     import torch.multiprocessing as mp
 
-    from flux.integrations.megatron.learner import MegatronLearner
     from flux.run.runtime import free_port
 
-    out = tmp_path / "tp2.pt"
-    ctx = mp.start_processes(_tp2_worker, args=(free_port(), str(default_model), str(out)), nprocs=2,
+    out = tmp_path / f"tp{tp}pp{pp}.pt"
+    ctx = mp.start_processes(_tp2_worker, args=(free_port(), str(model_path), str(out), tp, pp), nprocs=2,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + TP2_TIMEOUT_S
     try:
         while not ctx.join(timeout=1):
-            assert time.monotonic() < deadline, "TP=2 workers timed out"
+            assert time.monotonic() < deadline, f"TP={tp} PP={pp} workers timed out"
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
             p.join()
-    tp2 = torch.load(out)
+    return [torch.load(f"{out}.{r}") for r in range(2)]
+
+
+@needs_megatron
+def test_tensor_parallel_2_matches_1(default_model, tmp_path):
+    from flux.integrations.megatron.learner import MegatronLearner
+
+    tp2 = two_ranks(default_model, tmp_path, 2, 1)[0]
     tp1 = train(MegatronLearner(str(default_model), **COMMON))
     # Each rank holds half of every split tensor: qkv by query group, fc1 as [gate half; up half], vocab rows.
     assert tp2["shard_shapes"]["decoder.layers.0.self_attention.linear_qkv.weight"] == (128, 128)
@@ -211,6 +220,33 @@ def test_tensor_parallel_2_matches_1(default_model, tmp_path):
     assert tp2["weights"].keys() == tp1["weights"].keys()
     for k, w in tp1["weights"].items():  # Adam turns float noise in near-zero gradients into lr-sized steps
         torch.testing.assert_close(tp2["weights"][k], w, atol=1e-4, rtol=1e-3)
+
+
+@needs_megatron
+def test_pipeline_parallel_2_matches_1(default_model, tmp_path):
+    """Two pipeline stages (one layer each; the tied embedding on both ends) through megatron's 1F1B
+    schedule: the same log-probs, losses, gradient norms, weights and fused proximal log-probs as one
+    process, on both stages (every stage gets the last stage's log-probs and stats)."""
+    from flux.integrations.megatron.learner import MegatronLearner
+
+    stages = two_ranks(default_model, tmp_path, 1, 2)
+    learner = MegatronLearner(str(default_model), **COMMON)
+    one = train(learner)
+    tb = batch()
+    one["fused_loss"] = learner.step(grpo(), tb, MICRO, fill_proximal=True)["loss"]
+    one["fused_proximal"] = tb.proximal_logprobs
+    assert "embedding.word_embeddings.weight" in stages[0]["shard_shapes"]
+    assert "output_layer.weight" in stages[1]["shard_shapes"]           # the tied embedding's copy
+    assert "decoder.layers.1.mlp.linear_fc1.weight" not in stages[0]["shard_shapes"]  # one layer each
+    for pp2 in stages:
+        torch.testing.assert_close(pp2["logprobs"], one["logprobs"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pp2["losses"], one["losses"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(pp2["grad_norms"], one["grad_norms"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(pp2["fused_loss"], one["fused_loss"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(pp2["fused_proximal"], one["fused_proximal"], atol=1e-5, rtol=1e-5)
+        assert pp2["weights"].keys() == one["weights"].keys()
+        for k, w in one["weights"].items():
+            torch.testing.assert_close(pp2["weights"][k], w, atol=1e-4, rtol=1e-3)
 
 
 def test_flux_train_says_when_megatron_is_missing(default_model, monkeypatch, tmp_path):
@@ -302,7 +338,8 @@ def test_check_setup_names_what_is_unsupported(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_flux_train_megatron_tensor_and_data_parallel_take_the_one_process_steps(default_model, tmp_path):
     """`flux train` with learner.backend=megatron on 2 ranks: TP = 2 (stopped after 2 steps and resumed: every
-    rank gathers, saves and loads its shard) and DP = 2 x TP = 1, against one process. Sync mode: the same
+    rank gathers, saves and loads its shard), DP = 2 x TP = 1 and PP = 2 (with a KL term: the reference
+    model is pipelined too), against one process. Sync mode: the same
     completions every time, so the same batches, losses and gradient norms."""
     from tests.test_e2e import SMALL, assert_nothing_left, flux_train, metrics
 
@@ -310,16 +347,17 @@ def test_flux_train_megatron_tensor_and_data_parallel_take_the_one_process_steps
             "learner.lr_schedule=constant", "--set", "adaptive_async.mode=sync", "--set", "eval.num_prompts=4",
             "--set", "learner.backend=megatron"]
     runs = {"one": [], "tp2": ["--set", "learner.ranks=2", "--set", "learner.tensor_parallel=2"],
-            "dp2": ["--set", "learner.ranks=2"]}
+            "dp2": ["--set", "learner.ranks=2"],
+            "pp2": ["--set", "learner.ranks=2", "--set", "learner.pipeline_parallel=2", "--set", "algo.kl_coef=0.05"],
+            "pp2-one": ["--set", "algo.kl_coef=0.05"]}
     for name, extra in runs.items():
         steps = 2 if name == "tp2" else 4
         proc = flux_train("--max-steps", str(steps), *sync, *extra, "--out", str(tmp_path / name), timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = flux_train("--resume", str(tmp_path / "tp2"), "--max-steps", "4", timeout=300)
     assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stdout + proc.stderr
-    one = metrics(tmp_path / "one")
-    for name in ("tp2", "dp2"):
-        rows = metrics(tmp_path / name)
+    for name, reference in (("tp2", "one"), ("dp2", "one"), ("pp2", "pp2-one")):  # (pp2: with a reference model)
+        one, rows = metrics(tmp_path / reference), metrics(tmp_path / name)
         assert [r["step"] for r in rows] == [0, 1, 2, 3], name
         for a, b in zip(one, rows):
             assert a["prompts"] == b["prompts"] and a["reward_mean"] == b["reward_mean"], name
@@ -329,6 +367,8 @@ def test_flux_train_megatron_tensor_and_data_parallel_take_the_one_process_steps
     ckpt = tmp_path / "tp2" / "checkpoints" / "step_4"
     assert (ckpt / "optimizer_tp0.pt").is_file() and (ckpt / "optimizer_tp1.pt").is_file()
     assert not (tmp_path / "dp2" / "checkpoints" / "step_4" / "optimizer_tp1.pt").exists()
+    stages = tmp_path / "pp2" / "checkpoints" / "step_4"
+    assert (stages / "optimizer_tp0_pp0.pt").is_file() and (stages / "optimizer_tp0_pp1.pt").is_file()
     assert "learner rank 1 leaves after step 4" in (tmp_path / "tp2" / "logs" / "learner1.log").read_text()
 
 

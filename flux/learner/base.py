@@ -67,6 +67,12 @@ def micro_batches(lengths: Sequence[int], *, size: int = 0, tokens: int = 0, pai
     return [[r for u in g for r in units[u]] for g in groups]
 
 
+def accumulate(acc: dict[str, float], stats: dict[str, float], share: float) -> None:
+    """Add a micro-batch's `stats`, weighted by its `share` of the batch, into `acc` ("_max" keys: max)."""
+    for k, v in stats.items():
+        acc[k] = max(acc.get(k, v), v) if k.endswith("_max") else acc.get(k, 0.0) + v * share
+
+
 class SingleRank:
     """Rank 0 of a world of 1."""
 
@@ -272,10 +278,13 @@ class Learner:
             loss, stats = loss_fn(logprobs=lp, mask=mb.response_mask, batch=mb)
             (loss * share).backward()
             loss_sum += float(loss.detach()) * share
-            for k, v in stats.items():
-                acc[k] = max(acc.get(k, v), v) if k.endswith("_max") else acc.get(k, 0.0) + v * share
+            accumulate(acc, stats, share)
         if proximal is not None:  # each row came from one rank, 0 on the others: the sum is exact
             batch.proximal_logprobs = self.ranks.sum_(proximal).to(batch.input_ids.device)
+        return self._finish_step(acc, loss_sum)
+
+    def _finish_step(self, acc: dict[str, float], loss_sum: float) -> dict[str, float]:
+        """After the backward passes: gradients summed over the ranks, stats merged, clip, AdamW step."""
         self.ranks.all_reduce_gradients([p for p in self.model.parameters() if p.requires_grad])
         acc, loss_sum = self.ranks.merge_stats(acc, loss_sum)
         grad_norm = self._clip_gradients()

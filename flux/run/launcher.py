@@ -154,7 +154,7 @@ def prepare(cfg: FluxConfig, resume_from: str | Path = "") -> RunSpec:
             raise SetupError(f"{cuda[0]}: no CUDA device is visible here (torch.cuda.is_available() is False)")
     if cfg.learner.backend == "megatron":
         with naming("learner.backend=megatron", ValueError):
-            hook("megatron.check_setup")(model_path, cfg.learner.tensor_parallel)
+            hook("megatron.check_setup")(model_path, cfg.learner.tensor_parallel, cfg.learner.pipeline_parallel)
 
     run_dir = Path(cfg.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

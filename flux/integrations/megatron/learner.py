@@ -45,7 +45,7 @@ from flux.integrations.megatron.hf_layout import (
     to_megatron,
     tp_replicated,
 )
-from flux.learner.base import Learner
+from flux.learner.base import Learner, accumulate
 from flux.learner.torch_learner import TOKENIZER_FILES, TrainBatch
 
 
@@ -57,54 +57,75 @@ def megatron_available() -> bool:
         return False
 
 
-def check_setup(model_path: str | Path, tensor_parallel: int = 1) -> None:
+def check_setup(model_path: str | Path, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
     """What `flux train` checks before any actor starts: megatron-core is installed and the model's family
     and split are supported. Raises ValueError with a one-line reason."""
     if not megatron_available():
         raise ValueError("megatron-core is not installed: pip install 'flux-rlhf[megatron]'")
-    arch_from_hf_config(json.loads((Path(model_path) / "config.json").read_text())).check_parallel(tensor_parallel)
+    arch_from_hf_config(json.loads((Path(model_path) / "config.json").read_text())).check_parallel(
+        tensor_parallel, pipeline_parallel)
 
 
 @contextmanager
 def cpu_current_device(on: bool = True):
     """While active (and `on`), `torch.cuda.current_device()` — where megatron-core 0.16 puts RoPE
-    frequencies and attention buffers — is the CPU. Held only around the CPU learner's model building
-    and forward passes, so nothing else in the process (a GPU engine, say) is affected."""
+    frequencies, attention buffers and pipeline receive buffers — is the CPU; `Tensor.cuda()` (called on a
+    tied embedding's last-stage copy) leaves a tensor where it is; `torch.zeros(device="cuda")` (the
+    pipeline schedule's token counter) is a CPU tensor and `torch.cuda.synchronize()` (after its shape
+    exchange) does nothing. Held only around the CPU learner's model building and forward/backward
+    passes, so nothing else in the process (a GPU engine, say) is affected."""
     if not on:
         yield
         return
-    saved = torch.cuda.current_device
+    saved = torch.cuda.current_device, torch.Tensor.cuda, torch.zeros, torch.cuda.synchronize
+    zeros = torch.zeros
     torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.zeros = lambda *args, device=None, **kwargs: zeros(*args, device="cpu" if device == "cuda" else device,
+                                                             **kwargs)
+    torch.cuda.synchronize = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        torch.cuda.current_device = saved
+        torch.cuda.current_device, torch.Tensor.cuda, torch.zeros, torch.cuda.synchronize = saved
 
 
-def init_parallel(tensor_parallel: int, seed: int, device: torch.device) -> None:
+def init_parallel(tensor_parallel: int, seed: int, device: torch.device, pipeline_parallel: int = 1) -> None:
     """Process group (a single-rank gloo one if none exists) → megatron's model-parallel groups → seeds."""
     from megatron.core import parallel_state
     from megatron.core import tensor_parallel as mtp
 
+    model_parallel = tensor_parallel * pipeline_parallel
     if not dist.is_initialized():
-        if tensor_parallel != 1:
-            raise RuntimeError(f"tensor_parallel={tensor_parallel} needs torch.distributed initialised "
-                               f"with {tensor_parallel} ranks before MegatronLearner is built")
+        if model_parallel != 1:
+            raise RuntimeError(f"tensor_parallel x pipeline_parallel = {model_parallel} needs torch.distributed "
+                               f"initialised with {model_parallel} ranks before MegatronLearner is built")
         dist.init_process_group("gloo" if device.type == "cpu" else "nccl", store=dist.HashStore(),
                                 rank=0, world_size=1)
     if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel:
-            raise RuntimeError("megatron's model-parallel groups already exist with another tensor_parallel")
+        if (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size()) != (tensor_parallel, pipeline_parallel):
+            raise RuntimeError("megatron's model-parallel groups already exist with another TP or PP size")
     else:
-        if dist.get_world_size() % tensor_parallel:
-            raise RuntimeError(f"tensor_parallel={tensor_parallel} does not divide the "
+        if dist.get_world_size() % model_parallel:
+            raise RuntimeError(f"tensor_parallel x pipeline_parallel = {model_parallel} does not divide the "
                                f"{dist.get_world_size()} ranks of torch.distributed")
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel,
+                                                 pipeline_model_parallel_size=pipeline_parallel)
     mtp.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=device.type == "cpu")
 
 
-def build_gpt(arch: DecoderArch, tensor_parallel: int, dtype: torch.dtype, transformer_engine: bool):
-    """A megatron-core `GPTModel` of `arch` with uninitialised weights (they are loaded next)."""
+def parallel_state_model_group():
+    """The ranks of one model replica (its TP x PP ranks)."""
+    from megatron.core import parallel_state
+
+    return parallel_state.get_model_parallel_group()
+
+
+def build_gpt(arch: DecoderArch, tensor_parallel: int, dtype: torch.dtype, transformer_engine: bool,
+              pipeline_parallel: int = 1, first: bool = True, last: bool = True):
+    """A megatron-core `GPTModel` of `arch` (the pipeline stage that is `first` and/or `last`) with
+    uninitialised weights (they are loaded next)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer import TransformerConfig
@@ -116,6 +137,11 @@ def build_gpt(arch: DecoderArch, tensor_parallel: int, dtype: torch.dtype, trans
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=arch.qkv_bias,
         hidden_dropout=0.0, attention_dropout=0.0, attention_softmax_in_fp32=True,
         tensor_model_parallel_size=tensor_parallel, params_dtype=dtype, bf16=dtype == torch.bfloat16,
+        # Pipeline stages exchange activations whose shape varies with the micro-batch (sent first), and
+        # each micro-batch's loss arrives already weighted by its share of the batch (no averaging).
+        # (The MoE dispatcher is never used by these dense models; its default refuses variable lengths.)
+        pipeline_model_parallel_size=pipeline_parallel, pipeline_dtype=dtype, variable_seq_lengths=True,
+        calculate_per_token_loss=True, batch_p2p_comm=False, moe_token_dispatcher_type="alltoall",
         use_cpu_initialization=True, perform_initialization=False,
         # The fused kernels are CUDA-only; on GPU TE brings its own.
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
@@ -130,7 +156,8 @@ def build_gpt(arch: DecoderArch, tensor_parallel: int, dtype: torch.dtype, trans
                     position_embedding_type="rope", rotary_base=arch.rope_theta,
                     rope_scaling=arch.rope_scaling_factor is not None,
                     rope_scaling_factor=arch.rope_scaling_factor or 8.0,
-                    share_embeddings_and_output_weights=arch.tie_embeddings, parallel_output=True)
+                    share_embeddings_and_output_weights=arch.tie_embeddings, parallel_output=True,
+                    pre_process=first, post_process=last)
 
 
 def read_hf_weights(path: str | Path) -> dict[str, Tensor]:
@@ -155,23 +182,28 @@ class MegatronLearner(Learner):
     0..L-1 in Megatron), which is what `TrainBatch.from_samples` builds.
     """
 
-    def __init__(self, model_path: str, *, tensor_parallel: int = 1, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, gradient_checkpointing: bool = False, ranks=None, **kwargs):
+    def __init__(self, model_path: str, *, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 gradient_checkpointing: bool = False, ranks=None, **kwargs):
         if not megatron_available():
             raise ImportError("megatron-core is not installed: pip install 'flux-rlhf[megatron]'")
         if gradient_checkpointing:
             raise ValueError("gradient_checkpointing is not supported by the megatron backend yet")
         device = torch.device(device)
         self.arch = arch_from_hf_config(json.loads((Path(model_path) / "config.json").read_text()))
-        self.arch.check_parallel(tensor_parallel)
-        self.tensor_parallel = tensor_parallel
+        self.arch.check_parallel(tensor_parallel, pipeline_parallel)
+        self.tensor_parallel, self.pipeline_parallel = tensor_parallel, pipeline_parallel
         # Transformer Engine only on CUDA (and only if installed); the local spec elsewhere.
         self.transformer_engine = device.type == "cuda" and importlib.util.find_spec("transformer_engine") is not None
-        init_parallel(tensor_parallel, kwargs.get("seed", 0), device)
+        init_parallel(tensor_parallel, kwargs.get("seed", 0), device, pipeline_parallel)
         from megatron.core import parallel_state
 
         self.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.pp_group = parallel_state.get_pipeline_model_parallel_group()
+        self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        self.first, self.last = self.pp_rank == 0, self.pp_rank == pipeline_parallel - 1
+        self.pp_last_rank = parallel_state.get_pipeline_model_parallel_last_rank()  # (global rank)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         dp = parallel_state.get_data_parallel_world_size()
         if dp > 1:  # the base class's data parallelism, over megatron's data-parallel group
@@ -180,9 +212,9 @@ class MegatronLearner(Learner):
             kwargs["ranks"] = RankGroup(self.dp_rank, dp, ranks.store if ranks else None, device=device,
                                         cpu_group=parallel_state.get_data_parallel_group_gloo(),
                                         group=parallel_state.get_data_parallel_group())
-        # With TP > 1 weights leave through collectives: every rank calls export_weights and save (the
+        # With TP or PP > 1 weights leave through collectives: every rank calls export_weights and save (the
         # learner actor's `follow`), and rank 0 evaluates on a twin holding the last exported weights.
-        self.collective = tensor_parallel > 1
+        self.collective = tensor_parallel * pipeline_parallel > 1
         self._eval_twin: torch.nn.Module | None = None
         self._latest: dict[str, Tensor] | None = None
         with cpu_current_device(device.type == "cpu"):
@@ -190,15 +222,20 @@ class MegatronLearner(Learner):
 
     # ---- the model ----------------------------------------------------------------------------------
     def _load_model(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
-        model = build_gpt(self.arch, self.tensor_parallel, dtype, self.transformer_engine)
+        model = build_gpt(self.arch, self.tensor_parallel, dtype, self.transformer_engine, self.pipeline_parallel,
+                          self.first, self.last)
         self._load_hf_weights(model, read_hf_weights(path))
-        if self.temperature != 1.0:
+        if self.temperature != 1.0 and self.last:
             # Scaling the last hidden state by 1/T scales the logits by 1/T, and keeps the labels path.
             model.output_layer.register_forward_pre_hook(lambda _, args: (args[0] / self.temperature, *args[1:]))
         return model
 
     def _load_hf_weights(self, model: torch.nn.Module, hf: dict[str, Tensor]) -> None:
-        shard = to_megatron(hf, self.arch, self.tp_rank, self.tensor_parallel, fused_norms=self.transformer_engine)
+        shard = to_megatron(hf, self.arch, self.tp_rank, self.tensor_parallel, self.pp_rank, self.pipeline_parallel,
+                            fused_norms=self.transformer_engine)
+        if self.arch.tie_embeddings and self.last and not self.first:  # the last stage's copy of the embedding
+            shard["output_layer.weight"] = to_megatron(hf, self.arch, self.tp_rank, self.tensor_parallel)[
+                "embedding.word_embeddings.weight"]
         missing, unexpected = model.load_state_dict(shard, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
@@ -207,6 +244,16 @@ class MegatronLearner(Learner):
 
     def _forward(self, model: torch.nn.Module, mb: TrainBatch) -> Tensor:
         """Per-token log-probs from the labels path: the model returns −log p(label) per position, (b, L)."""
+        return self._logprobs_of(self._stage(model, mb), mb)
+
+    @staticmethod
+    def _logprobs_of(nll: Tensor, mb: TrainBatch) -> Tensor:
+        lp = F.pad(-nll[:, :-1].float(), (1, 0))
+        return torch.where(mb.response_mask > 0, lp, torch.zeros_like(lp))
+
+    def _stage(self, model: torch.nn.Module, mb: TrainBatch) -> Tensor:
+        """This pipeline stage's output: −log p(label) per position, (b, L), on the last stage; the hidden
+        states the next stage takes (its input arrives through megatron's schedule) elsewhere."""
         ids, attn = mb.input_ids, mb.attention_mask.bool()
         if (attn[:, 1:] & ~attn[:, :-1]).any():
             raise ValueError("the megatron backend needs right-padded rows (a pad token precedes a real one)")
@@ -218,28 +265,117 @@ class MegatronLearner(Learner):
         if ids.device.type == "cpu":  # megatron's default mask is built on "cuda"
             causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).triu(1)[None, None]
         with cpu_current_device(ids.device.type == "cpu"):
-            nll = model(ids, position_ids, causal, labels=labels)
-        lp = F.pad(-nll[:, :-1].float(), (1, 0))
-        return torch.where(mb.response_mask > 0, lp, torch.zeros_like(lp))
+            return model(ids, position_ids, causal, labels=labels)
+
+    # ---- pipeline parallel: megatron's 1F1B schedule instead of the shared micro-batch loop -----------
+    def _pipeline(self, model: torch.nn.Module, mbs: list, loss_fn=None, total: float = 1.0) -> list:
+        """Run micro-batches `mbs` [(rows, micro-batch, cols)] through the stages (forward only without a
+        `loss_fn`). On the last stage, per micro-batch: (rows, cols, log-probs, weighted loss, stats, share);
+        [] elsewhere. Each micro-batch loss is weighted by its share of the batch's tokens, as in `step`."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        out: list = []
+
+        def forward_step(data, model):
+            rows, mb, cols = next(data)
+            mb = mb.to(self.device)
+
+            def loss_func(nll):
+                lp = self._logprobs_of(nll, mb)
+                if loss_fn is None:
+                    out.append((rows, cols, lp.cpu(), 0.0, {}, 0.0))
+                    return nll.sum() * 0.0, torch.tensor(1), {}
+                mb.proximal_logprobs = lp.detach() if mb.proximal_logprobs is None else mb.proximal_logprobs
+                loss, stats = loss_fn(logprobs=lp, mask=mb.response_mask, batch=mb)
+                share = float(mb.response_mask.sum()) / total
+                out.append((rows, cols, lp.detach().cpu(), float(loss.detach()) * share, stats, share))
+                return loss * share, torch.tensor(1), {}
+
+            return self._stage(model, mb), loss_func
+
+        if mbs:
+            with cpu_current_device(self.device.type == "cpu"):
+                get_forward_backward_func()(
+                    forward_step_func=forward_step, data_iterator=iter(mbs), model=[model],
+                    num_microbatches=len(mbs), seq_length=max(m.input_ids.shape[1] for _, m, _ in mbs),
+                    micro_batch_size=max(len(m) for _, m, _ in mbs), forward_only=loss_fn is None)
+        return out
+
+    def _from_last_stage(self, obj):
+        """The last pipeline stage's `obj` on every stage."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.pp_last_rank, group=self.pp_group)
+        return box[0]
+
+    def _usable(self, batch: TrainBatch, parts) -> list:
+        """[(rows, trimmed micro-batch, cols)] of the micro-batches that have response tokens."""
+        mbs = [(rows, *self._trimmed(batch, rows)) for rows in parts]
+        return [(rows, mb, cols) for rows, mb, cols in mbs if float(mb.response_mask.sum()) > 0]
+
+    def _logprobs_with(self, model: torch.nn.Module, batch: TrainBatch) -> Tensor:
+        if self.pipeline_parallel == 1:
+            return super()._logprobs_with(model, batch)
+        lp = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        with torch.no_grad():
+            for rows, cols, part, *_ in self._from_last_stage(self._pipeline(model, self._usable(
+                    batch, self._my_micro_batches(batch)))):
+                lp[rows, cols] = part
+        return self.ranks.sum_(lp).to(batch.input_ids.device)  # (rows: one data-parallel rank each)
+
+    def step(self, loss_fn, batch: TrainBatch, micro_batches=None, fill_proximal: bool = False) -> dict[str, float]:
+        """`Learner.step` through megatron's pipeline schedule when pipeline_parallel > 1 (the same weighting,
+        proximal log-probs, gradient sums over the data-parallel ranks, clip and AdamW step)."""
+        if self.pipeline_parallel == 1:
+            return super().step(loss_fn, batch, micro_batches, fill_proximal)
+        self.model.train()
+        self._zero_grad()
+        parts = micro_batches if micro_batches is not None else self._my_micro_batches(batch)
+        done = self._from_last_stage(self._pipeline(self.model, self._usable(batch, parts), loss_fn,
+                                                    float(batch.response_mask.sum())))
+        acc: dict[str, float] = {}
+        proximal = torch.zeros(batch.input_ids.shape, dtype=torch.float32)
+        for rows, cols, lp, _, stats, share in done:
+            proximal[rows, cols] = lp
+            accumulate(acc, stats, share)
+        if fill_proximal:
+            batch.proximal_logprobs = self.ranks.sum_(proximal).to(batch.input_ids.device)
+        self._sync_tied_embedding_grads()
+        return self._finish_step(acc, sum(d[3] for d in done))
+
+    def _sync_tied_embedding_grads(self) -> None:
+        """Tied embeddings across stages: the first stage's embedding and the last stage's output layer are
+        one parameter, so their gradients are summed over the two (megatron's embedding group)."""
+        if not (self.arch.tie_embeddings and self.pipeline_parallel > 1 and (self.first or self.last)):
+            return
+        from megatron.core import parallel_state
+
+        weight = self.model.embedding.word_embeddings.weight if self.first else self.model.output_layer.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())
 
     def _clip_gradients(self) -> float:
         """Clip to max_grad_norm by the norm of the whole model: sharded gradients summed over the TP group,
-        replicated ones (norms; identical on every rank) counted once."""
+        replicated ones (norms; identical on every rank) counted once, the stages' summed over the pipeline
+        (a tied embedding's copy on the last stage not counted again)."""
         # By name: megatron-core marks split parameters only when it initialises them, which we skip.
-        grads = [(p.grad, not tp_replicated(name)) for name, p in self.model.named_parameters()
+        copy = "output_layer.weight" if self.arch.tie_embeddings and self.last and not self.first else None
+        grads = [(p.grad, not tp_replicated(name), name != copy) for name, p in self.model.named_parameters()
                  if p.grad is not None]
         if not grads:
             return 0.0
         sq = torch.zeros(2, dtype=torch.float64, device=self.device)  # [sharded, replicated]
-        for g, sharded in grads:
-            sq[0 if sharded else 1] += g.detach().double().pow(2).sum()
+        for g, sharded, counted in grads:
+            sq[0 if sharded else 1] += g.detach().double().pow(2).sum() if counted else 0.0
         if self.tensor_parallel > 1:
             dist.all_reduce(sq[:1], group=self.tp_group)
+        if self.pipeline_parallel > 1:
+            dist.all_reduce(sq, group=self.pp_group)
         norm = float(sq.sum().sqrt())
         if self.max_grad_norm and self.max_grad_norm > 0:
             scale = min(1.0, self.max_grad_norm / (norm + 1e-6))  # as torch's clip_grad_norm_
             if scale < 1.0:
-                for g, _ in grads:
+                for g, *_ in grads:
                     g.mul_(scale)
         return norm
 
@@ -249,7 +385,8 @@ class MegatronLearner(Learner):
                 if isinstance(v, Tensor) and not k.endswith("_extra_state")}
 
     def export_weights(self, device: str | torch.device | None = None) -> dict[str, Tensor]:
-        """The whole model under HF names and layouts, on every rank (collective when TP > 1)."""
+        """The whole model under HF names and layouts, on every rank (collective when TP or PP > 1: the TP
+        shards are merged, then the pipeline stages' layers collected)."""
         local = self._local_state()
         shards = [local]
         if self.tensor_parallel > 1:
@@ -259,7 +396,11 @@ class MegatronLearner(Learner):
                 dist.all_gather(parts, t.contiguous(), group=self.tp_group)
                 for shard, part in zip(shards, parts):
                     shard[name] = part
-        hf = to_hf(shards, self.arch, fused_norms=self.transformer_engine)
+        hf = to_hf(shards, self.arch, self.pp_rank, self.pipeline_parallel, fused_norms=self.transformer_engine)
+        if self.pipeline_parallel > 1:
+            stages: list = [None] * self.pipeline_parallel
+            dist.all_gather_object(stages, {k: v.cpu() for k, v in hf.items()}, group=self.pp_group)
+            hf = {k: v.to(self.device) for stage in stages for k, v in stage.items()}
         out = {k: (v.to(device) if device is not None else v).contiguous() for k, v in hf.items()}
         self._latest = out if self.collective else None
         return out
@@ -280,12 +421,12 @@ class MegatronLearner(Learner):
 
     def save(self, path: str | Path) -> Path:
         """HF checkpoint (config + model.safetensors + tokenizer files, by rank 0), one optimizer file per
-        TP rank, trainer_state.json. Collective when TP > 1."""
+        TP rank and pipeline stage, trainer_state.json. Collective when TP or PP > 1."""
         from safetensors.torch import save_file
 
         path = Path(path)
         weights = self.export_weights(device="cpu")
-        if self.tp_rank == 0 and self.dp_rank == 0:
+        if self.tp_rank == 0 and self.dp_rank == 0 and self.first:
             path.mkdir(parents=True, exist_ok=True)
             save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
             src = Path(self.model_path)
@@ -294,11 +435,12 @@ class MegatronLearner(Learner):
                     shutil.copy2(src / name, path / name)
             state = {"step": self.step_count, "model_path": self.model_path, "seed": self.seed,
                      "lr": self.optimizer.param_groups[0]["lr"], "temperature": self.temperature,
-                     "backend": "megatron", "tensor_parallel": self.tensor_parallel}
+                     "backend": "megatron", "tensor_parallel": self.tensor_parallel,
+                     "pipeline_parallel": self.pipeline_parallel}
             (path / "trainer_state.json").write_text(json.dumps(state, indent=2))
         self._barrier()
         if self.dp_rank == 0:  # (the data-parallel replicas hold the same state)
-            torch.save(self.optimizer.state_dict(), path / f"optimizer_tp{self.tp_rank}.pt")
+            torch.save(self.optimizer.state_dict(), path / self._optimizer_file())
         self._barrier()
         return path
 
@@ -307,7 +449,7 @@ class MegatronLearner(Learner):
         path = Path(path)
         with torch.no_grad():
             self._load_hf_weights(self.model, read_hf_weights(path))
-        opt = path / f"optimizer_tp{self.tp_rank}.pt"
+        opt = path / self._optimizer_file()
         if opt.exists():
             self.optimizer.load_state_dict(torch.load(opt, map_location=self.device))
         state_file = path / "trainer_state.json"
@@ -315,6 +457,10 @@ class MegatronLearner(Learner):
         self.step_count = int(state.get("step", 0))
         return state
 
+    def _optimizer_file(self) -> str:
+        """This rank's AdamW state file: one per TP rank (and pipeline stage)."""
+        return f"optimizer_tp{self.tp_rank}" + (f"_pp{self.pp_rank}" if self.pipeline_parallel > 1 else "") + ".pt"
+
     def _barrier(self) -> None:
-        if self.tensor_parallel > 1:
-            dist.barrier(group=self.tp_group)
+        if self.tensor_parallel * self.pipeline_parallel > 1:
+            dist.barrier(group=parallel_state_model_group())

@@ -3,6 +3,7 @@ learner ranks (flux.cli adds them)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -60,7 +61,11 @@ def learner(connect, key, server_key, rank, model, out):
         code = hook("remote.run_learner")(connect, key, server_key, rank=rank, model=model, out=out)
     except hook("remote.RemoteError") as e:
         fail(str(e))
-    sys.exit(code)
+    # As an actor ends (flux.run.runtime.actor_main): its group is closed; the interpreter's teardown of torch's
+    # distributed objects can abort the process (seen once under load, SIGABRT after the run had finished).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @click.command()

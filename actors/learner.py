@@ -12,7 +12,8 @@
 With `learner.ranks` = M > 1 there are M learner processes (flux/integrations/distributed/data_parallel.py):
 rank 0 runs this loop (`lead`) and hands each batch to ranks 1..M-1 (`follow`); every rank then trains on
 its share of the batch in lockstep (`Trainer.train`). Only rank 0 talks to the buffer and the controller,
-publishes, evaluates and saves.
+publishes and evaluates; a learner whose weights leave through collectives (FSDP, megatron TP/PP) has every
+rank join rank 0's weight gathers and checkpoint saves, in rank 0's order.
 """
 
 from __future__ import annotations
@@ -146,7 +147,8 @@ class Trainer:
 
     Rank 0 hands each step's batch to the other ranks; all of them then call `train` in lockstep (each
     computes its own rows, see flux/integrations/distributed/data_parallel.py). Everything else a learner does — the
-    buffer, the controller, publishing, evaluation, checkpoints — is rank 0's alone (`lead`).
+    buffer, the controller, publishing, evaluation — is rank 0's alone (`lead`); a `collective` learner's
+    weight gathers and checkpoints take every rank (`follow`).
     """
 
     def __init__(self, spec: RunSpec, ranks):
@@ -167,7 +169,7 @@ class Trainer:
                       no_decay=tuple(lc.no_decay), max_grad_norm=lc.max_grad_norm, seed=cfg.seed, device=device,
                       compute_dtype=compute, micro_batch_size=lc.micro_batch_size or None,
                       micro_batch_tokens=lc.micro_batch_tokens or None)
-        if ranks.world > 1:  # (config: data parallel is torch-backend only)
+        if ranks.world > 1:
             common["ranks"] = ranks
         extra = {"gradient_checkpointing": True} if lc.gradient_checkpointing else {}
         if lc.backend == "megatron":
@@ -179,7 +181,8 @@ class Trainer:
         # A sharded learner gathers its weights to publish and save: every rank joins in (`collective`).
         self.collective = getattr(self.learner, "collective", False)
         self.critic = None
-        if self.algorithm.value_loss is not None:
+        if self.algorithm.value_loss is not None:  # data parallel over the policy's own data-parallel ranks
+            common["ranks"] = self.learner.ranks if ranks.world > 1 else None  # (megatron: its DP group)
             critic = hook("distributed.FSDPCritic") if fsdp else TorchCritic
             self.critic = critic(spec.model_path, lr=lc.critic_lr or lc.lr, **common)
             self.value_loss_fn = self.algorithm.bind_value(self.params)
@@ -191,7 +194,8 @@ class Trainer:
 
     def save(self, path: str) -> str:
         saved = str(self.learner.save(path))
-        if self.critic is not None:
+        # (every rank of a collective learner calls this; a critic of its own is written by rank 0 alone)
+        if self.critic is not None and (self.ranks.rank == 0 or getattr(self.critic, "collective", False)):
             self.critic.save(f"{path}/critic")
         return saved
 
@@ -285,8 +289,8 @@ def follow(spec: RunSpec, trainer: Trainer, cores, start: int, stop, log) -> int
         _, stats = trainer.train(step, *work)
         if trainer.collective and not stats.get("step_skipped"):
             learner.export_weights()
-        if trainer.collective and (final := checkpoint_dir(spec, step)):
-            trainer.save(str(staging_dir(final)))
+        if trainer.collective and (final := checkpoint_dir(spec, step)) and trainer.ranks.broadcast(None, stop):
+            trainer.save(str(staging_dir(final)))  # (the doorbell: not in a collective while rank 0 evaluates)
     log.info("learner rank %d leaves after step %d", trainer.ranks.rank, step + 1)
     return 0
 
@@ -351,14 +355,14 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, cores, start: in
         cores.working(False)
         batch = buffer.get(step, version, lc.groups_per_step, asked=step == start)
         cores.working(True)
+        if sync and step == start and batch is not None:  # (its time counts as this step's wait for the batch;
+            last_eval = run_eval()                        # before the broadcast: the other ranks wait at the store)
         # The other ranks get the same batch (None: stop) and train on their share of it in lockstep.
         work = ranks.broadcast(None if batch is None else
                                to_train_batch(batch, pad_id, version, cfg.adaptive_async.eta_max))
         if work is None:
             break
         TIMELINE.mark("first_batch")
-        if sync and step == start:  # (its time counts as this step's wait for the batch)
-            last_eval = run_eval()
         t0 = time.monotonic()
         tb, stats = trainer.train(step, *work)
         if not all_finite([tb.proximal_logprobs[tb.response_mask.bool()]]):
@@ -402,6 +406,8 @@ def lead(spec: RunSpec, name: str, stop, log, trainer: Trainer, cores, start: in
             last_eval = run_eval()
         saved = {}
         if final := checkpoint_dir(spec, step):  # staged; the controller completes and renames it
+            if trainer.collective:
+                ranks.broadcast(True)  # the other ranks wait for this at the store, then save with rank 0
             trainer.save(str(staging_dir(final)))
             saved = {"checkpoint": final}
         metrics = {

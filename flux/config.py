@@ -131,7 +131,7 @@ class LearnerConfig:
     """The learner: optimisation and checkpoints."""
 
     backend: str = _doc("Training backend: `torch` (plain PyTorch) or `megatron` (megatron-core: Llama, "
-                        "Qwen2, Qwen3; tensor parallel 1 through `flux train`; needs `flux-rlhf[megatron]`; "
+                        "Qwen2, Qwen3; tensor, pipeline and data parallel; needs `flux-rlhf[megatron]`; "
                         "docs/megatron.md), or `pkg.module:LearnerClass` (your own `flux.learner.base.Learner`).",
                         "torch")
     groups_per_step: int = _doc("Prompt groups per optimizer step; B = groups_per_step * group_size.", 8, low=1)
@@ -395,7 +395,8 @@ class FluxConfig:
                lr.pipeline_parallel) == 0, "needs learner.backend=megatron and ranks a multiple of "
                "tensor_parallel x pipeline_parallel") for k, n in (("tensor_parallel", lr.tensor_parallel),
                                                                   ("pipeline_parallel", lr.pipeline_parallel))),
-            ("learner.sharding", lr.sharding == "replicate" or lr.ranks > 1, "fsdp needs learner.ranks >= 2"),
+            ("learner.sharding", lr.sharding == "replicate" or lr.ranks > 1 and lr.backend == "torch",
+             "fsdp needs learner.backend=torch and learner.ranks >= 2"),
             ("learner.local_ranks", lr.local_ranks <= lr.ranks and (lr.local_ranks in (0, lr.ranks) or self.net.remote),
              "must be at most learner.ranks; fewer needs net.remote (the other ranks join over it)"),
             ("adaptive_async.min_async_ratio", 0 <= a.min_async_ratio <= a.max_async_ratio <= 1,

@@ -226,7 +226,8 @@ def test_tensor_parallel_2_matches_1(default_model, tmp_path):
 def test_pipeline_parallel_2_matches_1(default_model, tmp_path):
     """Two pipeline stages (one layer each; the tied embedding on both ends) through megatron's 1F1B
     schedule: the same log-probs, losses, gradient norms, weights and fused proximal log-probs as one
-    process, on both stages (every stage gets the last stage's log-probs and stats)."""
+    process, on both stages (every stage gets the last stage's log-probs and stats; the first stage, which
+    holds rank 0, the whole model's weights)."""
     from flux.integrations.megatron.learner import MegatronLearner
 
     stages = two_ranks(default_model, tmp_path, 1, 2)
@@ -244,9 +245,10 @@ def test_pipeline_parallel_2_matches_1(default_model, tmp_path):
         torch.testing.assert_close(pp2["grad_norms"], one["grad_norms"], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(pp2["fused_loss"], one["fused_loss"], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(pp2["fused_proximal"], one["fused_proximal"], atol=1e-5, rtol=1e-5)
-        assert pp2["weights"].keys() == one["weights"].keys()
-        for k, w in one["weights"].items():
-            torch.testing.assert_close(pp2["weights"][k], w, atol=1e-4, rtol=1e-3)
+    assert stages[1]["weights"] == {}  # the stages' layers are collected on the first stage only
+    assert stages[0]["weights"].keys() == one["weights"].keys()
+    for k, w in one["weights"].items():
+        torch.testing.assert_close(stages[0]["weights"][k], w, atol=1e-4, rtol=1e-3)
 
 
 def test_flux_train_says_when_megatron_is_missing(default_model, monkeypatch, tmp_path):
@@ -346,10 +348,15 @@ def test_flux_train_megatron_tensor_and_data_parallel_take_the_one_process_steps
     sync = [*SMALL, "--set", "learner.groups_per_step=4", "--set", "learner.lr=3e-4", "--set",
             "learner.lr_schedule=constant", "--set", "adaptive_async.mode=sync", "--set", "eval.num_prompts=4",
             "--set", "learner.backend=megatron"]
+    # PPO with a KL term: a reference model pipelined too, and a critic beside the stages (each trains it on
+    # every row: micro-batches set, so its gradients must not be summed over the stages); a checkpoint
+    # every step (the other rank waits for rank 0's doorbell, then saves its stage with it).
+    ppo = ["--set", "algorithm=ppo", "--set", "algo.kl_coef=0.05", "--set", "learner.micro_batch_tokens=64",
+           "--set", "checkpoint.every=1"]
     runs = {"one": [], "tp2": ["--set", "learner.ranks=2", "--set", "learner.tensor_parallel=2"],
             "dp2": ["--set", "learner.ranks=2"],
-            "pp2": ["--set", "learner.ranks=2", "--set", "learner.pipeline_parallel=2", "--set", "algo.kl_coef=0.05"],
-            "pp2-one": ["--set", "algo.kl_coef=0.05"]}
+            "pp2": ["--set", "learner.ranks=2", "--set", "learner.pipeline_parallel=2", *ppo],
+            "pp2-one": ppo}
     for name, extra in runs.items():
         steps = 2 if name == "tp2" else 4
         proc = flux_train("--max-steps", str(steps), *sync, *extra, "--out", str(tmp_path / name), timeout=300)
@@ -363,12 +370,16 @@ def test_flux_train_megatron_tensor_and_data_parallel_take_the_one_process_steps
             assert a["prompts"] == b["prompts"] and a["reward_mean"] == b["reward_mean"], name
             assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (name, a["step"], a["loss"], b["loss"])
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (name, a["step"])
+            if "critic_loss" in a:
+                assert b["critic_loss"] == pytest.approx(a["critic_loss"], abs=1e-5), (name, a["step"])
+                assert b["critic_grad_norm"] == pytest.approx(a["critic_grad_norm"], rel=1e-4), (name, a["step"])
         assert_nothing_left(tmp_path / name)
     ckpt = tmp_path / "tp2" / "checkpoints" / "step_4"
     assert (ckpt / "optimizer_tp0.pt").is_file() and (ckpt / "optimizer_tp1.pt").is_file()
     assert not (tmp_path / "dp2" / "checkpoints" / "step_4" / "optimizer_tp1.pt").exists()
     stages = tmp_path / "pp2" / "checkpoints" / "step_4"
     assert (stages / "optimizer_tp0_pp0.pt").is_file() and (stages / "optimizer_tp0_pp1.pt").is_file()
+    assert (stages / "critic" / "value_head.pt").is_file()
     assert "learner rank 1 leaves after step 4" in (tmp_path / "tp2" / "logs" / "learner1.log").read_text()
 
 

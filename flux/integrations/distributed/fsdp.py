@@ -153,9 +153,10 @@ class Sharded:
         return out
 
     def eval_model(self) -> torch.nn.Module:
-        """Rank 0: an unsharded twin holding the last exported weights (the base model's before any)."""
+        """Rank 0: an unsharded fp32 twin holding the last exported weights (the base model's before any);
+        `save` writes it, so a checkpoint keeps the fp32 master weights."""
         if self._twin is None:
-            self._twin = self._unsharded(self.model_path, self.compute_dtype).to(self.device)
+            self._twin = self._unsharded(self.model_path).to(self.device)
             self._twin.requires_grad_(False)
         if self._latest is not None:
             self._twin.load_state_dict(self._latest, strict=False)
@@ -180,15 +181,17 @@ class Sharded:
         return path
 
     def load(self, path: str | Path) -> dict[str, Any]:
-        """Every rank reads the checkpoint and keeps its shards; the AdamW state as saved by `save` (any
-        number of ranks)."""
+        """Rank 0 reads the checkpoint and the AdamW state as `save` wrote them (on any number of ranks) and
+        hands every rank its shards. Collective."""
         path = Path(path)
-        loaded = self._unsharded(str(path))
-        set_model_state_dict(self.model, loaded.state_dict(), options=StateDictOptions(full_state_dict=True))
-        del loaded
+        first = self.ranks.rank == 0
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        model = self._unsharded(str(path)).state_dict() if first else {}
+        set_model_state_dict(self.model, model, options=options)
+        del model
         if (path / "optimizer.pt").exists():
-            state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-            set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+            state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True, mmap=True) if first else {}
+            set_optimizer_state_dict(self.model, self.optimizer, state, options=options)
         state_file = path / "trainer_state.json"
         trainer_state = json.loads(state_file.read_text()) if state_file.exists() else {}
         self.step_count = int(trainer_state.get("step", 0))

@@ -385,8 +385,8 @@ class MegatronLearner(Learner):
                 if isinstance(v, Tensor) and not k.endswith("_extra_state")}
 
     def export_weights(self, device: str | torch.device | None = None) -> dict[str, Tensor]:
-        """The whole model under HF names and layouts, on every rank (collective when TP or PP > 1: the TP
-        shards are merged, then the pipeline stages' layers collected)."""
+        """The whole model under HF names and layouts (collective when TP or PP > 1: the TP shards are merged
+        on every rank, the pipeline stages' layers collected on the first stage; other stages get {})."""
         local = self._local_state()
         shards = [local]
         if self.tensor_parallel > 1:
@@ -398,16 +398,19 @@ class MegatronLearner(Learner):
                     shard[name] = part
         hf = to_hf(shards, self.arch, self.pp_rank, self.pipeline_parallel, fused_norms=self.transformer_engine)
         if self.pipeline_parallel > 1:
-            stages: list = [None] * self.pipeline_parallel
-            dist.all_gather_object(stages, {k: v.cpu() for k, v in hf.items()}, group=self.pp_group)
-            hf = {k: v.to(self.device) for stage in stages for k, v in stage.items()}
+            from megatron.core import parallel_state
+
+            stages: list | None = [None] * self.pipeline_parallel if self.first else None
+            dist.gather_object({k: v.cpu() for k, v in hf.items()}, stages, group=self.pp_group,
+                               dst=parallel_state.get_pipeline_model_parallel_first_rank())
+            hf = {k: v.to(self.device) for stage in stages or () for k, v in stage.items()}
         out = {k: (v.to(device) if device is not None else v).contiguous() for k, v in hf.items()}
-        self._latest = out if self.collective else None
+        self._latest = out if self.collective and dist.get_rank() == 0 else None  # (rank 0 evaluates)
         return out
 
     def eval_model(self) -> torch.nn.Module:
-        """An HF twin of the model (built on first use) holding the current weights. With TP > 1 (where an
-        export is a collective) the weights of the last `export_weights`: the ones just published."""
+        """An HF twin of the model (built on first use) holding the current weights. With TP or PP > 1 (where
+        an export is a collective) the weights of the last `export_weights`: the ones just published."""
         from flux.hf import from_pretrained
 
         weights = self._latest if self.collective else self.export_weights()

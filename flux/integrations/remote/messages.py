@@ -47,6 +47,7 @@ class RunInfo(Message):
     ports: Ports
     weights_token: str
     resume_from: str = ""  # the checkpoint a resumed run started from (a joining learner rank loads it too)
+    run_dir: str = ""  # the run directory (megatron's joined TP/PP ranks write their optimizer files there)
 
     def validate(self) -> None:
         _require(bool(self.name), "empty name")

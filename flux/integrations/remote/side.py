@@ -289,6 +289,12 @@ def run_learner(connect: str, key: str, server_key: str | None = None, rank: int
         raise RemoteError(f"the run resumed from {info.resume_from}, which is not on this machine (share it, "
                           "or copy it to the same path)")
     spec.resume_from = info.resume_from
+    if lc.get("backend") == "megatron" and lc.get("tensor_parallel", 1) * lc.get("pipeline_parallel", 1) > 1:
+        if not Path(info.run_dir).is_dir():  # every TP rank and stage writes its AdamW state into the checkpoint
+            raise RemoteError(f"megatron's tensor/pipeline-parallel ranks write their optimizer state into the "
+                              f"run's checkpoints: the run directory {info.run_dir} must be here too (a shared "
+                              "filesystem)")
+        spec.run_dir = info.run_dir
     log = setup_logging(out_dir, name)
     stop = StopFlag()
     install_stop_handlers(stop, watch_parent=False)
@@ -349,7 +355,7 @@ def run_info(ctl, req: M.RunInfoRequest) -> M.RunInfo:
     return M.RunInfo(ctl.spec.run_id, name, ctl.admission.version, ctl.spec.model_path, ctl.spec.num_prompts,
                      peers.prompts_digest, ctl.cfg.to_dict(),
                      {k: port_of(r[k]) for k in ("pub", "pull", "weights", "learners") if k in r}, token,
-                     ctl.spec.resume_from)
+                     ctl.spec.resume_from, ctl.spec.run_dir)
 
 
 class Peers:

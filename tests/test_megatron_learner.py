@@ -369,10 +369,13 @@ def test_flux_train_megatron_tensor_and_data_parallel_take_the_one_process_steps
         for a, b in zip(one, rows):
             assert a["prompts"] == b["prompts"] and a["reward_mean"] == b["reward_mean"], name
             assert b["loss"] == pytest.approx(a["loss"], abs=1e-5), (name, a["step"], a["loss"], b["loss"])
-            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), (name, a["step"])
+            # Split matmuls add in another order, and AdamW turns that noise in near-zero gradient elements into
+            # lr-sized weight changes (as in test_tensor_parallel_2_matches_1): after a step or two the
+            # gradient norm differs by up to ~1e-4 relative (seen 1.1e-4 at step 2 of the TP 2 run).
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3), (name, a["step"])
             if "critic_loss" in a:
                 assert b["critic_loss"] == pytest.approx(a["critic_loss"], abs=1e-5), (name, a["step"])
-                assert b["critic_grad_norm"] == pytest.approx(a["critic_grad_norm"], rel=1e-4), (name, a["step"])
+                assert b["critic_grad_norm"] == pytest.approx(a["critic_grad_norm"], rel=1e-3), (name, a["step"])
         assert_nothing_left(tmp_path / name)
     ckpt = tmp_path / "tp2" / "checkpoints" / "step_4"
     assert (ckpt / "optimizer_tp0.pt").is_file() and (ckpt / "optimizer_tp1.pt").is_file()

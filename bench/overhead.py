@@ -8,7 +8,7 @@ flux.run.runtime.Timeline) and the per-step timings of metrics.jsonl:
 
 - launch to first trained step: the command's imports and config, the run's preparation (prompts,
   model, spec), the launcher's import of the actors' code (torch, transformers, modelling code: once,
-  then it forks them; nothing where it spawns fresh interpreters, see flux/run/launcher.py), starting
+  then it forks them; nothing where it spawns fresh interpreters, see flux/integrations/cpu/fork.py), starting
   the actors, each actor's imports and model/engine load (near zero for a forked actor), the learner's
   initial held-out eval, the wait for the first batch and the first step itself;
 - per step (mean over the steps after the first two): generation (the generators' busy time per step),

@@ -128,6 +128,9 @@ def test_an_unencrypted_weight_stream_takes_a_token_per_remote_generator(tmp_pat
         ctl.handle(None, P.Register("generator", "a", 9, "far"), remote=True)
         ctl.handle(None, P.Goodbye("generator", "a", "SIGTERM", True), remote=True)
         assert ctl.peers.weight_tokens == {b.weights_token}                   # withdrawn when it leaves
+        rank = ctl.handle(None, M.RunInfoRequest("learner1", "far", True), remote=True)  # flux learner --join
+        assert rank.name == "learner1" and rank.weights_token == ""           # nothing to withdraw later
+        assert ctl.peers.weight_tokens == {b.weights_token} and "learner1" not in ctl.peers.handed_out
     finally:
         ctl.metrics.close()
 

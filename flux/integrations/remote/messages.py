@@ -22,9 +22,11 @@ TensorEntry = tuple[str, str, list[NonNeg], NonNeg, NonNeg]  # WeightManifest: n
 
 
 class RunInfoRequest(Message):
-    """Remote generator -> controller (its CURVE ROUTER), before registering: what does this run need?"""
+    """Remote generator (or a learner rank joining, ``learner``) -> controller (its CURVE ROUTER), before
+    registering: what does this run need?"""
     name: str
     host: str
+    learner: bool = False  # a learner rank (`flux learner --join`): no generator name, no weight-stream token
 
 
 class RunInfo(Message):

@@ -141,7 +141,7 @@ def open_curve_pull(ctx: zmq.Context, spec: RunSpec, log) -> tuple[zmq.Socket, G
 
 
 # ---------------------------------------------------------------- remote machine
-def ask_run_info(address: str, curve: dict, name: str, timeout_s: float = 20.0) -> M.RunInfo:
+def ask_run_info(address: str, curve: dict, name: str, timeout_s: float = 20.0, learner: bool = False) -> M.RunInfo:
     """RunInfoRequest -> RunInfo over CURVE; a refused key or a failed handshake is a RemoteError at once."""
     from zmq.utils.monitor import recv_monitor_message
 
@@ -153,7 +153,7 @@ def ask_run_info(address: str, curve: dict, name: str, timeout_s: float = 20.0) 
     sock.connect(address)
     drops = P.DropCounter("attach")
     try:
-        P.send(sock, M.RunInfoRequest(name, socket.gethostname()))
+        P.send(sock, M.RunInfoRequest(name, socket.gethostname(), learner))
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             if monitor.poll(0):
@@ -276,7 +276,7 @@ def run_learner(connect: str, key: str, server_key: str | None = None, rank: int
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "-1")))
     curve = client_curve(connect, key, server_key, "--join")
     name = f"learner{rank}"
-    info = ask_run_info(connect, curve, name, timeout_s)
+    info = ask_run_info(connect, curve, name, timeout_s, learner=True)
     lc = info.config.get("learner", {})
     first, ranks = lc.get("local_ranks") or lc.get("ranks", 1), lc.get("ranks", 1)
     if "learners" not in info.ports or not first <= rank < ranks:
@@ -339,15 +339,18 @@ def may_send(ctl, msg, key: str = "") -> bool:
 
 
 def run_info(ctl, req: M.RunInfoRequest) -> M.RunInfo:
-    """What a remote generator needs to join: the config, model path, prompts digest, the other ports."""
+    """What a remote generator needs to join: the config, model path, prompts digest, the other ports.
+    A learner rank gets the same, under its own name and without a weight-stream token (it never fetches
+    weights, and never registers, so a token would never be withdrawn)."""
     name, k = req.name, 1
     peers = ctl.peers
-    while name in ctl.members or name in peers.handed_out:
+    while not req.learner and (name in ctl.members or name in peers.handed_out):
         k += 1
         name = f"{req.name}-{k}"
-    peers.handed_out.add(name)
     token = ""
-    if ctl.cfg.net.weight_stream == "plain":
+    if not req.learner:
+        peers.handed_out.add(name)
+    if ctl.cfg.net.weight_stream == "plain" and not req.learner:
         token = peers.token_of[name] = secrets.token_hex(16)
         peers.weight_tokens.add(token)
     r = ctl.spec.remote

@@ -394,3 +394,13 @@ def test_megatron_parallel_settings_are_checked():
         FluxConfig(learner={"backend": "megatron", "ranks": 3, "tensor_parallel": 2}).validate()
     with pytest.raises(ConfigError, match="learner.tensor_parallel"):
         FluxConfig(learner={"backend": "torch", "ranks": 2, "tensor_parallel": 2}).validate()
+
+
+def test_a_tied_embedding_split_over_stages_is_decayed_alike():
+    from flux.integrations.megatron.learner import tied_no_decay
+
+    assert tied_no_decay(("bias", "norm"), True, 2) == ("bias", "norm")                  # both decayed
+    assert set(tied_no_decay(("bias", "embed"), True, 2)) >= {"word_embeddings", "output_layer"}
+    assert set(tied_no_decay(("output",), True, 2)) >= {"word_embeddings", "output_layer"}
+    assert tied_no_decay(("embed",), False, 2) == ("embed",)   # untied: two parameters, the user's choice
+    assert tied_no_decay(("embed",), True, 1) == ("embed",)    # one stage: one tensor

@@ -115,6 +115,16 @@ def init_parallel(tensor_parallel: int, seed: int, device: torch.device, pipelin
     mtp.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=device.type == "cpu")
 
 
+def tied_no_decay(no_decay: tuple[str, ...], tied: bool, pipeline_parallel: int) -> tuple[str, ...]:
+    """`learner.no_decay` for a model whose tied embedding is two tensors across pipeline stages (the first
+    stage's `embedding.word_embeddings`, the last's `output_layer`): a name that exempts one from weight
+    decay exempts both, or the two copies of one parameter would drift apart."""
+    names = ("embedding.word_embeddings.weight", "output_layer.weight")
+    if tied and pipeline_parallel > 1 and any(k.lower() in n for k in no_decay for n in names):
+        return (*no_decay, "word_embeddings", "output_layer")
+    return no_decay
+
+
 def parallel_state_model_group():
     """The ranks of one model replica (its TP x PP ranks)."""
     from megatron.core import parallel_state
@@ -212,6 +222,8 @@ class MegatronLearner(Learner):
             kwargs["ranks"] = RankGroup(self.dp_rank, dp, ranks.store if ranks else None, device=device,
                                         cpu_group=parallel_state.get_data_parallel_group_gloo(),
                                         group=parallel_state.get_data_parallel_group())
+        kwargs["no_decay"] = tied_no_decay(tuple(kwargs.get("no_decay", ("bias", "norm"))), self.arch.tie_embeddings,
+                                           pipeline_parallel)
         # With TP or PP > 1 weights leave through collectives: every rank calls export_weights and save (the
         # learner actor's `follow`), and rank 0 evaluates on a twin holding the last exported weights.
         self.collective = tensor_parallel * pipeline_parallel > 1

@@ -17,8 +17,10 @@ Nothing is downloaded: the model is the embedded default (a small random Qwen2 b
   tokens_per_s  generation throughput (256 prompts x 128 tokens, sampled)
   train         `flux train --set rollout.engine=sglang` for 30 steps: reward rises, staleness reported
   torch_bf16    `flux train` on the default backends, learner and built-in engine on the GPU in bf16
-                (learner.device/dtype, rollout.device/dtype) for 30 steps: reward rises; tokens/s of
-                generation and training, busy fractions, weight load time per version (CUDA IPC)
+                (learner.device/dtype, rollout.device/dtype) for 30 steps: reward rises
+  (both train runs report tokens/s of generation and training, learner and generator busy fractions,
+  and the weight update time per version and per GB: CUDA IPC into the built-in engine, the SGLang
+  update in the other)
 
 With --cpu-dry-run the server is the mock (tests/sglang_mock.py, started by the same SGLangServer),
 tensors stay on the CPU (sent by value instead of by IPC handle), the train runs are 4 steps (torch_bf16
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
@@ -213,6 +216,25 @@ def main(argv=None) -> int:
         tokens = sum(len(c.token_ids) for c in outs)
         return "PASS", {"tokens": tokens, "seconds": round(dt, 3), "tokens_per_s": round(tokens / dt, 1)}
 
+    def throughput(rows: list[dict], run_dir: Path) -> dict:
+        """Tokens/s of generation and training, busy fractions, weight updates per version and per GB
+        (the learner publishes fp32 weights: 4 bytes a parameter)."""
+        from safetensors import safe_open
+
+        from bench.common import mean
+
+        gen = json.loads((run_dir / "logs" / "gen0.timeline.json").read_text()).get("totals", {})
+        spec = json.loads((run_dir / "spec.json").read_text())
+        with safe_open(str(Path(spec["model_path"]) / "model.safetensors"), "pt") as f:
+            gb = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) * 4 / 1e9
+        per_version = gen.get("weight_load_s", 0) / max(1, gen.get("weight_loads", 0))
+        return {"generation_tokens_per_s": round(gen.get("tokens", 0) / max(1e-9, gen.get("busy_s", 0)), 1),
+                "training_tokens_per_s": round(mean(r["tokens"] / max(1e-9, r["time_update_s"]) for r in rows), 1),
+                "learner_busy_frac": round(mean(r["learner_busy_frac"] for r in rows), 3),
+                "generator_busy_frac": round(mean(r["generator_busy_frac"] for r in rows), 3),
+                "weight_loads": gen.get("weight_loads", 0), "weight_load_ms": round(1000 * per_version, 2),
+                "weight_gb_per_version": round(gb, 6), "weight_load_s_per_gb": round(per_version / max(gb, 1e-12), 3)}
+
     def train():
         from bench.common import mean, run_train
 
@@ -229,7 +251,8 @@ def main(argv=None) -> int:
         first, last = mean(r["reward_mean"] for r in rows[:k]), mean(r["reward_mean"] for r in rows[-k:])
         detail = {"steps": steps, "reward_first": round(first, 3), "reward_last": round(last, 3),
                   "staleness_mean": round(mean(r["staleness_mean"] for r in rows), 4),
-                  "lag_max": max(r["lag_max"] for r in rows), "wall_s": rows[-1].get("wall_s")}
+                  "lag_max": max(r["lag_max"] for r in rows), "wall_s": rows[-1].get("wall_s"),
+                  **throughput(rows, work / "train")}
         if dry:
             return "SKIP", {**detail, "why": "the mock's rewards do not learn (the run itself passed)"}
         return ("PASS" if last > first else "FAIL"), detail
@@ -242,16 +265,10 @@ def main(argv=None) -> int:
         rows, _, error = run_train("torch_bf16", sets, steps, work / "torch_bf16")
         if error:
             return "FAIL", {"error": error, "log": str(work / "torch_bf16" / "bench.log")}
-        gen = json.loads((work / "torch_bf16" / "logs" / "gen0.timeline.json").read_text()).get("totals", {})
         k = max(1, steps // 3)
         first, last = mean(r["reward_mean"] for r in rows[:k]), mean(r["reward_mean"] for r in rows[-k:])
         detail = {"steps": len(rows), "device": device, "reward_first": round(first, 3), "reward_last": round(last, 3),
-                  "generation_tokens_per_s": round(gen.get("tokens", 0) / max(1e-9, gen.get("busy_s", 0)), 1),
-                  "training_tokens_per_s": round(mean(r["tokens"] / max(1e-9, r["time_update_s"]) for r in rows), 1),
-                  "learner_busy_frac": round(mean(r["learner_busy_frac"] for r in rows), 3),
-                  "generator_busy_frac": round(mean(r["generator_busy_frac"] for r in rows), 3),
-                  "weight_load_ms": round(1000 * gen.get("weight_load_s", 0) / max(1, gen.get("weight_loads", 0)), 2),
-                  "wall_s": rows[-1].get("wall_s")}
+                  "wall_s": rows[-1].get("wall_s"), **throughput(rows, work / "torch_bf16")}
         if len(rows) != steps or not all(r["loss"] == r["loss"] for r in rows):
             return "FAIL", {**detail, "why": "missing steps or a NaN loss"}
         return ("PASS" if dry or last > first else "FAIL"), detail

@@ -28,6 +28,10 @@ def test_the_gpu_smoke_test_passes_its_cpu_dry_run(tmp_path):
     assert report["checks"]["train"]["steps"] == 4 and "staleness_mean" in report["checks"]["train"]
     bf16 = report["checks"]["torch_bf16"]
     assert bf16["steps"] == 4 and bf16["device"] == "cpu" and bf16["generation_tokens_per_s"] > 0
+    for check in ("train", "torch_bf16"):  # both engines: throughput, busy fractions, weight updates per GB
+        c = report["checks"][check]
+        assert c["training_tokens_per_s"] > 0 and 0 < c["learner_busy_frac"] <= 1 and 0 < c["generator_busy_frac"] <= 1
+        assert c["weight_loads"] >= 1 and c["weight_gb_per_version"] > 0 and c["weight_load_s_per_gb"] > 0, c
     assert [line.split()[0] for line in proc.stdout.splitlines() if line.split()[1:2] and line.split()[1] in CHECKS] \
         == [status[line.split()[1]] for line in proc.stdout.splitlines() if line.split()[1:2] and line.split()[1] in CHECKS]
 

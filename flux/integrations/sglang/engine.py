@@ -244,6 +244,7 @@ class SGLangEngine:
         self.bucket_bytes, self.group_backend, self.group_host = bucket_bytes, group_backend, group_host
         self.tokens_generated = 0
         self.busy_seconds = 0.0
+        self.load_seconds, self.loads = 0.0, 0  # weight updates: time and count (as the built-in engine's)
         self.restarts_left, self.startup_timeout_s, self.restarts = restarts, startup_timeout_s, 0
         self._tag = f"flux-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # this engine's requests and group
         self._rid = itertools.count()
@@ -293,6 +294,7 @@ class SGLangEngine:
             if state is None:  # the source gave up on this version (overwritten); a newer one is on its way
                 return False
             self._hold("update")
+            t0 = time.perf_counter()
             try:
                 # An aborting pause empties the server and a retracting one moves our requests to the
                 # waiting queue: either way the radix cache (the old weights' KV) can be flushed now. An
@@ -308,6 +310,8 @@ class SGLangEngine:
                 finally:
                     self._end_session()
                 self.version = version
+                self.load_seconds += time.perf_counter() - t0
+                self.loads += 1
             except SGLangServerGone as e:
                 self._gone = True  # nothing to un-pause
                 raise SGLangServerGone(f"{e}, during the update to version {version}"

@@ -25,14 +25,15 @@ ALGORITHMS = {"grpo": {"kl_coef": 0.05}, "ppo": {}, "dpo": {}}
 STEPS = 3
 
 
-def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def worker(rank: int, world: int, port: int, model_dir: str, out: str, device: str = "cpu") -> None:
     import actors.learner as actor
     from flux.config import FluxConfig
     from flux.integrations.distributed.data_parallel import RankGroup
     from flux.run.runtime import RunSpec, set_threads
 
     set_threads(1)
-    ranks = RankGroup.join(rank, world, "127.0.0.1", port, timeout_s=60)
+    ranks = RankGroup.join(rank, world, "127.0.0.1", port, timeout_s=60,
+                           device="cpu" if device == "cpu" else f"cuda:{rank}")  # (NCCL on GPUs)
     two_ranks_parts = actor.micro_batches
     counts = []
     if world == 2:  # record how many micro-batches each rank was handed (before the lockstep padding)
@@ -54,6 +55,7 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
         sharding = "fsdp" if world == 2 else "replicate"
         cfg = FluxConfig(algorithm=name.split("/")[0], algo=algo, max_steps=STEPS + 1, seed=0,
                          learner={"lr": 3e-3, "micro_batch_tokens": 48, "ranks": world, "sharding": sharding,
+                                  "device": device,
                                   "dtype": "bf16" if name.endswith("/bf16") else "fp32"})
         spec = RunSpec("fsdp", out, model_dir, "", "", "", "", 0, cfg)
         trainer = actor.Trainer(spec, ranks)
@@ -85,19 +87,22 @@ def worker(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
 
 
 # ---- the tests ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def runs(model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL cannot pair two ranks on one)")])])
+def runs(model_dir, tmp_path_factory, request):
+    """Both worlds' reports; on two GPUs (`cuda`) the same with NCCL (written for a GPU session: never run yet)."""
     import subprocess
 
     from flux.run.runtime import free_port
 
     model = model_dir
-    out = tmp_path_factory.mktemp("fsdp")
+    out = tmp_path_factory.mktemp(f"fsdp-{request.param}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = []
     for world in (1, 2):
         port = free_port()
-        procs += [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(model), str(out)],
+        procs += [subprocess.Popen([sys.executable, __file__, str(r), str(world), str(port), str(model), str(out),
+                                    request.param],
                                    env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
                   for r in range(world)]
     for code, err in wait_all(procs, 400):
@@ -140,7 +145,7 @@ def test_gathered_weights_and_the_checkpoint_are_the_one_process_model(runs):
     out, model_dir = runs
     initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     for name, reference in [("grpo", "grpo"), ("ppo", "ppo"), ("dpo", "dpo-split")]:
-        one, two = torch.load(out / f"{reference}-1.pt"), torch.load(out / f"{name}-2.pt")
+        one, two = torch.load(out / f"{reference}-1.pt", map_location="cpu"), torch.load(out / f"{name}-2.pt", map_location="cpu")
         assert one.keys() == two.keys()  # HF names, the tied lm_head once
         for k in one:
             diff = (two[k] - one[k]).abs()
@@ -166,4 +171,4 @@ def test_fsdp_is_a_config_choice_with_its_own_errors():
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])

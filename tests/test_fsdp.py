@@ -145,7 +145,8 @@ def test_gathered_weights_and_the_checkpoint_are_the_one_process_model(runs):
     out, model_dir = runs
     initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     for name, reference in [("grpo", "grpo"), ("ppo", "ppo"), ("dpo", "dpo-split")]:
-        one, two = torch.load(out / f"{reference}-1.pt", map_location="cpu"), torch.load(out / f"{name}-2.pt", map_location="cpu")
+        one = torch.load(out / f"{reference}-1.pt", map_location="cpu")
+        two = torch.load(out / f"{name}-2.pt", map_location="cpu")
         assert one.keys() == two.keys()  # HF names, the tied lm_head once
         for k in one:
             diff = (two[k] - one[k]).abs()

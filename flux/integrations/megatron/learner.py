@@ -1,26 +1,28 @@
-"""The megatron-core training backend: a `GPTModel` built from an HF config, tensor parallel, HF weights in
-and out. The one module of Flux that imports `megatron.core`, and only inside functions, so importing it
+"""The megatron-core training backend: a `GPTModel` built from an HF config, tensor and pipeline parallel, HF
+weights in and out. The one module of Flux that imports `megatron.core`, and only inside functions, so importing it
 (and `flux`) needs no megatron-core.
 
 What megatron-core provides here: the model (local layer spec on CPU, the Transformer Engine spec when TE is
 installed and the device is CUDA), tensor-parallel layers and the vocab-parallel cross-entropy that gives
 per-token log-probs through the model's labels path. What Flux keeps: the micro-batching, loss weighting and
 `step` of the `Learner` base class (losses from the algorithm registry, unchanged), AdamW over each rank's shards
-with a gradient norm taken over the whole tensor-parallel model, and checkpoints in HF format. Megatron's
-own DDP and distributed optimizer are not used: with `learner.ranks` = tensor_parallel x DP, the base class's
+with a gradient norm taken over the whole model, and checkpoints in HF format; with pipeline_parallel > 1 the
+step runs megatron's 1F1B schedule over the same micro-batches and weighting (`step`, `_pipeline`). Megatron's
+own DDP and distributed optimizer are not used: with `learner.ranks` = tensor_parallel x PP x DP, the base class's
 exact data parallelism (flux/integrations/distributed/data_parallel.py) runs over megatron's data-parallel
 group (each DP rank its rows; gradients summed over that group before the clip).
 
-Ranks: every rank of the tensor-parallel group builds a `MegatronLearner` with the same arguments and
-calls the same methods in the same order (SPMD); `export_weights` and `save` gather the shards. One
-process alone (TP = 1, `flux train`) needs no setup: a single-rank gloo group is made in-process.
+Ranks: every rank of the model-parallel group builds a `MegatronLearner` with the same arguments and
+calls the same methods in the same order (SPMD); `export_weights` and `save` gather the shards and stages.
+One process alone (TP = PP = 1) needs no setup: a single-rank gloo group is made in-process.
 
 CPU (the default device, and what CI tests): megatron-core 0.16 places a few tensors on
 `torch.cuda.current_device()` (the RoPE frequencies, the attention score buffer) and builds its default
 causal mask on "cuda". A CPU learner therefore points `torch.cuda.current_device` at the CPU while it
 builds the model and while it runs forward passes (`cpu_current_device`, restored after each), passes an
 explicit causal mask, seeds with megatron's inference RNG tracker (no CUDA RNG to fork; dropout is 0) and
-builds the weights on the CPU. These are the only CPU accommodations, and they are in the product path on
+builds the weights on the CPU; the pipeline schedule's few CUDA calls are sent to the CPU the same way
+(`cpu_current_device`). These are the only CPU accommodations, and they are in the product path on
 purpose: `flux train --set learner.backend=megatron` runs on a CPU machine exactly as the tests run it.
 """
 
@@ -297,7 +299,8 @@ class MegatronLearner(Learner):
                 if loss_fn is None:
                     out.append((rows, cols, lp.cpu(), 0.0, {}, 0.0))
                     return nll.sum() * 0.0, torch.tensor(1), {}
-                mb.proximal_logprobs = lp.detach() if mb.proximal_logprobs is None else mb.proximal_logprobs
+                if mb.proximal_logprobs is None:  # (fill_proximal: the policy before this step is this one)
+                    mb.proximal_logprobs = lp.detach()
                 loss, stats = loss_fn(logprobs=lp, mask=mb.response_mask, batch=mb)
                 share = float(mb.response_mask.sum()) / total
                 out.append((rows, cols, lp.detach().cpu(), float(loss.detach()) * share, stats, share))

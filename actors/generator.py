@@ -265,9 +265,10 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         batch = CallBatch(lambda pairs, _: engine.score([p for p, _ in pairs], [q for _, q in pairs], r.temperature))
     else:  # continuous batching where the engine has it (the built-in one), else one generate call per step
         batch = engine if hasattr(engine, "step") else CallBatch(engine.generate)
-    # Sequences in flight: in sync mode at least this generator's share of a step, generated in one wave
-    # (as a synchronous trainer generates its batch); in the overlapped modes groups_per_call.
-    share = -(-cfg.learner.groups_per_step // r.num_generators) if cfg.adaptive_async.mode == "sync" else 0
+    # Sequences in flight: at least this generator's share of a step, generated in one wave (as a synchronous
+    # trainer generates its batch): a decode step costs nearly the same for half the rows, so a batch made in
+    # two waves takes almost twice as long (bench/results/whole_step_leads.json).
+    share = -(-cfg.learner.groups_per_step // r.num_generators)
     capacity = max(r.groups_per_call, share) * per_group
     flying: dict[int, tuple] = {}  # group id -> (prompt index, admission token, prompt ids, time admitted)
     refused = 0.0  # when the last admission was refused

@@ -66,8 +66,8 @@ class RolloutConfig:
     group_size: int = _doc("Samples per prompt (n); GRPO/RLOO advantages are computed within a group.", 16, low=1)
     groups_per_call: int = _doc("Prompt groups a generator keeps in flight: the built-in engine samples up to groups_per_call "
                                 "* group_size sequences at once, a new group joining as soon as rows for it are free "
-                                "(continuous batching); other engines get this many groups per `generate` call. In sync "
-                                "mode at least the generator's share of learner.groups_per_step (a step in one wave).", 4, low=1)
+                                "(continuous batching); other engines get this many groups per `generate` call. At least "
+                                "the generator's share of learner.groups_per_step (a step in one wave).", 4, low=1)
     max_new_tokens: int = _doc("Completion length cap in tokens.", 8, low=1)
     temperature: float = _doc("Sampling temperature (the learner scores log-probs at the same one).", 1.0, gt=0)
     top_p: float = _doc("Nucleus sampling threshold (1.0 = off).", 1.0, gt=0, high=1)

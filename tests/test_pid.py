@@ -1,5 +1,6 @@
 """The staleness PID (flux/control/pid.py) on a simulated plant, plus clamping, anti-windup and derivative kick."""
 
+import math
 import random
 
 import pytest
@@ -116,3 +117,26 @@ def test_state_round_trip_continues_identically():
         pid.update(s)
     clone = PID.from_state(pid.state())
     assert [clone.update(s) for s in (0.1, 0.4, 0.0)] == [pid.update(s) for s in (0.1, 0.4, 0.0)]
+
+
+@pytest.mark.parametrize("per_step", [0.15, 0.3, 0.06])
+def test_a_whole_step_lead_holds_the_mean_target_by_alternating_neighbouring_leads(per_step):
+    """Admission rounds a·η_max to whole steps (flux/control/admission.py): the plant sees only leads
+    0, 1, 2, ... The integral still finds the share of steps at each lead that puts the mean of S on
+    the target, alternating between the two leads around it (per_step: the staleness of one step of lead)."""
+    from flux.control.admission import Admission
+
+    pid, adm, rng = PID(TARGET, kp=0.3, ki=0.2), Admission(8, eta_max=4), random.Random(0)
+    x, rows = 0.0, []
+    for _ in range(600):
+        adm.async_ratio = pid.output if pid.output is not None else pid.bias
+        x += 0.5 * (per_step * adm.lead() - x)
+        s = max(0.0, x + rng.gauss(0.0, 0.01))
+        pid.update(s)
+        rows.append((adm.lead(), s))
+    settled = rows[100:]
+    assert sum(s for _, s in settled) / len(settled) == pytest.approx(TARGET, abs=0.02)
+    between = TARGET / per_step                               # the fractional lead that would hold it
+    leads = {lead for lead, _ in settled}
+    assert leads <= {math.floor(between) - 1, math.floor(between), math.ceil(between), math.ceil(between) + 1}
+    assert len(leads) >= 2                                    # it really alternates (no single lead holds it)

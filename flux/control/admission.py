@@ -3,12 +3,15 @@
 A generator must hold a credit to start a prompt group. With B samples per optimizer step, policy
 version v, async ratio a and largest lead η_max (steps), a group of n samples is admitted only while
 
-    started + n ≤ (v + 1 + a · η_max) · B
+    started + n ≤ (v + 1 + L) · B,      L = a · η_max rounded to the nearest whole step
 
 where `started` counts every sample admitted so far that was not given back: samples that end dropped
 (too stale, zero-variance) or re-queued (their generator died) return their credit, so the learner
 can always get a full batch. a = 0 is strictly synchronous: the batch for step v+1 is admitted only
-after version v+1 exists. Fractional a gives a fractional lead: the spectrum is continuous.
+after version v+1 exists. The lead is whole steps because a batch is cheapest made in one wave: a decode
+step costs nearly the same for half the rows, so half a step of lead overlapped nothing measurable
+(bench/results/whole_step_leads.json). The spectrum stays continuous in time: the controller moves a
+every step, and the share of steps spent at each lead sets the mean lag.
 """
 
 from __future__ import annotations
@@ -29,14 +32,17 @@ class Admission:
     version: int = 0
     started: int = 0
 
-    def bound(self) -> float:
+    def bound(self) -> int:
         """Most samples that may have been started at the current version and ratio."""
-        return (self.version + 1 + self.async_ratio * self.eta_max) * self.batch_samples
+        return (self.version + 1 + self.lead()) * self.batch_samples
+
+    def lead(self) -> int:
+        """Steps generation may run ahead: a · η_max to the nearest whole step (a batch in one wave)."""
+        return math.floor(self.async_ratio * self.eta_max + 0.5)
 
     def room(self) -> int:
         """Samples that may still be started now."""
-        # The small tolerance keeps a = 0.9999... from rounding a whole group away.
-        return math.floor(self.bound() + 1e-9) - self.started
+        return self.bound() - self.started
 
     def try_admit(self, n: int) -> bool:
         if n <= self.room():

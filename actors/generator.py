@@ -268,7 +268,7 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
     # Sequences in flight: at least this generator's share of a step, generated in one wave (as a synchronous
     # trainer generates its batch): a decode step costs nearly the same for half the rows, so a batch made in
     # two waves takes almost twice as long (bench/results/whole_step_leads.json).
-    share = -(-cfg.learner.groups_per_step // r.num_generators)
+    share = -(-cfg.learner.groups_per_step // max(1, r.num_generators))  # (0: remote generators only)
     capacity = max(r.groups_per_call, share) * per_group
     flying: dict[int, tuple] = {}  # group id -> (prompt index, admission token, prompt ids, time admitted)
     refused = 0.0  # when the last admission was refused

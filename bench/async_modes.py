@@ -7,7 +7,8 @@
 Workloads (`WORKLOADS`): the built-in sort task at its defaults; `longtail`, the built-in repeat task
 (completions of 2 to 49 tokens, a sync step mostly generating); `sensitive`, the sort task at
 learner.lr=2e-3, where stale samples hurt; and, not run by default, `sensitive_b`, a second sensitive
-configuration the default target was not chosen on (the repeat task at lr 3e-3, 8 samples per prompt).
+configuration the default target was not chosen on (the repeat task at lr 3e-3, 8 samples per prompt),
+and `sensitive_c`, a third (the sort task at lr 1.5e-3, 16 prompts × 8 samples).
 Every mode of a workload runs the same steps with the same batch, so all train on the same number of
 samples; runs go back to back, never in parallel (they would compete for the cores), seed by seed with
 the modes interleaved, so that a drift of the machine's speed falls on every mode alike. `adaptive` runs
@@ -47,6 +48,9 @@ WORKLOADS = {
                      "learner.micro_batch_tokens=1024", "eval.temperature=1.0", "eval.num_prompts=400", "learner.lr=3e-3",
                      "rollout.group_size=8", "learner.groups_per_step=16"], 100),
 }
+# a third sensitive candidate, fixed before it was first run (2026-12-06): the sort task with another batch
+# shape (16 groups of 8) at 1.5× the default rate
+WORKLOADS["sensitive_c"] = (["learner.lr=1.5e-3", "rollout.group_size=8", "learner.groups_per_step=16"], 200)
 DEFAULT_WORKLOADS = ("sort", "longtail", "sensitive")
 MODES = {
     "sync": ["adaptive_async.mode=sync"],

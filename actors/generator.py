@@ -265,11 +265,11 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         batch = CallBatch(lambda pairs, _: engine.score([p for p, _ in pairs], [q for _, q in pairs], r.temperature))
     else:  # continuous batching where the engine has it (the built-in one), else one generate call per step
         batch = engine if hasattr(engine, "step") else CallBatch(engine.generate)
-    # Sequences in flight: at least this generator's share of a step, generated in one wave (as a synchronous
-    # trainer generates its batch): a decode step costs nearly the same for half the rows, so a batch made in
-    # two waves takes almost twice as long (bench/results/whole_step_leads.json).
-    share = -(-cfg.learner.groups_per_step // max(1, r.num_generators))  # (0: remote generators only)
-    capacity = max(r.groups_per_call, share) * per_group
+    # Sequences in flight: groups_per_call groups, or by default (0) this generator's share of a step, made in
+    # one wave as a synchronous trainer makes its batch: a decode step costs nearly the same for half the rows,
+    # so a batch made in two waves takes almost twice as long (bench/results/whole_step_leads.json).
+    share = -(-cfg.learner.groups_per_step // max(1, r.num_generators))  # (0 local: a remote generator's run)
+    capacity = (r.groups_per_call or share) * per_group
     flying: dict[int, tuple] = {}  # group id -> (prompt index, admission token, prompt ids, time admitted)
     refused = 0.0  # when the last admission was refused
     while not stop.is_set():

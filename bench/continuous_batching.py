@@ -4,7 +4,7 @@ against continuous batching (groups join the running batch as rows finish).
     python bench/continuous_batching.py [--groups 64] [--before-tree /tmp/flux-before] [--json FILE]
 
 The workload is the built-in `repeat` task on its warm-started tiny model (completions of 1 to 64 tokens,
-a long tail), 16 samples per prompt, 4 groups in flight (`rollout.groups_per_call` = 4, the default), one
+a long tail), 16 samples per prompt, 4 groups in flight (as `rollout.groups_per_call=4`, the default before 2026-12-06), one
 torch thread, temperature 1. Three ways through the same prompts, side by side in one process each:
 
 - `calls`: `engine.generate` on 4 groups at a time (a call ends with its longest row);

@@ -64,10 +64,10 @@ class RolloutConfig:
                        "per generator, GPU; see docs/engines.md) or `pkg.module:factory` (your own).", "torch")
     num_generators: int = _doc("Generator processes started on this machine.", 1)
     group_size: int = _doc("Samples per prompt (n); GRPO/RLOO advantages are computed within a group.", 16, low=1)
-    groups_per_call: int = _doc("Prompt groups a generator keeps in flight: the built-in engine samples up to groups_per_call "
-                                "* group_size sequences at once, a new group joining as soon as rows for it are free "
-                                "(continuous batching); other engines get this many groups per `generate` call. At least "
-                                "the generator's share of learner.groups_per_step (a step in one wave).", 4, low=1)
+    groups_per_call: int = _doc("Prompt groups a generator keeps in flight (the built-in engine's rows, a new group joining as "
+                                "soon as rows are free: continuous batching; other engines: groups per `generate` call). "
+                                "0 = the generator's share of a step, learner.groups_per_step / rollout.num_generators, made "
+                                "in one wave; set it (e.g. that share) with several remote generators, or to cap memory.", 0, low=0)
     max_new_tokens: int = _doc("Completion length cap in tokens.", 8, low=1)
     temperature: float = _doc("Sampling temperature (the learner scores log-probs at the same one).", 1.0, gt=0)
     top_p: float = _doc("Nucleus sampling threshold (1.0 = off).", 1.0, gt=0, high=1)
@@ -403,6 +403,8 @@ class FluxConfig:
              "need 0 <= min_async_ratio <= max_async_ratio <= 1"),
             ("adaptive_async.initial_async_ratio",
              a.min_async_ratio <= a.initial_async_ratio <= a.max_async_ratio, "must lie in [min, max]"),
+            ("adaptive_async.max_async_ratio", a.mode == "sync" or a.max_async_ratio * a.eta_max >= 0.5, "times eta_max "
+             "must be >= 0.5 outside sync mode: the lead is whole steps, round(ratio x eta_max), and 0 is sync"),
             ("net.heartbeat_timeout_s", self.net.heartbeat_timeout_s > self.net.heartbeat_s > 0,
              "need heartbeat_timeout_s > heartbeat_s > 0"),
             ("logging.wandb", set(self.logging.wandb) <= {"project", "name", "mode", "entity", "tags", "group"}

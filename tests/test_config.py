@@ -107,7 +107,7 @@ def test_bad_type_is_named(override, field):
 # One bad value per check in FluxConfig.validate().
 OUT_OF_RANGE = [
     ("rollout.engine", "vllm"), ("rollout.num_generators", 0), ("rollout.group_size", 0),
-    ("rollout.groups_per_call", 0), ("rollout.max_new_tokens", 0), ("rollout.temperature", 0.0),
+    ("rollout.groups_per_call", -1), ("rollout.max_new_tokens", 0), ("rollout.temperature", 0.0),
     ("rollout.top_p", 0.0), ("rollout.top_p", 1.5), ("rollout.top_k", -1), ("rollout.update_mode", "never"),
     ("rollout.threads", -1), ("rollout.slowdown", -0.1), ("learner.backend", "jax"),
     ("learner.groups_per_step", 0), ("learner.lr", 0.0), ("learner.lr", -1e-3),
@@ -143,6 +143,18 @@ def test_several_learner_ranks_need_a_built_in_backend():
         load_config(None, ["learner.ranks=2", "learner.backend=flux.learner.torch_learner:TorchLearner"])
     assert str(e.value) == ("config: learner.ranks: several ranks need learner.backend=torch or megatron "
                             "(got 2)")
+
+
+@pytest.mark.parametrize("mode", ["async", "adaptive"])
+def test_an_overlapped_mode_whose_lead_rounds_to_zero_steps_is_refused(mode):
+    """The lead is whole steps (round(ratio x eta_max)): below half a step an async mode would be sync."""
+    low = {"mode": mode, "min_async_ratio": 0.0, "max_async_ratio": 0.1, "initial_async_ratio": 0.1}
+    with pytest.raises(ConfigError, match="adaptive_async.max_async_ratio: times eta_max must be >= 0.5"):
+        FluxConfig(adaptive_async=low).validate()
+    with pytest.raises(ConfigError, match="adaptive_async.max_async_ratio"):
+        FluxConfig(adaptive_async={"mode": mode, "eta_max": 0}).validate()
+    FluxConfig(adaptive_async={**low, "max_async_ratio": 0.125}).validate()   # 0.125 x 4 = half a step: lead 1
+    FluxConfig(adaptive_async={"mode": "sync", "eta_max": 0}).validate()
 
 
 def test_min_above_max_ratio_and_initial_outside():

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from flux.control.composer import balance
-from flux.learner.base import SingleRank
+from flux.learner.base import SingleRank, accumulate
 
 BUCKET_ELEMENTS = 1 << 25  # gradients are all-reduced in flat fp32 buckets of at most this many elements
 POLL_S = 0.02  # how often a waiting rank looks at the doorbell
@@ -235,6 +235,5 @@ class RankGroup(SingleRank):
         dist.all_gather_object(gathered, (stats, loss), group=self.cpu_group)
         merged: dict[str, float] = {}
         for part, _ in gathered:
-            for k, v in part.items():
-                merged[k] = max(merged[k], v) if k.endswith("_max") and k in merged else merged.get(k, 0.0) + v
+            accumulate(merged, part, 1.0)  # (each part is already weighted by its rows' share)
         return merged, sum(x for _, x in gathered)

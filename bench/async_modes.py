@@ -69,6 +69,7 @@ EVAL_SLACK = 0.02        # adaptive's final eval may trail sync's by this much
 TIME_SLACK = 1.05        # adaptive's time to target over the best mode's
 STALENESS_BAND = 0.03    # |mean staleness − target|
 SENSITIVE_LOSS = 0.05    # the fastest fixed async must lose this much eval on the sensitive workload
+GENERATION_HEAVY = 0.6   # the long-tail workload's sync step: share of its wall time spent generating
 
 
 # ---- pure parts: rows of metrics.jsonl → summary, targets, table ------------------------------------
@@ -88,16 +89,27 @@ def percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def summarize(rows: list[dict], group_size: int) -> dict:
+def summarize(rows: list[dict], group_size: int, gen_busy_s: float | None = None) -> dict:
     """One run's metrics.jsonl rows → the table/JSON fields.
 
-    Throughputs and busy fractions are the run's cumulative values (the last row); staleness and lag are
-    taken over every step; the final reward is the mean over the last 10% of steps.
+    Throughputs and busy fractions are the run's cumulative values (the last row; the busy fractions are
+    over each actor's whole life, evaluations and start-up included); staleness and lag are taken over
+    every step; the final reward (of the trained samples, on the training prompts) is the mean over the
+    last 10% of steps.
+
+    The steps' own time is Σ (batch_wait_s + step_s), evaluations left out. `waiting_frac` is the share
+    of it the learner waited for its batch; `generating_frac` the share the generators' engines decoded
+    (`gen_busy_s`: their busy seconds at exit, per generator): in sync mode, the share of a step spent
+    generating. (Outside sync mode the engines also decode during evaluations, so it can pass 1.)
     """
     last, k = rows[-1], max(1, len(rows) // 10)
     stale = [r["staleness_mean"] for r in rows]
     dropped_groups = int(last.get("dropped_stale", 0))
+    wait = sum(r.get("batch_wait_s", 0.0) for r in rows)
+    step_time = wait + sum(r.get("step_s", 0.0) for r in rows)
     return {
+        "waiting_frac": wait / step_time if step_time > 0 else float("nan"),
+        "generating_frac": gen_busy_s / step_time if gen_busy_s is not None and step_time > 0 else float("nan"),
         "steps": len(rows),
         "samples": sum(int(r.get("samples", 0)) for r in rows),
         "wall_s": last["wall_s"],
@@ -179,14 +191,17 @@ def pooled_evidence(results: dict[str, dict]) -> dict:
 
 def signal_evidence(result: dict) -> dict:
     """How well each candidate signal's run mean predicts the run's loss of held-out eval against sync's
-    mean (one point per fixed-mode run and seed): Spearman's ρ, and the signal's mean per mode."""
+    mean, and its loss of final training reward (one point per fixed-mode run and seed): Spearman's ρ,
+    and the signal's mean per mode."""
     sync = result["modes"].get("sync")
     if sync is None:
         return {}
     points = [(m, s) for m, res in result["modes"].items() if m != "adaptive"
               for s in res["seeds"].values() if s.get("eval_final") is not None]
     loss = [sync["eval_final"] - s["eval_final"] for _, s in points]
+    lost = [sync.get("reward_final", float("nan")) - s.get("reward_final", float("nan")) for _, s in points]
     return {k: {"spearman_vs_eval_loss": spearman([s.get(f"{k}_mean", float("nan")) for _, s in points], loss),
+                "spearman_vs_reward_loss": spearman([s.get(f"{k}_mean", float("nan")) for _, s in points], lost),
                 "by_mode": {m: mean([s.get(f"{k}_mean", float("nan")) for mm, s in points if mm == m])
                             for m in dict.fromkeys(m for m, _ in points)}}
             for k in SIGNAL_KEYS}
@@ -221,8 +236,8 @@ def time_to_target(rows: list[dict], target: float, every: int = 1) -> float | N
 
 
 AGG_KEYS = ("samples_per_s", "staleness_mean", "lag_mean", "async_ratio_mean", "learner_busy_frac",
-            "generator_busy_frac", "dropped_samples", "wall_s", "response_len_p50", "response_len_p99",
-            "dropped_len_mean", "trained_len_mean")
+            "generator_busy_frac", "waiting_frac", "generating_frac", "dropped_samples", "wall_s",
+            "response_len_p50", "response_len_p99", "dropped_len_mean", "trained_len_mean", "eval_initial")
 
 
 def aggregate(per_seed: dict[int, dict], runs: dict[int, list[dict]], target_eval: float, every: int = 1) -> dict:
@@ -230,9 +245,12 @@ def aggregate(per_seed: dict[int, dict], runs: dict[int, list[dict]], target_eva
     None when one does not), and the per-seed summaries."""
     out = {k: mean([s[k] for s in per_seed.values() if s.get(k) is not None]) for k in AGG_KEYS}
     evals = [s["eval_final"] for s in per_seed.values() if s.get("eval_final") is not None]
+    rewards = [s["reward_final"] for s in per_seed.values() if s.get("reward_final") is not None]
     times = {seed: time_to_target(rows, target_eval, every) for seed, rows in runs.items()}
     reached = [t for t in times.values() if t is not None]
     out.update(eval_final=mean(evals), eval_min=min(evals, default=None), eval_max=max(evals, default=None),
+               reward_final=mean(rewards), reward_min=min(rewards, default=None),
+               reward_max=max(rewards, default=None),
                time_to_target_s=mean(reached) if reached and len(reached) == len(times) else None,
                reached_target=f"{len(reached)}/{len(times)}",
                seeds={str(seed): {**s, "time_to_target_s": times[seed]} for seed, s in per_seed.items()})
@@ -253,6 +271,11 @@ def check_targets(workloads: dict[str, dict], target: float, max_ratio: float = 
             continue
         fixed = {m: modes[m] for m in FIXED_ASYNC if m in modes}
         if w == "longtail":
+            g = sy.get("generating_frac")
+            if g is not None and g == g:
+                add(w, "generation_heavy", g >= GENERATION_HEAVY,
+                    f"sync step generating {g:.2f} of its time, waiting {sy.get('waiting_frac', float('nan')):.2f} "
+                    f"(need ≥ {GENERATION_HEAVY})")
             ratio = ad["samples_per_s"] / sy["samples_per_s"]
             add(w, "speedup", ratio >= LONGTAIL_SPEEDUP, f"adaptive/sync samples/s {ratio:.2f} (need ≥ {LONGTAIL_SPEEDUP})")
             if fixed:
@@ -262,6 +285,12 @@ def check_targets(workloads: dict[str, dict], target: float, max_ratio: float = 
                     f"adaptive/{best} samples/s {r:.2f} (need ≥ {LONGTAIL_OF_FASTEST})")
         add(w, "quality", ad["eval_final"] >= sy["eval_final"] - EVAL_SLACK,
             f"adaptive eval {ad['eval_final']:.3f} vs sync {sy['eval_final']:.3f} (need ≥ sync − {EVAL_SLACK})")
+        if ad.get("reward_final") is not None and sy.get("reward_final") is not None:
+            # not one of the issue's targets: the training reward sees learning that a held-out eval
+            # which barely moves (long-tail) cannot
+            add(w, "reward", ad["reward_final"] >= sy["reward_final"] - EVAL_SLACK,
+                f"adaptive training reward {ad['reward_final']:.3f} vs sync {sy['reward_final']:.3f} "
+                f"(extra check: need ≥ sync − {EVAL_SLACK})")
         times = {m: v["time_to_target_s"] for m, v in modes.items() if v["time_to_target_s"] is not None}
         if times:
             best = min(times, key=times.get)
@@ -311,9 +340,10 @@ COLUMNS = [  # (header, key, format)
     ("mode", None, ""), ("samples/s", "samples_per_s", ".1f"), ("×sync", "speedup", ".2f"),
     ("to target s", "time_to_target_s", ".0f"), ("reached", "reached_target", ""),
     ("eval", "eval_final", ".3f"), ("eval min", "eval_min", ".3f"), ("eval max", "eval_max", ".3f"),
+    ("reward", "reward_final", ".3f"),
     ("stale", "staleness_mean", ".3f"), ("lag", "lag_mean", ".2f"), ("async", "async_ratio_mean", ".2f"),
     ("dropped", "dropped_samples", ".0f"), ("learn busy", "learner_busy_frac", ".2f"),
-    ("gen busy", "generator_busy_frac", ".2f"),
+    ("gen busy", "generator_busy_frac", ".2f"), ("generating", "generating_frac", ".2f"),
 ]
 
 
@@ -430,7 +460,9 @@ def main() -> int:
                         continue
                     configs[w] = cfg
                     runs.setdefault(mode, {})[seed] = rows
-                    per_mode.setdefault(mode, {})[seed] = summarize(rows, cfg["rollout"]["group_size"])
+                    run_dir = Path(args.from_runs) / w / mode / f"seed{seed}" if args.from_runs else out
+                    per_mode.setdefault(mode, {})[seed] = summarize(rows, cfg["rollout"]["group_size"],
+                                                                    generator_busy_s(run_dir))
             sync_eval = mean([s["eval_final"] for s in per_mode.get("sync", {}).values()
                               if s.get("eval_final") is not None])
             target_eval = TARGET_FRACTION * sync_eval
@@ -443,7 +475,9 @@ def main() -> int:
             print(format_table(results[w]["modes"], {k: v for k, v in errors.items() if k.startswith(w + "/")}))
             for k, ev in results[w]["signal_evidence"].items():
                 rho = ev["spearman_vs_eval_loss"]
-                print(f"  {k:<13} Spearman ρ vs eval loss {'-' if rho is None else f'{rho:+.2f}'}   by mode: "
+                rr = ev["spearman_vs_reward_loss"]
+                print(f"  {k:<13} Spearman ρ vs eval loss {'-' if rho is None else f'{rho:+.2f}'}, vs reward loss "
+                      f"{'-' if rr is None else f'{rr:+.2f}'}   by mode: "
                       + "  ".join(f"{m} {v:.4f}" for m, v in ev["by_mode"].items()))
         if args.step_change and results:
             w = args.workloads[0]
@@ -485,6 +519,17 @@ def main() -> int:
         plot_step_change(step["rows"], change, target, args.step_factor, args.step_plot)
         print(f"wrote {args.step_plot}")
     return 1 if errors else 0
+
+
+def generator_busy_s(run_dir: Path) -> float | None:
+    """The seconds a run's generator engines spent decoding (their exit totals, mean per generator);
+    None when no generator wrote one."""
+    import json
+
+    busy = [json.loads(p.read_text()).get("totals", {}).get("busy_s")
+            for p in sorted((run_dir / "logs").glob("gen*.timeline.json"))]
+    busy = [b for b in busy if b is not None]
+    return mean(busy) if busy else None
 
 
 def read_run(run_dir: Path, steps: int) -> tuple[list[dict], dict, str | None]:

@@ -49,6 +49,21 @@ def test_summarize_fields():
     assert (s["eval_initial"], s["eval_final"]) == (0.3, 0.7)
 
 
+def test_summarize_splits_the_steps_time_into_waiting_and_generating():
+    s = bench.summarize(rows_of(20), group_size=4, gen_busy_s=7.0)   # 20 steps × (0.3 s wait + 0.2 s step)
+    assert s["waiting_frac"] == pytest.approx(0.6) and s["generating_frac"] == pytest.approx(0.7)
+    assert math.isnan(bench.summarize(rows_of(20), group_size=4)["generating_frac"])
+
+
+def test_generator_busy_seconds_come_from_the_generators_timelines(tmp_path):
+    assert bench.generator_busy_s(tmp_path) is None
+    (tmp_path / "logs").mkdir()
+    for name, busy in (("gen0", 4.0), ("gen1", 6.0)):
+        (tmp_path / "logs" / f"{name}.timeline.json").write_text(f'{{"marks": {{}}, "totals": {{"busy_s": {busy}}}}}')
+    (tmp_path / "logs" / "learner.timeline.json").write_text('{"marks": {}, "totals": {"busy_s": 100}}')
+    assert bench.generator_busy_s(tmp_path) == pytest.approx(5.0)
+
+
 def test_summarize_short_run_uses_at_least_one_step():
     s = bench.summarize(rows_of(3), group_size=4)
     assert s["reward_final"] == pytest.approx(2 / 3)
@@ -104,6 +119,18 @@ def test_staleness_below_target_passes_only_at_the_maximum_ratio():
     assert verdicts(low)[("sort", "staleness")] is False
 
 
+def test_generation_share_and_training_reward_are_checked_when_measured():
+    sync = {**mode(100, 0.6, 50), "generating_frac": 0.55, "waiting_frac": 0.62, "reward_final": 0.5}
+    w = {"longtail": workload(sync=sync, async_eta4=mode(180, 0.6, 30),
+                              adaptive={**mode(170, 0.6, 30), "reward_final": 0.47})}
+    v = verdicts(w)
+    assert v[("longtail", "generation_heavy")] is False and v[("longtail", "reward")] is False
+    w["longtail"]["modes"]["sync"]["generating_frac"] = 0.6
+    w["longtail"]["modes"]["adaptive"]["reward_final"] = 0.49
+    v = verdicts(w)
+    assert v[("longtail", "generation_heavy")] is True and v[("longtail", "reward")] is True
+
+
 def test_a_sensitive_workload_needs_async_to_hurt():
     w = {"sensitive": workload(sync=mode(100, 0.7, 40), async_eta4=mode(150, 0.68, 30), adaptive=mode(140, 0.7, 31))}
     assert verdicts(w)[("sensitive", "async_hurts")] is False
@@ -120,6 +147,7 @@ def test_time_to_target_and_aggregate_over_seeds():
     agg = bench.aggregate(per_seed, {0: rows, 1: rows}, 0.5)
     assert agg["samples_per_s"] == pytest.approx(18.0) and agg["eval_final"] == pytest.approx(0.6)
     assert (agg["eval_min"], agg["eval_max"]) == (0.5, 0.7) and agg["time_to_target_s"] == pytest.approx(14.5)
+    assert agg["reward_final"] == pytest.approx(0.925) == agg["reward_min"] == agg["reward_max"]
     assert agg["seeds"]["1"]["time_to_target_s"] == pytest.approx(14.5)
     late = [dict(r) for r in rows]
     late[-1]["eval_score"] = 0.4                          # seed 1 never reaches 0.5: no mean time

@@ -26,6 +26,8 @@ against wall time, one line per mode and seed; matplotlib from the `bench` extra
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
 import sys
@@ -200,11 +202,13 @@ def signal_evidence(result: dict) -> dict:
               for s in res["seeds"].values() if s.get("eval_final") is not None]
     loss = [sync["eval_final"] - s["eval_final"] for _, s in points]
     lost = [sync.get("reward_final", float("nan")) - s.get("reward_final", float("nan")) for _, s in points]
-    return {k: {"spearman_vs_eval_loss": spearman([s.get(f"{k}_mean", float("nan")) for _, s in points], loss),
-                "spearman_vs_reward_loss": spearman([s.get(f"{k}_mean", float("nan")) for _, s in points], lost),
-                "by_mode": {m: mean([s.get(f"{k}_mean", float("nan")) for mm, s in points if mm == m])
-                            for m in dict.fromkeys(m for m, _ in points)}}
-            for k in SIGNAL_KEYS}
+    out = {}
+    for k in SIGNAL_KEYS:
+        xs = [s.get(f"{k}_mean", float("nan")) for _, s in points]
+        out[k] = {"spearman_vs_eval_loss": spearman(xs, loss), "spearman_vs_reward_loss": spearman(xs, lost),
+                  "by_mode": {m: mean([x for (mm, _), x in zip(points, xs) if mm == m])
+                              for m in dict.fromkeys(m for m, _ in points)}}
+    return out
 
 
 def hist_mean(hist: dict[str, int]) -> float | None:
@@ -272,7 +276,7 @@ def check_targets(workloads: dict[str, dict], target: float, max_ratio: float = 
         fixed = {m: modes[m] for m in FIXED_ASYNC if m in modes}
         if w == "longtail":
             g = sy.get("generating_frac")
-            if g is not None and g == g:
+            if g is not None and not math.isnan(g):
                 add(w, "generation_heavy", g >= GENERATION_HEAVY,
                     f"sync step generating {g:.2f} of its time, waiting {sy.get('waiting_frac', float('nan')):.2f} "
                     f"(need ≥ {GENERATION_HEAVY})")
@@ -449,18 +453,17 @@ def main() -> int:
             for seed in args.seeds:
                 for mode in args.modes:
                     name = f"{w}/{mode}/seed{seed}"
-                    out = root / w / mode / f"seed{seed}"
+                    run_dir = (Path(args.from_runs) if args.from_runs else root) / w / mode / f"seed{seed}"
                     if args.from_runs:
-                        rows, cfg, err = read_run(Path(args.from_runs) / w / mode / f"seed{seed}", steps)
+                        rows, cfg, err = read_run(run_dir, steps)
                     else:
                         rows, cfg, err = run_train(name, [f"seed={seed}", f"eval.every={max(1, steps // EVALS_PER_RUN)}",
-                                                          *sets, *args.overrides, *MODES[mode]], steps, out)
+                                                          *sets, *args.overrides, *MODES[mode]], steps, run_dir)
                     if err:
                         errors[name] = err
                         continue
                     configs[w] = cfg
                     runs.setdefault(mode, {})[seed] = rows
-                    run_dir = Path(args.from_runs) / w / mode / f"seed{seed}" if args.from_runs else out
                     per_mode.setdefault(mode, {})[seed] = summarize(rows, cfg["rollout"]["group_size"],
                                                                     generator_busy_s(run_dir))
             sync_eval = mean([s["eval_final"] for s in per_mode.get("sync", {}).values()
@@ -524,8 +527,6 @@ def main() -> int:
 def generator_busy_s(run_dir: Path) -> float | None:
     """The seconds a run's generator engines spent decoding (their exit totals, mean per generator);
     None when no generator wrote one."""
-    import json
-
     busy = [json.loads(p.read_text()).get("totals", {}).get("busy_s")
             for p in sorted((run_dir / "logs").glob("gen*.timeline.json"))]
     busy = [b for b in busy if b is not None]
@@ -534,8 +535,6 @@ def generator_busy_s(run_dir: Path) -> float | None:
 
 def read_run(run_dir: Path, steps: int) -> tuple[list[dict], dict, str | None]:
     """An earlier run's metrics rows and config (`--from-runs`), as `run_train` returns them."""
-    import json
-
     import yaml
 
     path = run_dir / "metrics.jsonl"

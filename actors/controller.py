@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -25,7 +26,7 @@ from flux.run import protocol as P
 from flux.control.admission import Admission, PromptCursor, admission_token
 from flux.run.checkpoints import finish_checkpoint
 from flux.control.ledger import Ledger
-from flux.control.pid import PID
+from flux.control.pid import PID, rms_input
 from flux.control.staleness import StalenessMonitor
 from flux.plugins import hook
 from flux.run.runtime import Rate, RunSpec, actor_main, write_status
@@ -194,14 +195,14 @@ class Controller:
         if "lag_mean" in m:  # the control law: S above the lag-0 floor → the async ratio
             stale = self.monitor.update(m)
             m.update(staleness_mean=stale.pop("staleness"), **stale)
-            if self.cfg.adaptive_async.mode == "adaptive":
-                self.admission.async_ratio = self.pid.update(m["staleness_mean"])
+            if self.cfg.adaptive_async.mode == "adaptive":  # the PID holds the root-mean-square of S
+                self.admission.async_ratio = self.pid.update(rms_input(m["staleness_mean"], self.pid.target))
         gens = [g for g in self.members.values() if g.role == "generator"]
         elapsed = max(1e-6, time.time() - (self.t_first_admit or self.t_start))
         line = {
             "step": rep.step, "version": rep.version, **m,
             "async_ratio": self.admission.async_ratio,
-            "staleness_ema": self.pid.ema,
+            "staleness_ema": self.staleness_rms(),
             "samples_per_s": self.trained_samples / elapsed,
             "tokens_per_s": self.trained_tokens / elapsed,
             "generator_busy_frac": sum(g.busy_frac for g in gens) / max(1, len(gens)),
@@ -217,6 +218,11 @@ class Controller:
         self.last_step = rep.step
         if "checkpoint" in m:  # the learner saved one: the controller's half completes it
             finish_checkpoint(m["checkpoint"], self.state(), self.cfg.checkpoint.keep_last, self.log)
+
+    def staleness_rms(self) -> float | None:
+        """The PID's smoothed S, read back as the root-mean-square it holds (its EMA is of S²/target)."""
+        pid = self.pid
+        return pid.ema if pid.ema is None or pid.target <= 0 else math.sqrt(pid.ema * pid.target)
 
     def accounting(self) -> dict:
         """Where every admitted group ended: trained, dropped (by reason), re-queued, or still in flight."""
@@ -261,7 +267,7 @@ class Controller:
                 "heartbeat_s": self.cfg.net.heartbeat_s, "state": "stopped" if stopped else "running",
                 "reason": stopped or "", "step": self.last_step, "max_steps": self.cfg.max_steps,
                 "version": self.admission.version, "mode": aa.mode, "async_ratio": self.admission.async_ratio,
-                "staleness_ema": self.pid.ema, "target_staleness": aa.target_staleness, "buffer_depth": depth,
+                "staleness_ema": self.staleness_rms(), "target_staleness": aa.target_staleness, "buffer_depth": depth,
                 "groups": self.ledger.summary(), "groups_by_generator": dict(self.ledger.produced_by),
                 "members": [me, *alive, *self.gone.values()],
                 "dropped_messages": {"controller": self.drops.counts, **self.peer_drops}}
@@ -330,9 +336,8 @@ def body(spec: RunSpec, name: str, stop, log) -> int:
         remote = hook("remote.ControllerSide")(ctx, spec, log, ctl.peers.weight_tokens)
         ctl.gate = remote.gate
     poller = zmq.Poller()
-    for sock in (router, remote and remote.router):
-        if sock is not None:
-            poller.register(sock, zmq.POLLIN)
+    for sock in filter(None, (router, remote and remote.router)):
+        poller.register(sock, zmq.POLLIN)
     liveness, report = Rate(0.5), Rate(spec.config.net.heartbeat_s)
     log.info("controller up: ROUTER %s, PUB %s", spec.controller_router, spec.controller_pub)
     while not (stop.is_set() or ctl.done or ctl.failed):

@@ -75,8 +75,7 @@ class RolloutConfig:
     update_mode: str = _doc("When new weights reach a busy engine: `inflight` (between decode steps, a "
                             "sequence may span versions) or `between_sequences`.", "inflight",
                             choices=("inflight", "between_sequences"))
-    device: str = _doc("Where the built-in engine runs: `auto` (CUDA when present, else CPU), `cpu`, `cuda`, "
-                       "`cuda:N`.", "auto")
+    device: str = _doc("Where the built-in engine runs: `auto` (CUDA if present, else CPU), `cpu`, `cuda`, `cuda:N`.", "auto")
     dtype: str = _doc("Built-in engine weights: `auto` (bf16 on CUDA, fp32 on CPU), `bf16`, `fp16`, `fp32`. "
                       "Sampling always takes its log-softmax in fp32.", "auto",
                       choices=("auto", "bf16", "fp16", "fp32"))
@@ -84,8 +83,7 @@ class RolloutConfig:
                         "generators share every core (they and the learner take turns); otherwise each process "
                         "starts with an equal share, and on a CPU the actors computing at the moment share the "
                         "cores between them (flux/integrations/cpu/cores.py).", 0, low=0)
-    slowdown: float = _doc("Extra seconds of sleep per generated token (a simulated slower generator, "
-                           "used by benchmarks to change the generation/training balance).", 0.0, low=0)
+    slowdown: float = _doc("Extra seconds of sleep per generated token (a slower generator, for benchmarks).", 0.0, low=0)
     slowdown_schedule: list = _doc("Simulated slower/faster generation from a policy version on, used by "
                                    "benchmarks: `[[from_version, seconds_per_token], ...]` sorted by "
                                    "version. From the first listed version on, the entry for the engine's "
@@ -101,8 +99,7 @@ class RolloutConfig:
     sglang_module: str = _doc("`engine: sglang`: the module a generator runs as the server, with `--model-path "
                               "--host --port` and sglang_args (change it only to wrap SGLang).",
                               "sglang.launch_server")
-    sglang_startup_timeout_s: float = _doc("`engine: sglang`: seconds a started server may take to answer "
-                                           "/health.", 900.0)
+    sglang_startup_timeout_s: float = _doc("`engine: sglang`: seconds a started server may take to answer /health.", 900.0)
     sglang_restarts: int = _doc("`engine: sglang`: how many times a generator starts its own server again "
                                 "after it died mid-run (the lost call's groups are re-queued, the new server "
                                 "gets the newest weights); an external `sglang_url` is never restarted.", 2)
@@ -206,7 +203,8 @@ class AdaptiveAsyncConfig:
     target_staleness: float = _doc("Staleness S the adaptive controller holds (0..1).", 0.1, low=0, high=1)
     min_async_ratio: float = _doc("Lower clamp of the async ratio a.", 0.0)
     max_async_ratio: float = _doc("Upper clamp of the async ratio a.", 1.0)
-    initial_async_ratio: float = _doc("a at the start of an adaptive run.", 0.5)
+    initial_async_ratio: float = _doc("a at the start of an adaptive run. 0: synchronous until the batches show "
+                                      "that a lead is harmless (from 0, full lead takes ~45 steps of fresh batches).", 0.0)
     eta_max: int = _doc("Largest allowed lead in optimizer steps: tokens sampled more than eta_max versions "
                         "before the step that trains them are masked out of the loss, a group with none left "
                         "is dropped.", 4, low=0)

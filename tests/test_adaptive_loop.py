@@ -1,6 +1,6 @@
 """The adaptive controller closed on the real system: real actors, real divergence, real admission.
 
-- It holds its target where the target binds, and opens up (raises the async ratio) when generation
+- It holds its target (the root-mean-square of S) where the target binds, and opens up (raises the async ratio) when generation
   slows down mid-run (`rollout.slowdown_schedule`): slower generation means fresher batches.
 - A divergence that exists at lag 0 (an engine that disagrees with the learner by a constant, as a GPU
   engine in another precision does) is subtracted as the floor: it does not push the run toward sync.
@@ -18,19 +18,21 @@ def mean(xs):
 
 def test_adaptive_holds_its_target_and_opens_up_when_generation_slows(default_model, tmp_path):
     run = tmp_path / "run"
-    # the default batch (8 groups × 16) on the built-in task; from version 45 on, generation costs an extra
-    # millisecond per token: the learner then waits on generation and the batches get fresher
-    out = flux_train("--max-steps", "90", "--out", str(run), "--set", "adaptive_async.mode=adaptive",
-                     "--set", "eval.num_prompts=20", "--set", "rollout.slowdown_schedule=[[45, 0.001]]",
+    # the default batch (8 groups × 16) on the built-in task; from version 110 on, generation costs an extra
+    # millisecond per token: the learner then waits on generation and the batches get fresher. The run
+    # starts synchronous, and its first lead (around step 6, while the policy still moves fast) saturates
+    # S: the PID's debt keeps it synchronous for ~60 steps, so the target is checked from step 60 on.
+    out = flux_train("--max-steps", "200", "--out", str(run), "--set", "adaptive_async.mode=adaptive",
+                     "--set", "eval.num_prompts=20", "--set", "rollout.slowdown_schedule=[[110, 0.001]]",
                      timeout=400)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = metrics(run)
-    assert len(rows) == 90
-    settled = rows[15:45]
-    s = mean(r["staleness_mean"] for r in settled)
-    assert abs(s - 0.1) <= 0.05, f"mean staleness {s:.3f} over steps 15..44, target 0.1"
+    assert len(rows) == 200
+    settled = rows[60:110]
+    rms = math.sqrt(mean(r["staleness_mean"] ** 2 for r in settled))   # what the controller holds
+    assert abs(rms - 0.1) <= 0.05, f"RMS staleness {rms:.3f} over steps 60..109, target 0.1"
     before = mean(r["async_ratio"] for r in settled)
-    after = mean(r["async_ratio"] for r in rows[-20:])
+    after = mean(r["async_ratio"] for r in rows[-40:])   # a debt from before the change may hold ~30 more steps
     assert after > before + 0.1 or after >= 0.95, (before, after)
     assert_nothing_left(run)
 
@@ -39,8 +41,8 @@ def test_a_divergence_floor_at_lag_0_does_not_push_adaptive_toward_sync(default_
     monkeypatch.setenv("FLUX_TEST_LOGPROB_OFFSET", "0.3")   # every behaviour log-prob 0.3 nats low
     run = tmp_path / "run"
     # a learning rate so small that the policy barely moves: the real staleness is ~0, so the controller
-    # should run at the full lead, as plain async would
-    out = flux_train("--max-steps", "40", "--out", str(run), "--set", "adaptive_async.mode=adaptive",
+    # should run at the full lead, as plain async would (from a = 0 the climb takes ~45 steps)
+    out = flux_train("--max-steps", "70", "--out", str(run), "--set", "adaptive_async.mode=adaptive",
                      "--set", "rollout.engine=tests.offset_engine:build", "--set", "learner.lr=1e-6",
                      "--set", "learner.groups_per_step=2", "--set", "rollout.group_size=4",
                      "--set", "eval.num_prompts=5", timeout=300)
@@ -53,5 +55,5 @@ def test_a_divergence_floor_at_lag_0_does_not_push_adaptive_toward_sync(default_
     assert min(r["sig_k3"] / 0.1 for r in rows) >= 0.45
     assert mean(r["staleness_mean"] for r in rows) < 0.05
     assert all(r["async_ratio"] >= 0.95 for r in rows[-10:])
-    assert mean(r["lag_mean"] for r in rows[20:]) >= 1.0     # it really runs ahead
+    assert mean(r["lag_mean"] for r in rows[30:]) >= 1.0     # it really runs ahead
     assert_nothing_left(run)

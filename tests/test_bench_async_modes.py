@@ -41,6 +41,7 @@ def test_summarize_fields():
     stale = [i / 100 for i in range(20)]
     assert s["staleness_mean"] == pytest.approx(np.mean(stale))
     assert s["staleness_p95"] == pytest.approx(np.percentile(stale, 95))
+    assert s["staleness_rms"] == pytest.approx(np.sqrt(np.mean(np.square(stale))))
     assert s["lag_mean"] == pytest.approx(np.mean([i % 3 for i in range(20)]))
     assert s["lag_max"] == 3.0
     assert s["dropped_groups"] == 1 and s["dropped_samples"] == 4
@@ -117,6 +118,16 @@ def test_staleness_below_target_passes_only_at_the_maximum_ratio():
     assert verdicts(sat)[("sort", "staleness")] is True
     low = {"sort": workload(sync=mode(100, 0.6, 50), adaptive=mode(150, 0.6, 40, stale=0.02, ratio=0.6))}
     assert verdicts(low)[("sort", "staleness")] is False
+
+
+def test_the_rms_staleness_the_controller_holds_is_an_extra_check_when_measured():
+    def adaptive(rms, ratio=0.4):
+        return {**mode(150, 0.6, 40, stale=0.04, ratio=ratio), "staleness_rms": rms}
+
+    v = verdicts({"sort": workload(sync=mode(100, 0.6, 50), adaptive=adaptive(0.11))})
+    assert v[("sort", "staleness_rms")] is True and v[("sort", "staleness")] is False  # mean 0.04: the misses
+    assert verdicts({"sort": workload(sync=mode(100, 0.6, 50), adaptive=adaptive(0.2))})[("sort", "staleness_rms")] is False
+    assert verdicts({"sort": workload(sync=mode(100, 0.6, 50), adaptive=adaptive(0.02, 1.0))})[("sort", "staleness_rms")]
 
 
 def test_generation_share_and_training_reward_are_checked_when_measured():

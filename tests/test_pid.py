@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from flux.control.pid import PID
+from flux.control.pid import PID, rms_input
 
 TARGET = 0.1
 
@@ -56,19 +56,46 @@ def test_output_is_clamped():
     assert pid.update(0.0) == 1.0 and pid.update(1.0) == 0.0
 
 
-@pytest.mark.parametrize("saturate, recover, edge", [(0.0, 0.5, 1.0), (1.0, 0.0, 0.0)])
-def test_anti_windup_leaves_the_clamp_within_a_few_steps(saturate, recover, edge):
+def test_anti_windup_at_the_top_leaves_the_clamp_within_a_few_steps():
     pid = PID(TARGET, kp=1.0, ki=0.2)
-    for _ in range(500):                       # a long saturation: the error keeps its sign
-        pid.update(saturate)
+    for _ in range(500):                       # a long saturation: never stale, the error stays positive
+        pid.update(0.0)
     # at the clamp (up to one integral step: see test_output_reaches_the_clamp_under_persistent_error)
-    assert pid.output == pytest.approx(edge, abs=pid.ki * abs(TARGET - saturate) + 1e-9)
+    assert pid.output == pytest.approx(1.0, abs=pid.ki * TARGET + 1e-9)
     # a naive integrator would hold 500 steps' worth (0.2·0.1·500 = 10): dozens of steps on the clamp
     assert abs(pid.integral) <= 1.0
-    stuck = pid.output
-    outputs = [pid.update(recover) for _ in range(3)]   # the error changes sign on the first of these
-    assert abs(outputs[-1] - stuck) > 0.1
+    outputs = [pid.update(0.5) for _ in range(3)]   # the error changes sign on the first of these
+    assert abs(outputs[-1] - 1.0) > 0.1
     assert all(0.0 <= o <= 1.0 for o in outputs)
+
+
+@pytest.mark.parametrize("saturated_steps", [50, 500])
+def test_below_the_bottom_clamp_the_integral_keeps_one_range_of_debt(saturated_steps):
+    """Staleness above target while the ratio is already at a_min is a debt, paid back before the lead
+    opens again; it is bounded (one range, a_max − a_min), so a long saturation costs no more than a short one."""
+    pid = PID(TARGET, kp=1.0, ki=0.2)
+    for _ in range(saturated_steps):           # S = 1: error −0.9, P part 0.5 − 0.9 = −0.4
+        pid.update(1.0)
+    assert pid.output == 0.0
+    assert pid.integral == pytest.approx(0.0 - 1.0 + 0.4)   # a_min − range − P part: the debt is full
+    held = 0
+    while pid.update(0.0) == 0.0:               # fresh batches again
+        held += 1
+    # the EMA needs ~6 steps to fall below the target, then the debt is paid at ki·target = 0.02 a step:
+    # the same 20 steps at a = 0 after 50 or 500 steps of saturation
+    assert held == 20
+
+
+def test_rms_input_holds_the_root_mean_square_of_the_staleness():
+    assert rms_input(TARGET, TARGET) == pytest.approx(TARGET)          # a steady S at target reads the same
+    assert rms_input(1.0, TARGET) == pytest.approx(10.0)               # ten times the target counts 100×
+    assert rms_input(0.05, TARGET) == pytest.approx(0.025)
+    assert rms_input(0.3, 0.0) == 0.3                                  # target 0: S itself
+    # docs/concepts.md's example: nine batches at 0.05 and one at 0.3 average 0.075, below a 0.1 target,
+    # but what the PID sees averages 0.1125 (an RMS of 0.106): above it
+    batches = [0.05] * 9 + [0.3]
+    assert sum(batches) / 10 == pytest.approx(0.075)
+    assert sum(rms_input(s, TARGET) for s in batches) / 10 == pytest.approx(0.1125)
 
 
 def test_output_reaches_the_clamp_under_persistent_error():
@@ -117,6 +144,37 @@ def test_state_round_trip_continues_identically():
         pid.update(s)
     clone = PID.from_state(pid.state())
     assert [clone.update(s) for s in (0.1, 0.4, 0.0)] == [pid.update(s) for s in (0.1, 0.4, 0.0)]
+
+
+def whole_step_plant(pid: PID, per_step: float, rms: bool, steps: int = 600) -> list[tuple[int, float]]:
+    """The controller's loop on a plant that sees whole-step leads: (lead, S) per step."""
+    from flux.control.admission import Admission
+
+    adm, rng, x, rows = Admission(8, eta_max=4), random.Random(0), 0.0, []
+    for _ in range(steps):
+        adm.async_ratio = pid.output if pid.output is not None else pid.bias
+        x += 0.5 * (per_step * adm.lead() - x)
+        s = min(1.0, max(0.0, x + rng.gauss(0.0, 0.01)))
+        pid.update(rms_input(s, pid.target) if rms else s)
+        rows.append((adm.lead(), s))
+    return rows
+
+
+@pytest.mark.parametrize("per_step", [0.15, 0.3, 0.06])
+def test_the_controllers_input_holds_the_rms_of_s_at_the_target(per_step):
+    settled = whole_step_plant(PID(TARGET, kp=0.3, ki=0.2, bias=0.0), per_step, rms=True)[100:]
+    assert math.sqrt(sum(s * s for _, s in settled) / len(settled)) == pytest.approx(TARGET, abs=0.01)
+    assert len({lead for lead, _ in settled}) >= 2
+
+
+def test_a_lead_that_saturates_s_is_tried_rarely():
+    """One step of lead already gives S = 1 (the sensitive workload early on): holding the mean of S at
+    0.1 would return to that lead on 1 step in 20; the RMS with its debt, on fewer than 1 in 50."""
+    share = {}
+    for rms in (False, True):
+        settled = whole_step_plant(PID(TARGET, kp=0.3, ki=0.2, bias=0.0), 2.0, rms=rms)[100:]
+        share[rms] = sum(lead > 0 for lead, _ in settled) / len(settled)
+    assert share[False] >= 0.04 and share[True] <= 0.02, share
 
 
 @pytest.mark.parametrize("per_step", [0.15, 0.3, 0.06])

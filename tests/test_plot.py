@@ -46,7 +46,7 @@ def test_figure_has_every_panel_with_labelled_axes():
     by = {a.get_title(): a for a in axes}
     labels = {t: [line.get_label() for line in a.get_lines()] for t, a in by.items()}
     assert "held-out eval" in labels["reward vs step"] and "held-out eval" in labels["reward vs wall time"]
-    assert "target 0.1" in labels["staleness"] and "S EMA (controller)" in labels["staleness"]
+    assert "target 0.1" in labels["staleness"] and "S RMS (controller)" in labels["staleness"]
     assert {"lag mean", "lag max"} <= set(labels["lag"])
     assert {"learner", "generators (mean)", "gen0", "gen1"} <= set(labels["busy fractions"])
     # reward vs wall time really is against wall time

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from flux.config import FluxConfig
-from flux.control.pid import PID
+from flux.control.pid import PID, rms_input
 from flux.control.staleness import StalenessMonitor
 from tests.test_e2e import (
     SMALL,
@@ -153,7 +153,8 @@ def test_an_asynchronous_run_resumes_with_its_controller_and_its_groups_in_fligh
                   bias=cfg.initial_async_ratio, ema_horizon=cfg.ema_horizon)
         for key in ("integral", "ema", "output"):
             setattr(pid, key, saved["pid"][key])
-        assert rows[4]["async_ratio"] == pytest.approx(pid.update(rows[4]["staleness_mean"]), abs=1e-12)
+        s4 = rms_input(rows[4]["staleness_mean"], cfg.target_staleness)
+        assert rows[4]["async_ratio"] == pytest.approx(pid.update(s4), abs=1e-12)
         assert rows[4]["controller"]["pid"] == pytest.approx(pid.state(), abs=1e-12)
         # and the lag-0 floor estimate continues too: step 4's floor is the restored batches' plus its own
         sc = FluxConfig().staleness

@@ -70,7 +70,7 @@ def test_live_run_renders_every_number(tmp_path):
     assert lines[0].startswith("flux run abcd1234") and "LIVE (updated" in lines[0]
     assert "step 3/10" in text and "version 3" in text and "mode adaptive" in text
     assert "reward 0.270" in text and "eval 0.500" in text and "samples/s 123.4" in text
-    assert "async ratio 0.42" in text and "staleness 0.120 (EMA 0.090, target 0.100)" in text
+    assert "async ratio 0.42" in text and "staleness 0.120 (RMS 0.090, target 0.100)" in text
     assert "lag mean 0.50 max 1" in text and "buffer 5 groups" in text and "dropped stale 1 groups" in text
     table = {line.split()[1]: line.split() for line in lines if line.split()[0] in
              ("controller", "buffer", "learner", "generator")}

@@ -4,13 +4,18 @@ Position form, one update per learner step (dt = 1 step):
 
     S̄_k   = S̄_{k-1} + α (S_k − S̄_{k-1}),            α = 2 / (horizon + 1)
     e_k   = target − S̄_k
-    I_k   = I_{k-1} + ki · e_k                       (clamped so the output never winds past its
-                                                      limits: anti-windup)
+    I_k   = I_{k-1} + ki · e_k                       (clamped: anti-windup, see below)
     a_k   = clamp(a_0 + kp · e_k + I_k − kd · (S̄_k − S̄_{k-1}), a_min, a_max)
 
 Derivative on the measurement (not the error) so that a change of target does not kick the output.
 Staleness below target (e > 0) raises the async ratio — more lead, more throughput — and staleness
 above target lowers it towards synchronous.
+
+Anti-windup is asymmetric. At the top the integral stops where the output reaches a_max, so the loop
+leaves the clamp as soon as the error turns. At the bottom it may go on, up to one range
+(a_max − a_min) below the clamp: a burst of staleness while the ratio is already at a_min is a debt, paid
+back (at ki · target per step at S = 0) before the lead opens again. Without it the loop returned to the
+same harmful lead every ~9 steps, however harmful it had just proved (docs/concepts.md, "The control loop").
 """
 
 from __future__ import annotations
@@ -39,14 +44,11 @@ class PID:
         self.ema = prev + alpha * (measured - prev)
         error = self.target - self.ema
         rest = self.bias + self.kp * error - self.kd * (self.ema - prev)
-        # Anti-windup by clamped integration: the integral grows only as far as the output can still
-        # move, so it never winds past the clamp, yet a constant error drives the output all the way to it.
-        step = self.ki * error
-        if step > 0:
-            step = max(0.0, min(step, self.out_max - rest - self.integral))
-        elif step < 0:
-            step = min(0.0, max(step, self.out_min - rest - self.integral))
-        self.integral += step
+        # Clamped integration: up to the top clamp, and one range of debt below the bottom one (a step
+        # never reverses the error's sign).
+        top = self.out_max - rest - self.integral
+        bottom = self.out_min - (self.out_max - self.out_min) - rest - self.integral
+        self.integral += min(max(self.ki * error, min(0.0, bottom)), max(0.0, top))
         self.output = min(self.out_max, max(self.out_min, rest + self.integral))
         return self.output
 
@@ -56,3 +58,11 @@ class PID:
     @classmethod
     def from_state(cls, state: dict) -> "PID":
         return cls(**state)
+
+
+def rms_input(s: float, target: float) -> float:
+    """What the controller feeds the PID for one step's staleness S: S²/target. The PID drives the EMA of
+    its input to the target, so it holds the root-mean-square of S there: a steady S = target reads the
+    same, but a batch at ten times the target counts a hundred times, not ten (harm grows faster than S:
+    docs/concepts.md, "The control loop"). At target 0, S itself."""
+    return s * s / target if target > 0 else s

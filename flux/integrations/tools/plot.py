@@ -125,7 +125,7 @@ def plot_run(rows: list[dict], target: float | None = None, title: str = "", eva
 
     a = ax["staleness"]
     a.plot(steps, col("staleness_mean"), c="C0", alpha=0.35, lw=0.8, label="S per step")
-    a.plot(steps, col("staleness_ema"), c="C0", label="S EMA (controller)")
+    a.plot(steps, col("staleness_ema"), c="C0", label="S RMS (controller)")
     if target is not None:
         a.axhline(target, ls="--", c="k", lw=1, label=f"target {target:g}")
     a.set(xlabel="step", ylabel="staleness S", title="staleness")

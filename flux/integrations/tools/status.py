@@ -167,7 +167,7 @@ def render(view: RunView) -> str:
          f"samples/s {_num(m.get('samples_per_s'), '.1f')}  tokens/s {_num(m.get('tokens_per_s'), '.0f')}"),
         (f"async ratio {_num(m.get('async_ratio', s.get('async_ratio')), '.2f')}  "
          f"staleness {_num(m.get('staleness_mean'), '.3f')} "
-         f"(EMA {_num(m.get('staleness_ema', s.get('staleness_ema')), '.3f')}, "
+         f"(RMS {_num(m.get('staleness_ema', s.get('staleness_ema')), '.3f')}, "
          f"target {_num(target, '.3f')})"),
         (f"lag mean {_num(m.get('lag_mean'), '.2f')} max {_num(m.get('lag_max'), '.0f')}  "
          f"buffer {_num(s.get('buffer_depth'), 'd')} groups  "

@@ -15,7 +15,8 @@ Anti-windup is asymmetric. At the top the integral stops where the output reache
 leaves the clamp as soon as the error turns. At the bottom it may go on, up to one range
 (a_max − a_min) below the clamp: a burst of staleness while the ratio is already at a_min is a debt, paid
 back (at ki · target per step at S = 0) before the lead opens again. Without it the loop returned to the
-same harmful lead every ~9 steps, however harmful it had just proved (docs/concepts.md, "The control loop").
+same harmful lead every ~9 steps, however harmful it had just proved (docs/concepts.md, "The controller
+and the three modes").
 """
 
 from __future__ import annotations
@@ -64,5 +65,5 @@ def rms_input(s: float, target: float) -> float:
     """What the controller feeds the PID for one step's staleness S: S²/target. The PID drives the EMA of
     its input to the target, so it holds the root-mean-square of S there: a steady S = target reads the
     same, but a batch at ten times the target counts a hundred times, not ten (harm grows faster than S:
-    docs/concepts.md, "The control loop"). At target 0, S itself."""
+    docs/concepts.md, "The controller and the three modes"). At target 0, S itself."""
     return s * s / target if target > 0 else s

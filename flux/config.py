@@ -200,7 +200,7 @@ class AdaptiveAsyncConfig:
 
     mode: str = _doc("`sync` (a = 0), `async` (a = max_async_ratio) or `adaptive` (PID on staleness).",
                      "adaptive", choices=("sync", "async", "adaptive"))
-    target_staleness: float = _doc("Staleness S the adaptive controller holds (0..1).", 0.1, low=0, high=1)
+    target_staleness: float = _doc("Staleness S the adaptive controller holds (its recent RMS; 0..1).", 0.1, low=0, high=1)
     min_async_ratio: float = _doc("Lower clamp of the async ratio a.", 0.0)
     max_async_ratio: float = _doc("Upper clamp of the async ratio a.", 1.0)
     initial_async_ratio: float = _doc("a at the start of an adaptive run. 0: synchronous until the batches show "

@@ -14,8 +14,9 @@ above target lowers it towards synchronous.
 Anti-windup is asymmetric. At the top the integral stops where the output reaches a_max, so the loop
 leaves the clamp as soon as the error turns. At the bottom it may go on, up to one range
 (a_max − a_min) below the clamp: a burst of staleness while the ratio is already at a_min is a debt, paid
-back (at ki · target per step at S = 0) before the lead opens again. Without it the loop returned to the
-same harmful lead every ~9 steps, however harmful it had just proved (docs/concepts.md, "The controller
+back (at ki · target per step at S = 0) before the lead opens again. Without it (and holding the mean of
+S, not its RMS: `rms_input`) the loop returned to the same harmful lead every ~9 steps, however harmful it
+had just proved (docs/concepts.md, "The controller
 and the three modes").
 """
 
@@ -46,7 +47,7 @@ class PID:
         error = self.target - self.ema
         rest = self.bias + self.kp * error - self.kd * (self.ema - prev)
         # Clamped integration: up to the top clamp, and one range of debt below the bottom one (a step
-        # never reverses the error's sign).
+        # never moves against the error).
         top = self.out_max - rest - self.integral
         bottom = self.out_min - (self.out_max - self.out_min) - rest - self.integral
         self.integral += min(max(self.ki * error, min(0.0, bottom)), max(0.0, top))

@@ -397,7 +397,7 @@ def plot_workloads(runs: dict[str, dict[str, dict[int, list[dict]]]], targets: d
 
 
 def plot_step_change(rows: list[dict], change_step: int, target: float, factor: float, path: str) -> None:
-    """Async ratio, staleness (raw, and the controller's EMA) and samples/s around the step change."""
+    """Async ratio, staleness (raw, and the controller's smoothed RMS) and samples/s around the step change."""
     plt = pyplot()
     steps = [r["step"] for r in rows]
     w = max(2, len(rows) // 30)

@@ -208,8 +208,8 @@ class AdaptiveAsyncConfig:
     eta_max: int = _doc("Largest allowed lead in optimizer steps: tokens sampled more than eta_max versions "
                         "before the step that trains them are masked out of the loss, a group with none left "
                         "is dropped.", 4, low=0)
-    kp: float = _doc("PID proportional gain (per unit of staleness error). Small: S is noisy and spiky, and a "
-                     "steady lead trains faster than one that swings at the same mean staleness.", 0.3)
+    kp: float = _doc("PID proportional gain (per unit of error in its input, S²/target). Small: S is noisy and "
+                     "spiky, and a steady lead trains faster than one that swings at the same staleness.", 0.3)
     ki: float = _doc("PID integral gain (per step).", 0.2)
     kd: float = _doc("PID derivative gain (on the measurement).", 0.0)
     ema_horizon: float = _doc("EMA horizon in steps for the measured staleness.", 5.0, low=1)

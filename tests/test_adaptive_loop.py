@@ -31,6 +31,8 @@ def test_adaptive_holds_its_target_and_opens_up_when_generation_slows(default_mo
     settled = rows[60:110]
     rms = math.sqrt(mean(r["staleness_mean"] ** 2 for r in settled))   # what the controller holds
     assert abs(rms - 0.1) <= 0.05, f"RMS staleness {rms:.3f} over steps 60..109, target 0.1"
+    for r in settled:  # the reported smoothed staleness is the PID's EMA of S²/target, read back as an RMS
+        assert abs(r["staleness_ema"] - math.sqrt(r["controller"]["pid"]["ema"] * 0.1)) < 1e-12
     before = mean(r["async_ratio"] for r in settled)
     after = mean(r["async_ratio"] for r in rows[-40:])   # a debt from before the change may hold ~30 more steps
     assert after > before + 0.1 or after >= 0.95, (before, after)

@@ -1,4 +1,5 @@
-"""The adaptive-asynchrony regulator: a PID on (target staleness − EMA of measured staleness).
+"""The adaptive-asynchrony regulator: a PID on (target − EMA of its input). The controller's input is S²/target
+(`rms_input`), so what it holds at the target is the root-mean-square of the staleness S.
 
 Position form, one update per learner step (dt = 1 step):
 
@@ -12,10 +13,12 @@ Staleness below target (e > 0) raises the async ratio — more lead, more throug
 above target lowers it towards synchronous.
 
 Anti-windup is asymmetric. At the top the integral stops where the output reaches a_max, so the loop
-leaves the clamp as soon as the error turns. At the bottom it may go on, up to one range
-(a_max − a_min) below the clamp: a burst of staleness while the ratio is already at a_min is a debt, paid
-back (at ki · target per step at S = 0) before the lead opens again. Without it (and holding the mean of
-S, not its RMS: `rms_input`) the loop returned to the same harmful lead every ~9 steps, however harmful it
+leaves the clamp as soon as the error turns. At the bottom the unclamped output (P + I + D) may go on,
+down to one range (a_max − a_min) below a_min: staleness above target while the ratio is already at
+a_min is a debt, paid back (at ki · target per step at S = 0) before the lead opens again. While a large
+S keeps the P part itself below that floor the integral holds still, and the debt builds as the EMA
+decays. Without it (and holding the mean of S, not its RMS: `rms_input`) the loop returned to the same
+harmful lead every ~9 steps on a simulated plant, ~14 on the built-in sensitive task, however harmful it
 had just proved (docs/concepts.md, "The controller
 and the three modes").
 """

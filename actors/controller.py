@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import socket
@@ -26,7 +25,7 @@ from flux.run import protocol as P
 from flux.control.admission import Admission, PromptCursor, admission_token
 from flux.run.checkpoints import finish_checkpoint
 from flux.control.ledger import Ledger
-from flux.control.pid import PID, rms_input
+from flux.control.pid import PID, rms_input, rms_reading
 from flux.control.staleness import StalenessMonitor
 from flux.plugins import hook
 from flux.run.runtime import Rate, RunSpec, actor_main, write_status
@@ -202,7 +201,7 @@ class Controller:
         line = {
             "step": rep.step, "version": rep.version, **m,
             "async_ratio": self.admission.async_ratio,
-            "staleness_ema": self.staleness_rms(),
+            "staleness_ema": rms_reading(self.pid.ema, self.pid.target),
             "samples_per_s": self.trained_samples / elapsed,
             "tokens_per_s": self.trained_tokens / elapsed,
             "generator_busy_frac": sum(g.busy_frac for g in gens) / max(1, len(gens)),
@@ -218,11 +217,6 @@ class Controller:
         self.last_step = rep.step
         if "checkpoint" in m:  # the learner saved one: the controller's half completes it
             finish_checkpoint(m["checkpoint"], self.state(), self.cfg.checkpoint.keep_last, self.log)
-
-    def staleness_rms(self) -> float | None:
-        """The PID's smoothed S, read back as the root-mean-square it holds (its EMA is of S²/target)."""
-        pid = self.pid
-        return pid.ema if pid.ema is None or pid.target <= 0 else math.sqrt(pid.ema * pid.target)
 
     def accounting(self) -> dict:
         """Where every admitted group ended: trained, dropped (by reason), re-queued, or still in flight."""
@@ -267,7 +261,7 @@ class Controller:
                 "heartbeat_s": self.cfg.net.heartbeat_s, "state": "stopped" if stopped else "running",
                 "reason": stopped or "", "step": self.last_step, "max_steps": self.cfg.max_steps,
                 "version": self.admission.version, "mode": aa.mode, "async_ratio": self.admission.async_ratio,
-                "staleness_ema": self.staleness_rms(), "target_staleness": aa.target_staleness, "buffer_depth": depth,
+                "staleness_ema": rms_reading(self.pid.ema, self.pid.target), "target_staleness": aa.target_staleness, "buffer_depth": depth,
                 "groups": self.ledger.summary(), "groups_by_generator": dict(self.ledger.produced_by),
                 "members": [me, *alive, *self.gone.values()],
                 "dropped_messages": {"controller": self.drops.counts, **self.peer_drops}}

@@ -19,12 +19,12 @@ a_min is a debt, paid back (at ki · target per step at S = 0) before the lead o
 S keeps the P part itself below that floor the integral holds still, and the debt builds as the EMA
 decays. Without it (and holding the mean of S, not its RMS: `rms_input`) the loop returned to the same
 harmful lead every ~9 steps on a simulated plant, ~14 on the built-in sensitive task, however harmful it
-had just proved (docs/concepts.md, "The controller
-and the three modes").
+had just proved (docs/concepts.md, "The controller and the three modes").
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -71,3 +71,8 @@ def rms_input(s: float, target: float) -> float:
     same, but a batch at ten times the target counts a hundred times, not ten (harm grows faster than S:
     docs/concepts.md, "The controller and the three modes"). At target 0, S itself."""
     return s * s / target if target > 0 else s
+
+
+def rms_reading(ema: float | None, target: float) -> float | None:
+    """The inverse of `rms_input` for the PID's EMA: the smoothed S in units of S (an RMS)."""
+    return ema if ema is None or target <= 0 else math.sqrt(ema * target)

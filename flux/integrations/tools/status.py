@@ -2,8 +2,8 @@
 
 While a run is live its controller rewrites RUN_DIR/status.json about once per heartbeat period
 (`net.heartbeat_s`): membership (role, name, pid, host, heartbeat age, busy fraction, version) and its own
-numbers (version, async ratio, the controller's smoothed staleness (an RMS) and target, buffer depth). The per-step numbers (reward,
-eval score, lag, samples/s) come from the last line of metrics.jsonl. A run is
+numbers (version, async ratio, the controller's smoothed staleness (an RMS) and target, buffer depth).
+The per-step numbers (reward, eval score, lag, samples/s) come from the last line of metrics.jsonl. A run is
 
     live      status.json is fresh and the controller's pid exists
     finished  the controller wrote its final status.json (state `stopped`) because the learner finished

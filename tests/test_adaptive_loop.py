@@ -21,9 +21,9 @@ def mean(xs):
 def test_adaptive_holds_its_target_and_opens_up_when_generation_slows(default_model, tmp_path, monkeypatch):
     # The plant: a learner whose policy is SLOPE nats per version of lag away from every token it trains on
     # (tests/lag_learner.py), at a learning rate of ~0 so the policy's own divergence adds nothing. Each step
-    # of lag then costs the same: S ≈ 0.025 at lag 1, 0.10 at lag 2, 0.23 at lag 3 (k3 over d_ref), so the
+    # of lag then costs the same: S ≈ 0.025 at lag 1, 0.10 at lag 2, 0.24 at lag 3 (k3 over d_ref), so the
     # target binds between a lead of 1 and 2. (On the built-in task itself the policy's learning comes in
-    # bursts where even a lead of 1 reads S = 1; there the loop runs synchronous for ~60 steps after each,
+    # bursts where even a lead of 1 reads S ≥ 0.5; there the loop runs synchronous for ~60 steps after each,
     # a limit cycle that bench/async_modes.py measures, not a settle this test could time.)
     # From version 120 on, generation costs an extra millisecond per token: the learner then waits on
     # generation, a batch is trained about one version after it was sampled whatever the lead, and the
@@ -40,7 +40,7 @@ def test_adaptive_holds_its_target_and_opens_up_when_generation_slows(default_mo
     assert len(rows) == 240
     settled = rows[30:120]  # (the climb from a = 0 to the binding lead takes ~20 steps)
     before = mean(r["async_ratio"] for r in settled)
-    assert 0.1 < before < 0.8, before  # the target binds: neither synchronous nor the full lead
+    assert 0.05 < before < 0.8, before  # the target binds: neither synchronous nor the full lead
     assert max(r["lag_mean"] for r in settled) >= 1.5  # and the plant bites: a lead of 2 was tried
     rms = math.sqrt(mean(r["staleness_mean"] ** 2 for r in settled))   # what the controller holds
     assert abs(rms - 0.1) <= 0.05, f"RMS staleness {rms:.3f} over steps 30..119, target 0.1"

@@ -239,8 +239,11 @@ class Controller:
         the uninterrupted one would have), and they count as re-queued."""
         self.admission.version = int(state["version"])
         self.admission.async_ratio = float(state["async_ratio"])
-        for key in ("integral", "ema", "output"):  # the loop's memory; gains and target come from the config
-            setattr(self.pid, key, state["pid"][key])
+        # The loop's memory; gains and target come from the config. The EMA is of S²/target (`rms_input`):
+        # one saved under another target is rescaled, so that it reads back the same RMS of S.
+        pid, old, new = state["pid"], state["pid"]["target"], self.pid.target
+        self.pid.integral, self.pid.output = pid["integral"], pid["output"]
+        self.pid.ema = pid["ema"] * old / new if pid["ema"] and min(old, new) > 0 else pid["ema"]
         self.monitor.restore(state.get("staleness", {}))  # the lag-0 floor estimate
         in_flight = self.ledger.restore(state["ledger"], int(state["started_samples"]))
         self.ledger.cursor = PromptCursor.from_state(state["cursor"], first=in_flight)

@@ -180,3 +180,30 @@ def test_a_refused_generator_wakes_on_the_room_announcement(tmp_path):
         router.close()
         pub.close()
         ctx.term()
+
+
+def test_a_run_resumed_with_another_target_reads_back_the_same_rms(tmp_path):
+    """The PID's EMA is of S²/target: restored under another target it is rescaled, so that the smoothed
+    staleness (its RMS read-back) and the loop's integral continue unchanged."""
+    from flux.control.pid import rms_input, rms_reading
+
+    def controller(target, name):
+        (tmp_path / name).mkdir()
+        cfg = FluxConfig(rollout={"group_size": 4}, learner={"groups_per_step": 2},
+                         adaptive_async={"target_staleness": target}).validate()
+        spec = RunSpec(name, str(tmp_path / name), "m", "tcp://a:1", "tcp://a:2", "tcp://a:3", "tcp://a:4", 10,
+                       cfg, secret="s3cret")
+        return Controller(spec, logging.getLogger("test"))
+
+    before, after = controller(0.1, "a"), controller(0.2, "b")
+    for s in (0.3, 0.05, 0.2):
+        before.pid.update(rms_input(s, 0.1))
+    after.restore(before.state())
+    assert after.pid.ema != before.pid.ema
+    assert abs(rms_reading(after.pid.ema, 0.2) - rms_reading(before.pid.ema, 0.1)) < 1e-12
+    assert (after.pid.integral, after.pid.output) == (before.pid.integral, before.pid.output)
+    same = controller(0.1, "c")
+    same.restore(before.state())
+    assert same.pid.ema == before.pid.ema
+    for c in (before, after, same):
+        c.metrics.close()

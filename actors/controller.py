@@ -264,9 +264,9 @@ class Controller:
                 "heartbeat_s": self.cfg.net.heartbeat_s, "state": "stopped" if stopped else "running",
                 "reason": stopped or "", "step": self.last_step, "max_steps": self.cfg.max_steps,
                 "version": self.admission.version, "mode": aa.mode, "async_ratio": self.admission.async_ratio,
-                "staleness_ema": rms_reading(self.pid.ema, self.pid.target), "target_staleness": aa.target_staleness, "buffer_depth": depth,
+                "staleness_ema": rms_reading(self.pid.ema, self.pid.target), "target_staleness": aa.target_staleness,
                 "groups": self.ledger.summary(), "groups_by_generator": dict(self.ledger.produced_by),
-                "members": [me, *alive, *self.gone.values()],
+                "members": [me, *alive, *self.gone.values()], "buffer_depth": depth,
                 "dropped_messages": {"controller": self.drops.counts, **self.peer_drops}}
 
     def member_row(self, m: Member, now: float, state: str = "alive", reason: str = "") -> dict:

@@ -3,8 +3,7 @@ lag: after each step it reports its proximal log-probs raised by SLOPE × lag on
 The staleness S the controller sees is then a known, smooth function of the lag, so a closed loop on
 real actors (real admission, real lag) has a plant whose every step of lead costs the same: k3 of a
 constant log-ratio x is e^x − 1 − x (for SLOPE 0.07: 0.0025 nats at lag 1, 0.0103 at lag 2, 0.0237 at
-lag 3). With a
-learning rate of ~0 the policy's own divergence adds nothing. Named in a config as
+lag 3). With a learning rate of ~0 the policy's own divergence adds nothing. Named in a config as
 `learner.backend: tests.lag_learner:LagLearner`."""
 
 from __future__ import annotations

@@ -10,13 +10,18 @@ from flux.config import FluxConfig
 from flux.run.runtime import RunSpec
 
 
+def make_controller(run_dir, **adaptive_async) -> Controller:
+    """A controller of a run in `run_dir` (2 groups of 4 a step), without sockets."""
+    cfg = FluxConfig(rollout={"group_size": 4}, learner={"groups_per_step": 2},
+                     adaptive_async=adaptive_async).validate()
+    spec = RunSpec("r1", str(run_dir), "m", "tcp://a:1", "tcp://a:2", "tcp://a:3", "tcp://a:4", 10, cfg,
+                   secret="s3cret")
+    return Controller(spec, logging.getLogger("test"))
+
+
 @pytest.fixture
 def ctl(tmp_path):
-    cfg = FluxConfig(rollout={"group_size": 4}, learner={"groups_per_step": 2},
-                     adaptive_async={"mode": "sync"}).validate()
-    spec = RunSpec("r1", str(tmp_path), "m", "tcp://a:1", "tcp://a:2", "tcp://a:3", "tcp://a:4", 10, cfg,
-                   secret="s3cret")
-    c = Controller(spec, logging.getLogger("test"))
+    c = make_controller(tmp_path, mode="sync")
     c.handle(None, P.Register("generator", "gen0", 1, "h"))
     c.handle(None, P.Register("generator", "gen1", 2, "h"))
     yield c
@@ -189,11 +194,7 @@ def test_a_run_resumed_with_another_target_reads_back_the_same_rms(tmp_path):
 
     def controller(target, name):
         (tmp_path / name).mkdir()
-        cfg = FluxConfig(rollout={"group_size": 4}, learner={"groups_per_step": 2},
-                         adaptive_async={"target_staleness": target}).validate()
-        spec = RunSpec(name, str(tmp_path / name), "m", "tcp://a:1", "tcp://a:2", "tcp://a:3", "tcp://a:4", 10,
-                       cfg, secret="s3cret")
-        return Controller(spec, logging.getLogger("test"))
+        return make_controller(tmp_path / name, target_staleness=target)
 
     before, after = controller(0.1, "a"), controller(0.2, "b")
     for s in (0.3, 0.05, 0.2):

@@ -1,5 +1,5 @@
-"""The adaptive-asynchrony regulator: a PID on (target − EMA of its input). The controller's input is S²/target
-(`rms_input`), so what it holds at the target is the root-mean-square of the staleness S.
+"""The adaptive-asynchrony regulator: a PID on (target − EMA of its input). The controller's input is
+S²/target (`rms_input`), so what it holds at the target is the root-mean-square of the staleness S.
 
 Position form, one update per learner step (dt = 1 step):
 
